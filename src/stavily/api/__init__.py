@@ -1,0 +1,1 @@
+"""HTTP only: the public agent API, the private API, thin handlers over the domain."""

@@ -1,0 +1,133 @@
+"""The public agent API (`/agents/v1/...`), byte-compatible with AGENT_API.md."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+
+from stavily.api.deps import AppState, CurrentAgent
+from stavily.api.json import JSONResponse
+from stavily.errors import InvalidInput
+
+router = APIRouter(prefix="/agents/v1", tags=["agents"])
+
+HEARTBEAT_STATUSES = {"online", "offline", "idle", "busy", "running", "healthy"}
+
+
+class ProgressUpdate(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    status: str | None = Field(default=None, max_length=50)
+    execution_log: list[str] | None = Field(default=None, max_length=100_000)
+    max_retries: StrictInt | None = Field(default=None, ge=0, le=1000)
+
+
+class ResultReport(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    status: str = Field(max_length=50)
+    result: Any = None
+    error_message: str | None = Field(default=None, max_length=100_000)
+    error_details: dict[str, Any] | None = None
+    execution_log: list[str] | None = Field(default=None, max_length=100_000)
+
+
+class Heartbeat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    timestamp: datetime | None = None
+    status: str = Field(default="online", max_length=50)
+    version: str | None = Field(default=None, max_length=100)
+    hostname: str | None = Field(default=None, max_length=255)
+
+    @field_validator("timestamp")
+    @classmethod
+    def _plausible(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        now = datetime.now(UTC)
+        if not now - timedelta(days=1) <= value <= now + timedelta(minutes=10):
+            raise ValueError("timestamp is too far from the server's clock")
+        return value
+
+
+def _poll_answer(claimed: list[dict[str, Any]], settings_interval: int, slots: int | None) -> Any:
+    if not claimed:
+        body: dict[str, Any] = {
+            "instruction": None,
+            "status": "no_pending_instructions",
+            "next_poll_interval": settings_interval,
+        }
+    else:
+        body = {
+            "status": "instruction_available",
+            "next_poll_interval": settings_interval,
+            "instruction": claimed[0],
+        }
+    if slots is not None:
+        body["instructions"] = claimed
+    return body
+
+
+@router.get("/{agent_id}/instructions")
+async def poll(
+    agent: CurrentAgent,
+    state: AppState,
+    wait: float = Query(default=0, ge=0, le=300, description="Long poll: hold up to N seconds."),
+    slots: int | None = Query(default=None, ge=1, le=100, description="Hand out up to N."),
+) -> JSONResponse:
+    wait = min(wait, state.settings.max_poll_wait)
+    claimed = await state.engine.poll(agent, slots or 1, wait)
+    return JSONResponse(_poll_answer(claimed, state.settings.poll_interval, slots))
+
+
+@router.put("/{agent_id}/instructions/{instruction_id}")
+async def progress(
+    instruction_id: str, update: ProgressUpdate, agent: CurrentAgent, state: AppState
+) -> JSONResponse:
+    fields = update.model_dump(
+        include={"status", "execution_log", "max_retries"}, exclude_unset=True
+    )
+    fields = {k: v for k, v in fields.items() if v is not None}
+    updated = await state.engine.progress(agent, instruction_id, fields)
+    return JSONResponse(
+        {"success": True, "instruction_id": instruction_id, "updated_fields": updated}
+    )
+
+
+@router.post("/{agent_id}/instructions/{instruction_id}/result")
+async def result(
+    request: Request,
+    instruction_id: str,
+    report: ResultReport,
+    agent: CurrentAgent,
+    state: AppState,
+    next: bool = Query(default=False, description="Piggyback the next instruction."),
+) -> JSONResponse:
+    digest = hashlib.sha256(await request.body()).hexdigest()
+    await state.engine.result(agent, instruction_id, report.model_dump(), digest)
+    next_instruction = None
+    if next:
+        claimed = await state.engine.claim(agent, 1)
+        next_instruction = claimed[0] if claimed else None
+    return JSONResponse({"acknowledged": True, "next_instruction": next_instruction})
+
+
+@router.post("/{agent_id}/heartbeat")
+async def heartbeat(beat: Heartbeat, agent: CurrentAgent, state: AppState) -> JSONResponse:
+    if beat.status not in HEARTBEAT_STATUSES:
+        raise InvalidInput(
+            f"'{beat.status}' is not a heartbeat status",
+            [{"path": "status", "message": f"expected one of {sorted(HEARTBEAT_STATUSES)}"}],
+        )
+    status = "offline" if beat.status == "offline" else "online"
+    state.heartbeats.record(agent.id, status, version=beat.version, hostname=beat.hostname)
+    return JSONResponse(
+        {"acknowledged": True, "next_heartbeat_interval": state.settings.heartbeat_interval}
+    )

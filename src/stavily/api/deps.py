@@ -1,0 +1,57 @@
+"""Request dependencies: the app's state and the caller's identity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from stavily.config import Settings
+from stavily.fleet import AgentIdentity, HeartbeatBuffer, authenticate_agent
+from stavily.security import CredentialCache, Principal, authenticate_token
+from stavily.store.db import Database
+from stavily.workflows.engine import Engine
+
+
+@dataclass
+class State:
+    settings: Settings
+    db: Database
+    engine: Engine
+    heartbeats: HeartbeatBuffer
+    agent_cache: CredentialCache[AgentIdentity]
+    token_cache: CredentialCache[Principal]
+    organization_id: str
+
+
+def get_state(request: Request) -> State:
+    return request.app.state.stavily  # type: ignore[no-any-return]
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip() or None
+    return None
+
+
+async def current_principal(request: Request) -> Principal:
+    state = get_state(request)
+    return await authenticate_token(state.db, bearer(request), state.token_cache)
+
+
+async def current_agent(request: Request, agent_id: str) -> AgentIdentity:
+    state = get_state(request)
+    agent = await authenticate_agent(state.db, bearer(request), agent_id, state.agent_cache)
+    # Any authenticated request is a sign of life (official agents are silent while busy).
+    state.heartbeats.record(agent.id, "online")
+    return agent
+
+
+AppState = Annotated[State, Depends(get_state)]
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+CurrentAgent = Annotated[AgentIdentity, Depends(current_agent)]

@@ -1,0 +1,86 @@
+"""The orchestrator application: wiring of store, domain services, loops and HTTP routes."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import FastAPI
+
+from stavily import __version__
+from stavily.api import agents_v1, errors, v1
+from stavily.api.deps import State
+from stavily.api.json import JSONResponse
+from stavily.api.middleware import EdgeMiddleware
+from stavily.config import Settings
+from stavily.fleet import HeartbeatBuffer
+from stavily.security import CredentialCache, bootstrap
+from stavily.services.loops import LoopService
+from stavily.store import migrate
+from stavily.store.db import Database
+from stavily.store.signals import WorkSignal
+from stavily.workflows.engine import Engine
+
+log = structlog.get_logger("stavily")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(settings.effective_database_url)
+        await migrate.upgrade(db)
+        organization_id, generated = await bootstrap(db, settings.bootstrap_token)
+        if generated:
+            print(
+                f"Bootstrap admin API token (shown once, store it now): {generated}",
+                file=sys.stderr,
+                flush=True,
+            )
+        heartbeats = HeartbeatBuffer(settings.lease_grace)
+        engine = Engine(db, settings, WorkSignal())
+        app.state.stavily = State(
+            settings=settings,
+            db=db,
+            engine=engine,
+            heartbeats=heartbeats,
+            agent_cache=CredentialCache(settings.credential_cache_seconds),
+            token_cache=CredentialCache(settings.credential_cache_seconds),
+            organization_id=organization_id,
+        )
+        flusher = LoopService(
+            "heartbeat-flusher", settings.heartbeat_flush_interval, lambda: heartbeats.flush(db)
+        )
+        reaper = LoopService("lease-reaper", settings.reaper_interval, engine.expire_leases)
+        flusher.start()
+        reaper.start()
+        log.info("orchestrator started", database=db.dialect, version=__version__)
+        try:
+            yield
+        finally:
+            await reaper.stop()
+            await flusher.stop(final_run=True)
+            await db.dispose()
+
+    app = FastAPI(
+        title="Stavily Orchestrator",
+        version=__version__,
+        openapi_url="/api/v1/openapi.json",
+        docs_url="/api/v1/docs",
+        redoc_url=None,
+        default_response_class=JSONResponse,
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.include_router(agents_v1.router)
+    app.include_router(v1.router)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok", "version": __version__})
+
+    return app

@@ -1,0 +1,53 @@
+"""One error hierarchy, mapped once to HTTP statuses and CLI exit codes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class StavilyError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+
+class InvalidInput(StavilyError):
+    status = 422
+    code = "invalid_input"
+
+
+class Unauthorized(StavilyError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(StavilyError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(StavilyError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(StavilyError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(StavilyError):
+    status = 413
+    code = "payload_too_large"
+
+
+class RateLimited(StavilyError):
+    status = 429
+    code = "rate_limited"

@@ -1,0 +1,1 @@
+"""Loop services that start and stop with the app, one job each."""

@@ -1,0 +1,221 @@
+"""The tables. SQLAlchemy Core, so the hot path can use plain statements."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Aware UTC datetimes on both databases (SQLite stores them naive)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _id() -> sa.Column[str]:
+    return sa.Column("id", sa.String(40), primary_key=True)
+
+
+def _org() -> sa.Column[str]:
+    return sa.Column(
+        "organization_id", sa.String(40), sa.ForeignKey("organizations.id"), nullable=False
+    )
+
+
+def _created() -> sa.Column[datetime]:
+    return sa.Column("created_at", UTCDateTime(), nullable=False)
+
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+organizations = sa.Table(
+    "organizations",
+    metadata,
+    _id(),
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    _created(),
+)
+
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    _id(),
+    _org(),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("role", sa.String(20), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    _created(),
+    sa.Column("revoked_at", UTCDateTime()),
+)
+
+agents = sa.Table(
+    "agents",
+    metadata,
+    _id(),
+    _org(),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("type", sa.String(20), nullable=False),
+    sa.Column("labels", sa.JSON, nullable=False),
+    sa.Column("capacity", sa.Integer, nullable=False),
+    # online | offline | disabled (later: degraded, draining)
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("credential_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("version", sa.String(100)),
+    sa.Column("hostname", sa.String(255)),
+    sa.Column("last_heartbeat_at", UTCDateTime()),
+    _created(),
+    sa.UniqueConstraint("organization_id", "name", name="uq_agents_org_name"),
+)
+
+workflows = sa.Table(
+    "workflows",
+    metadata,
+    _id(),
+    _org(),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("latest_version", sa.Integer, nullable=False),
+    _created(),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.UniqueConstraint("organization_id", "name", name="uq_workflows_org_name"),
+)
+
+workflow_versions = sa.Table(
+    "workflow_versions",
+    metadata,
+    _id(),
+    _org(),
+    sa.Column("workflow_id", sa.String(40), sa.ForeignKey("workflows.id"), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("definition", sa.JSON, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("created_by", sa.String(100), nullable=False),
+    _created(),
+    sa.UniqueConstraint("workflow_id", "version", name="uq_workflow_versions_wf_version"),
+)
+
+executions = sa.Table(
+    "executions",
+    metadata,
+    _id(),
+    _org(),
+    sa.Column("workflow_id", sa.String(40), sa.ForeignKey("workflows.id"), nullable=False),
+    sa.Column(
+        "workflow_version_id",
+        sa.String(40),
+        sa.ForeignKey("workflow_versions.id"),
+        nullable=False,
+    ),
+    sa.Column("workflow_name", sa.String(200), nullable=False),
+    sa.Column("workflow_version", sa.Integer, nullable=False),
+    # running | succeeded | failed | cancelled
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("inputs", sa.JSON, nullable=False),
+    sa.Column("trigger", sa.JSON, nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("created_by", sa.String(100), nullable=False),
+    _created(),
+    sa.Column("finished_at", UTCDateTime()),
+    sa.Index("ix_executions_org_created", "organization_id", "created_at"),
+)
+
+step_runs = sa.Table(
+    "step_runs",
+    metadata,
+    _id(),
+    _org(),
+    sa.Column("execution_id", sa.String(40), sa.ForeignKey("executions.id"), nullable=False),
+    sa.Column("stage", sa.String(20), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("depends_on", sa.JSON, nullable=False),
+    # the resolved step: plugin, config, selector, timeout, retries
+    sa.Column("spec", sa.JSON, nullable=False),
+    # pending | queued | running | succeeded | failed | skipped | cancelled
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("agent_id", sa.String(40)),
+    sa.Column("instruction_id", sa.String(40)),
+    sa.Column("output", sa.JSON),
+    sa.Column("error", sa.Text),
+    sa.Column("started_at", UTCDateTime()),
+    sa.Column("finished_at", UTCDateTime()),
+    sa.UniqueConstraint("execution_id", "name", name="uq_step_runs_execution_name"),
+)
+
+instructions = sa.Table(
+    "instructions",
+    metadata,
+    _id(),
+    _org(),
+    sa.Column("execution_id", sa.String(40), sa.ForeignKey("executions.id")),
+    sa.Column("step_run_id", sa.String(40), sa.ForeignKey("step_runs.id")),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    # queued | leased | executing | completed | failed | cancelled | expired
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("agent_type", sa.String(20), nullable=False),
+    sa.Column("target_agent_name", sa.String(200)),
+    sa.Column("selector", sa.JSON, nullable=False),
+    sa.Column("agent_id", sa.String(40)),
+    sa.Column("plugin_id", sa.String(200), nullable=False),
+    sa.Column("instruction_type", sa.String(30), nullable=False),
+    sa.Column("plugin_configuration", sa.JSON, nullable=False),
+    sa.Column("input_data", sa.JSON, nullable=False),
+    sa.Column("context", sa.JSON, nullable=False),
+    sa.Column("timeout_seconds", sa.Integer, nullable=False),
+    sa.Column("max_retries", sa.Integer, nullable=False),
+    sa.Column("correlation_id", sa.String(300), nullable=False),
+    _created(),
+    sa.Column("leased_at", UTCDateTime()),
+    sa.Column("lease_expires_at", UTCDateTime()),
+    sa.Column("started_at", UTCDateTime()),
+    sa.Column("finished_at", UTCDateTime()),
+    sa.Column("execution_log", sa.JSON),
+    sa.Column("result", sa.JSON),
+    sa.Column("result_digest", sa.String(64)),
+    sa.Column("error_message", sa.Text),
+    sa.Column("error_details", sa.JSON),
+    sa.Index("ix_instructions_claim", "status", "organization_id", "agent_type", "id"),
+    sa.Index("ix_instructions_lease", "status", "lease_expires_at"),
+    sa.Index("ix_instructions_agent", "agent_id", "status"),
+)
+
+audit_records = sa.Table(
+    "audit_records",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    _org(),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("actor", sa.String(100), nullable=False),
+    sa.Column("action", sa.String(100), nullable=False),
+    sa.Column("subject_type", sa.String(40), nullable=False),
+    sa.Column("subject_id", sa.String(40), nullable=False),
+    sa.Column("details", sa.JSON, nullable=False),
+    sa.Index("ix_audit_records_org_id", "organization_id", "id"),
+    sa.Index("ix_audit_records_subject", "subject_id"),
+)

@@ -1,0 +1,1 @@
+"""Workflows: definitions and versions, executions, step runs and their instructions."""

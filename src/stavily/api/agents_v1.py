@@ -128,6 +128,8 @@ async def heartbeat(beat: Heartbeat, agent: CurrentAgent, state: AppState) -> JS
         )
     status = "offline" if beat.status == "offline" else "online"
     state.heartbeats.record(agent.id, status, version=beat.version, hostname=beat.hostname)
+    if status == "offline":
+        await state.engine.release_unstarted(agent)
     return JSONResponse(
         {"acknowledged": True, "next_heartbeat_interval": state.settings.heartbeat_interval}
     )

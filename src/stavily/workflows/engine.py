@@ -533,14 +533,28 @@ class Engine:
     async def expire_leases(self) -> int:
         """Re-queue work whose lease ran out (the agent died or went silent), or fail it."""
         now = utcnow()
-        queued = False
+        return await self._take_back(
+            sa.and_(
+                instructions.c.status.in_(ACTIVE_INSTRUCTION),
+                instructions.c.lease_expires_at < now,
+            ),
+            "lease expired",
+            now,
+        )
+
+    async def release_unstarted(self, agent: AgentIdentity) -> int:
+        """An agent going offline hands back what it was given but never started."""
+        return await self._take_back(
+            sa.and_(instructions.c.agent_id == agent.id, instructions.c.status == "leased"),
+            "agent went offline before starting it",
+            utcnow(),
+        )
+
+    async def _take_back(self, condition: Any, reason: str, now: datetime) -> int:
         async with self.db.write() as conn:
             query = (
                 sa.select(instructions)
-                .where(
-                    instructions.c.status.in_(ACTIVE_INSTRUCTION),
-                    instructions.c.lease_expires_at < now,
-                )
+                .where(condition)
                 .order_by(instructions.c.lease_expires_at)
                 .limit(200)
             )
@@ -550,7 +564,7 @@ class Engine:
                 await conn.execute(
                     instructions.update()
                     .where(instructions.c.id == row.id)
-                    .values(status="expired", finished_at=now, error_message="lease expired")
+                    .values(status="expired", finished_at=now, error_message=reason)
                 )
                 entries.append(
                     audit.entry(
@@ -559,16 +573,15 @@ class Engine:
                         "instruction.expired",
                         "instruction",
                         row.id,
-                        {"agent_id": row.agent_id, "attempt": row.attempt},
+                        {"agent_id": row.agent_id, "attempt": row.attempt, "reason": reason},
                         at=now,
                     )
                 )
                 if row.step_run_id:
                     entries += await self._step_lost(conn, row, now)
-            queued = any(e["action"] == "step.queued" for e in entries)
             await audit.append(conn, entries)
             await self._mark_silent_agents_offline(conn, now)
-        if queued:
+        if any(e["action"] == "step.queued" for e in entries):
             self.signal.notify()
         return len(expired)
 

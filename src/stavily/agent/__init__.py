@@ -1,0 +1,1 @@
+"""The reference agent (`stavily agent run`), speaking exactly the public agent API."""

@@ -12,4 +12,5 @@ class JSONResponse(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
+        # SQLAlchemy row keys are str subclasses, which orjson accepts only with this option.
+        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)

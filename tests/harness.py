@@ -1,0 +1,172 @@
+"""Test harness: a real orchestrator on loopback HTTP against a real database.
+
+`STAVILY_TEST_DATABASE_URL` (a PostgreSQL URL, e.g.
+postgresql+asyncpg://postgres@127.0.0.1:5432/test) makes every database-backed
+test also run on PostgreSQL, each server in a fresh database of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from sqlalchemy.engine import make_url
+
+from stavily.app import create_app
+from stavily.config import Settings
+
+PG_URL = os.environ.get("STAVILY_TEST_DATABASE_URL")
+ADMIN_TOKEN = "stv_test_admin_token_0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _admin(url: str, statement: str) -> None:
+    import asyncpg
+
+    parsed = make_url(url).set(drivername="postgresql")
+    conn = await asyncpg.connect(parsed.render_as_string(hide_password=False))
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@contextmanager
+def fresh_database(backend: str, tmp: Path) -> Iterator[str]:
+    """A new, empty database: a SQLite file, or a PostgreSQL database dropped afterwards."""
+    if backend == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp / 'stavily.db'}"
+        return
+    assert PG_URL, "STAVILY_TEST_DATABASE_URL is not set"
+    name = f"stavily_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(PG_URL, f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        asyncio.run(_admin(PG_URL, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@dataclass
+class Orchestrator:
+    """A running orchestrator and an admin client for its private API."""
+
+    url: str
+    token: str
+    database_url: str
+    settings: Settings
+    clients: list[httpx.Client] = field(default_factory=list)
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        client = httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        self.clients.append(client)
+        return client
+
+    @property
+    def api(self) -> httpx.Client:
+        if not self.clients:
+            self.client(self.token)
+        return self.clients[0]
+
+    def create_agent(self, name: str | None = None, **fields: Any) -> tuple[str, str]:
+        body = {"name": name or f"agent-{uuid.uuid4().hex[:8]}", **fields}
+        response = self.api.post("/api/v1/agents", json=body)
+        assert response.status_code == 201, response.text
+        return response.json()["agent_id"], response.json()["api_key"]
+
+    def agent_client(self, key: str) -> httpx.Client:
+        client = self.client(key)
+        client.headers.update(
+            {
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "User-Agent": "Stavily-Agent/1.0.0",
+            }
+        )
+        return client
+
+    def apply(self, source: str) -> dict[str, Any]:
+        response = self.api.post(
+            "/api/v1/workflows", content=source, headers={"Content-Type": "application/yaml"}
+        )
+        assert response.status_code == 201, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    def run(self, workflow: str, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+        response = self.api.post(
+            f"/api/v1/workflows/{workflow}/runs", json={"inputs": inputs or {}}
+        )
+        assert response.status_code == 201, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    def execution(self, execution_id: str) -> dict[str, Any]:
+        response = self.api.get(f"/api/v1/executions/{execution_id}")
+        assert response.status_code == 200, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    def wait_for(self, execution_id: str, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            execution = self.execution(execution_id)
+            if execution["status"] != "running" or time.monotonic() > deadline:
+                return execution
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+@contextmanager
+def serve(database_url: str, data_dir: Path, **overrides: Any) -> Iterator[Orchestrator]:
+    """Run the app with uvicorn in a thread: real HTTP on a loopback port."""
+    port = free_port()
+    settings = Settings(
+        database_url=database_url,
+        data_dir=data_dir,
+        bootstrap_token=ADMIN_TOKEN,
+        host="127.0.0.1",
+        port=port,
+        heartbeat_flush_interval=0.05,
+        reaper_interval=0.2,
+        **overrides,
+    )
+    config = uvicorn.Config(
+        create_app(settings),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        loop="asyncio",
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test orchestrator did not start")
+        time.sleep(0.01)
+    orchestrator = Orchestrator(f"http://127.0.0.1:{port}", ADMIN_TOKEN, database_url, settings)
+    try:
+        yield orchestrator
+    finally:
+        orchestrator.close()
+        server.should_exit = True
+        thread.join(timeout=15)

@@ -8,6 +8,7 @@ from typing import Any
 class StavilyError(Exception):
     status = 500
     code = "internal_error"
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, details: Any = None) -> None:
         super().__init__(message)
@@ -26,6 +27,7 @@ class InvalidInput(StavilyError):
 class Unauthorized(StavilyError):
     status = 401
     code = "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(StavilyError):

@@ -119,7 +119,8 @@ Stavily Orchestrator is running on SQLite in {data_dir}
             )
         print(
             f"""
-  Look at it:   curl -H "Authorization: Bearer $TOKEN" {url}/api/v1/executions/{execution_id}
+  Look at it:   export TOKEN={state["token"]}
+                curl -H "Authorization: Bearer $TOKEN" {url}/api/v1/executions/{execution_id}
   Logs:         {data_dir}/orchestrator.log, {data_dir}/agent.log
 Press Ctrl-C to stop.""",
             flush=True,

@@ -213,7 +213,16 @@ class HeartbeatBuffer:
         if not self._pending:
             return 0
         batch, self._pending = self._pending, {}
-        now = utcnow()
+        try:
+            await self._write(db, batch)
+        except BaseException:
+            # Keep what newer heartbeats have not superseded, for the next flush.
+            for agent_id, beat in batch.items():
+                self._pending.setdefault(agent_id, beat)
+            raise
+        return len(batch)
+
+    async def _write(self, db: Database, batch: dict[str, dict[str, Any]]) -> None:
         rows = [
             {
                 "b_id": agent_id,
@@ -235,7 +244,7 @@ class HeartbeatBuffer:
             )
         )
         alive = [agent_id for agent_id, beat in batch.items() if beat["status"] != "offline"]
-        extended = now + timedelta(seconds=self.lease_grace)
+        extended = utcnow() + timedelta(seconds=self.lease_grace)
         async with db.write() as conn:
             await conn.execute(update_agents, rows)
             if alive:
@@ -249,4 +258,3 @@ class HeartbeatBuffer:
                     )
                     .values(lease_expires_at=extended)
                 )
-        return len(rows)

@@ -1,0 +1,49 @@
+"""Every legal state transition, in one place.
+
+The engine never writes a status without going through these tables: each UPDATE is
+guarded by `WHERE status IN allowed_from(new)`, so an illegal move changes no row.
+"""
+
+from __future__ import annotations
+
+EXECUTION: dict[str, frozenset[str]] = {
+    "queued": frozenset({"running", "cancelled"}),  # waiting for a concurrency slot
+    "running": frozenset({"succeeded", "failed", "cancelled"}),
+    "failed": frozenset({"running"}),  # rerun from the failed steps
+    "cancelled": frozenset({"running"}),  # rerun
+    "succeeded": frozenset(),
+}
+
+STEP: dict[str, frozenset[str]] = {
+    "pending": frozenset({"queued", "skipped", "cancelled"}),
+    "queued": frozenset({"running", "pending", "failed", "cancelled"}),
+    "running": frozenset({"succeeded", "failed", "pending", "cancelled"}),
+    "succeeded": frozenset(),
+    "failed": frozenset({"pending"}),  # rerun
+    "skipped": frozenset({"pending"}),  # rerun
+    "cancelled": frozenset({"pending"}),  # rerun
+}
+
+INSTRUCTION: dict[str, frozenset[str]] = {
+    "queued": frozenset({"leased", "cancelled", "expired"}),
+    "leased": frozenset({"executing", "completed", "failed", "cancelled", "expired"}),
+    "executing": frozenset({"completed", "failed", "cancelled", "expired"}),
+    "completed": frozenset(),
+    "failed": frozenset(),
+    "cancelled": frozenset(),
+    "expired": frozenset(),
+}
+
+# Final: nothing more happens unless an operator reruns the execution.
+FINAL_EXECUTION = frozenset({"succeeded", "failed", "cancelled"})
+FINAL_STEP = frozenset({"succeeded", "failed", "skipped", "cancelled"})
+FINAL_INSTRUCTION = frozenset(s for s, nxt in INSTRUCTION.items() if not nxt)
+
+
+def allowed_from(table: dict[str, frozenset[str]], new: str) -> tuple[str, ...]:
+    """The states from which `new` may be entered."""
+    return tuple(sorted(s for s, nxt in table.items() if new in nxt))
+
+
+def can(table: dict[str, frozenset[str]], old: str, new: str) -> bool:
+    return new in table.get(old, frozenset())

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from stavily.workflows.definition import parse_duration
+
 _SAFE_ID = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
 _MEMORY = re.compile(r"^\s*(\d+)\s*(KB|MB|GB|K|M|G|B)?\s*$", re.IGNORECASE)
 _MEMORY_UNITS = {
@@ -68,6 +70,18 @@ def _memory_limit(manifest: dict[str, Any]) -> int | None:
     return int(match.group(1)) * _MEMORY_UNITS[(match.group(2) or "").upper()]
 
 
+def _time_limit(instruction: dict[str, Any], manifest: dict[str, Any]) -> float:
+    """The step's timeout, or the manifest's `limits.execution_time` when that is shorter."""
+    limit = float(instruction.get("timeout_seconds") or 300)
+    declared = (manifest.get("limits") or {}).get("execution_time")
+    if declared is not None:
+        try:
+            limit = min(limit, parse_duration(declared))
+        except ValueError:
+            pass
+    return limit
+
+
 def _command(folder: Path, entry: Path, manifest: dict[str, Any]) -> list[str]:
     runtime = str((manifest.get("runtime") or {}).get("type") or "").lower()
     if runtime in _RUNTIMES:
@@ -113,7 +127,7 @@ async def run_plugin(plugins_dir: Path, instruction: dict[str, Any]) -> Outcome:
     env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
     env.update({str(k): str(v) for k, v in (configuration.get("environment") or {}).items()})
     env["STAVILY_INSTRUCTION_ID"] = str(instruction.get("id", ""))
-    timeout = float(instruction.get("timeout_seconds") or 300)
+    timeout = _time_limit(instruction, manifest)
     memory = _memory_limit(manifest)
 
     def limits() -> None:  # runs in the child, before exec

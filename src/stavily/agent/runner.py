@@ -54,6 +54,7 @@ class Agent:
         )
         self.base = f"/agents/v1/{config.agent_id}"
         self.stopping = asyncio.Event()
+        self.running: set[str] = set()
 
     def stop(self) -> None:
         if not self.stopping.is_set():
@@ -129,6 +130,13 @@ class Agent:
                 await self.execute(instruction)
 
     async def execute(self, instruction: dict[str, Any]) -> None:
+        self.running.add(instruction["id"])
+        try:
+            await self._execute(instruction)
+        finally:
+            self.running.discard(instruction["id"])
+
+    async def _execute(self, instruction: dict[str, Any]) -> None:
         instruction_id = instruction["id"]
         bound = log.bind(instruction_id=instruction_id, plugin_id=instruction.get("plugin_id"))
         execution_log = [f"[{_now()}] Instruction received", f"[{_now()}] Started plugin execution"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -43,6 +44,9 @@ class Heartbeat(BaseModel):
     status: str = Field(default="online", max_length=50)
     version: str | None = Field(default=None, max_length=100)
     hostname: str | None = Field(default=None, max_length=255)
+    running: list[str] | None = Field(
+        default=None, max_length=1000, description="Ids of the instructions the agent runs."
+    )
 
     @field_validator("timestamp")
     @classmethod
@@ -77,14 +81,34 @@ def _poll_answer(claimed: list[dict[str, Any]], settings_interval: int, slots: i
 
 @router.get("/{agent_id}/instructions")
 async def poll(
+    request: Request,
     agent: CurrentAgent,
     state: AppState,
     wait: float = Query(default=0, ge=0, le=300, description="Long poll: hold up to N seconds."),
     slots: int | None = Query(default=None, ge=1, le=100, description="Hand out up to N."),
 ) -> JSONResponse:
     wait = min(wait, state.settings.max_poll_wait)
-    claimed = await state.engine.poll(agent, slots or 1, wait)
+    hung_up = asyncio.Event()
+    watcher = asyncio.create_task(_watch_disconnect(request, hung_up)) if wait else None
+
+    def wanted() -> bool:
+        pending = state.heartbeats.pending(agent.id)
+        return not hung_up.is_set() and (pending is None or pending["status"] != "offline")
+
+    try:
+        claimed = await state.engine.poll(agent, slots or 1, wait, wanted)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
     return JSONResponse(_poll_answer(claimed, state.settings.poll_interval, slots))
+
+
+async def _watch_disconnect(request: Request, hung_up: asyncio.Event) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    hung_up.set()
+    state = request.app.state.stavily
+    state.engine.signal.notify()  # wake the poll so it sees the hang-up now
 
 
 @router.put("/{agent_id}/instructions/{instruction_id}")
@@ -130,6 +154,8 @@ async def heartbeat(beat: Heartbeat, agent: CurrentAgent, state: AppState) -> JS
     state.heartbeats.record(agent.id, status, version=beat.version, hostname=beat.hostname)
     if status == "offline":
         await state.engine.release_unstarted(agent)
+    elif beat.running is not None:
+        await state.engine.release_unreported(agent, beat.running)
     return JSONResponse(
         {"acknowledged": True, "next_heartbeat_interval": state.settings.heartbeat_interval}
     )

@@ -7,6 +7,7 @@ the next start simply continues from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -30,6 +31,7 @@ FINAL_STEP = ("succeeded", "failed", "skipped", "cancelled")
 COMPLETED = {"completed", "success", "succeeded"}
 FAILED = {"failed", "failure", "error", "timeout", "timed_out"}
 PROGRESS_STATUSES = {"executing", "running", "in_progress", "started"}
+UNREPORTED_GRACE = timedelta(seconds=15)
 
 
 def step_output(report: dict[str, Any]) -> Any:
@@ -209,10 +211,20 @@ class Engine:
             await audit.append(conn, entries)
         return payloads
 
-    async def poll(self, agent: AgentIdentity, slots: int, wait: float) -> list[dict[str, Any]]:
-        """Claim now, or hold the poll open until work is queued or `wait` runs out."""
+    async def poll(
+        self,
+        agent: AgentIdentity,
+        slots: int,
+        wait: float,
+        wanted: Callable[[], bool] = lambda: True,
+    ) -> list[dict[str, Any]]:
+        """Claim now, or hold the poll open until work is queued or `wait` runs out.
+
+        `wanted` is asked before every claim: a poll whose client hung up, or whose agent
+        has since said it is going offline, must not lease work nobody will read.
+        """
         loop_deadline = utcnow() + timedelta(seconds=wait)
-        while True:
+        while wanted():
             event = self.signal.current()
             claimed = await self.claim(agent, slots)
             remaining = (loop_deadline - utcnow()).total_seconds()
@@ -220,6 +232,7 @@ class Engine:
                 return claimed
             if not await self.signal.wait(event, remaining):
                 return []
+        return []
 
     async def _owned(self, conn: AsyncConnection, agent: AgentIdentity, instruction_id: str) -> Any:
         query = sa.select(instructions).where(
@@ -549,6 +562,22 @@ class Engine:
             "agent went offline before starting it",
             utcnow(),
         )
+
+    async def release_unreported(self, agent: AgentIdentity, running: list[str]) -> int:
+        """An agent that lists what it runs hands back the rest: work leased to it that it
+        never received (a poll answer lost, a restart). Only leases older than
+        UNREPORTED_GRACE count, so an answer still on its way is not taken back."""
+        now = utcnow()
+        unreported = sa.and_(
+            instructions.c.agent_id == agent.id,
+            instructions.c.status.in_(ACTIVE_INSTRUCTION),
+            instructions.c.id.not_in(running),
+            instructions.c.leased_at < now - UNREPORTED_GRACE,
+        )
+        async with self.db.read() as conn:  # the common answer, "none", costs no write
+            if not await conn.scalar(sa.select(instructions.c.id).where(unreported).limit(1)):
+                return 0
+        return await self._take_back(unreported, "agent does not report running it", now)
 
     async def _take_back(self, condition: Any, reason: str, now: datetime) -> int:
         async with self.db.write() as conn:

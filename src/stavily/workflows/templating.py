@@ -89,9 +89,7 @@ def references(value: Any, path: str) -> Iterator[tuple[str, str, set[str], set[
             yield where, f"invalid template: {exc.message or exc}", set(), set()
             continue
         assigned = {n.name for n in tree.find_all(nodes.Name) if n.ctx in ("store", "param")}
-        roots = {
-            n.name for n in tree.find_all(nodes.Name) if n.ctx == "load"
-        } - assigned
+        roots = {n.name for n in tree.find_all(nodes.Name) if n.ctx == "load"} - assigned
         steps: set[str] = set()
         for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
             target = node.node

@@ -141,7 +141,13 @@ executions = sa.Table(
     sa.Column("created_by", sa.String(100), nullable=False),
     _created(),
     sa.Column("finished_at", UTCDateTime()),
+    sa.Column("variables", sa.JSON),
+    sa.Column("deadline_at", UTCDateTime()),
+    sa.Column("concurrency_limit", sa.Integer),
+    sa.Column("reruns", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_executions_org_created", "organization_id", "created_at"),
+    sa.Index("ix_executions_workflow_status", "workflow_id", "status"),
+    sa.Index("ix_executions_status_deadline", "status", "deadline_at"),
 )
 
 step_runs = sa.Table(
@@ -165,6 +171,10 @@ step_runs = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("started_at", UTCDateTime()),
     sa.Column("finished_at", UTCDateTime()),
+    # for_each: the items are step runs of their own under the step
+    sa.Column("parent_id", sa.String(40)),
+    sa.Column("item_index", sa.Integer),
+    sa.Column("next_attempt_at", UTCDateTime()),
     sa.UniqueConstraint("execution_id", "name", name="uq_step_runs_execution_name"),
 )
 
@@ -200,9 +210,12 @@ instructions = sa.Table(
     sa.Column("result_digest", sa.String(64)),
     sa.Column("error_message", sa.Text),
     sa.Column("error_details", sa.JSON),
+    # a retry waits until then before any agent may take it
+    sa.Column("available_at", UTCDateTime()),
     sa.Index("ix_instructions_claim", "status", "organization_id", "agent_type", "id"),
     sa.Index("ix_instructions_lease", "status", "lease_expires_at"),
     sa.Index("ix_instructions_agent", "agent_id", "status"),
+    sa.Index("ix_instructions_execution", "execution_id", "status"),
 )
 
 audit_records = sa.Table(

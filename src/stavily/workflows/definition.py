@@ -19,6 +19,7 @@ _PLUGIN_REF = re.compile(
 )
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 DEFAULT_TIMEOUT_SECONDS = 300
+MAX_PARALLEL = 1000
 MAX_TIMEOUT_SECONDS = 7 * 86400
 
 
@@ -66,17 +67,37 @@ class AgentSelection(_Strict):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
+RETRYABLE = ("error", "timeout", "agent_lost")
+
+
 class ErrorHandling(_Strict):
     on_failure: Literal["fail", "stop", "continue"] = "fail"
     max_retries: int = Field(default=0, ge=0, le=100)
     retry_delay: str | int | None = None
+    # ours: how the delay grows, its ceiling, jitter, and which failures retry at all
+    backoff: Literal["fixed", "exponential"] = "fixed"
+    max_delay: str | int | None = None
+    jitter: bool = False
+    retry_on: list[Literal["error", "timeout", "agent_lost"]] = Field(
+        default_factory=lambda: list(RETRYABLE)
+    )
 
-    @field_validator("retry_delay")
+    @field_validator("retry_delay", "max_delay")
     @classmethod
     def _duration(cls, value: str | int | None) -> str | int | None:
         if value is not None:
             parse_duration(value)
         return value
+
+    def policy(self) -> dict[str, Any]:
+        return {
+            "max_retries": self.max_retries,
+            "delay": parse_duration(self.retry_delay) if self.retry_delay is not None else 0.0,
+            "backoff": self.backoff,
+            "max_delay": parse_duration(self.max_delay) if self.max_delay is not None else None,
+            "jitter": self.jitter,
+            "retry_on": list(self.retry_on),
+        }
 
 
 class PluginRef(_Strict):
@@ -108,6 +129,17 @@ class Step(_Strict):
     config: dict[str, Any] = Field(default_factory=dict)
     timeout: str | int | None = None
     error_handling: ErrorHandling = Field(default_factory=ErrorHandling)
+    # ours, all optional
+    when: str | None = Field(default=None, description="Run only when this expression holds.")
+    for_each: str | list[Any] | None = Field(
+        default=None, description="Fan out: one run of the step per item (`item`)."
+    )
+    parallel: bool | int | None = Field(
+        default=None, description="for_each: how many items at once (true: all, false: 1)."
+    )
+    run_on: Literal["success", "failure", "always"] | None = Field(
+        default=None, description="outputs only: after the actions succeed, fail, or either."
+    )
 
     @field_validator("timeout")
     @classmethod
@@ -117,6 +149,21 @@ class Step(_Strict):
             if not 1 <= seconds <= MAX_TIMEOUT_SECONDS:
                 raise ValueError("a step timeout is between 1s and 7d")
         return value
+
+    @field_validator("parallel")
+    @classmethod
+    def _parallel(cls, value: bool | int | None) -> bool | int | None:
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError("parallel is true, false or a number of items from 1")
+        return value
+
+    @property
+    def parallelism(self) -> int:
+        if self.parallel is None or self.parallel is True:
+            return MAX_PARALLEL
+        if self.parallel is False:
+            return 1
+        return min(int(self.parallel), MAX_PARALLEL)
 
     @property
     def timeout_seconds(self) -> int:
@@ -130,6 +177,47 @@ class Stage(_Strict):
     steps: list[Step] = Field(default_factory=list)
 
 
+INPUT_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "array": (list,),
+    "object": (dict,),
+}
+
+
+class InputSpec(_Strict):
+    type: Literal["string", "integer", "number", "boolean", "array", "object"] = "string"
+    required: bool = False
+    default: Any = None
+    description: str | None = None
+    enum: list[Any] | None = None
+
+    def problem(self, value: Any) -> str | None:
+        expected = INPUT_TYPES[self.type]
+        if isinstance(value, bool) and bool not in expected:
+            return f"expected {self.type}, got boolean"
+        if not isinstance(value, expected):
+            return f"expected {self.type}, got {type(value).__name__}"
+        if self.enum is not None and value not in self.enum:
+            return f"expected one of {self.enum}"
+        return None
+
+
+class SecretRef(_Strict):
+    """A named secret and where it comes from; the value never enters the database."""
+
+    env: str | None = Field(default=None, description="An environment variable.")
+    vault: str | None = Field(default=None, description="A vault path (not served yet).")
+    description: str | None = None
+
+
+class Concurrency(_Strict):
+    limit: int = Field(ge=1, le=100_000)
+    policy: Literal["queue", "reject"] = "queue"
+
+
 class WorkflowDefinition(_Strict):
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.()-]*$")
     description: str | None = None
@@ -140,8 +228,46 @@ class WorkflowDefinition(_Strict):
     outputs: Stage | None = None
     monitoring: dict[str, Any] | None = None
     variables: dict[str, Any] | None = None
+    secrets: dict[str, SecretRef] | None = None
     tags: list[str] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # ours, all optional
+    inputs: dict[str, InputSpec] | None = None
+    timeout: str | int | None = Field(default=None, description="Whole-execution timeout.")
+    concurrency: Concurrency | None = None
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: str | int | None) -> str | int | None:
+        if value is not None and parse_duration(value) < 1:
+            raise ValueError("an execution timeout is at least 1s")
+        return value
+
+    def resolve_inputs(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Declared inputs: defaults applied, each checked; undeclared ones refused."""
+        if self.inputs is None:
+            return dict(given)
+        problems = [
+            {"path": f"inputs.{name}", "message": "not an input of this workflow"}
+            for name in given
+            if name not in self.inputs
+        ]
+        resolved: dict[str, Any] = {}
+        for name, spec in self.inputs.items():
+            if name in given:
+                problem = spec.problem(given[name])
+                if problem:
+                    problems.append({"path": f"inputs.{name}", "message": problem})
+                resolved[name] = given[name]
+            elif spec.default is not None:
+                resolved[name] = spec.default
+            elif spec.required:
+                problems.append({"path": f"inputs.{name}", "message": "required"})
+            else:
+                resolved[name] = None
+        if problems:
+            raise InvalidInput("invalid inputs for this workflow", problems)
+        return resolved
 
     @field_validator("version", mode="before")
     @classmethod
@@ -200,37 +326,43 @@ def validate(data: Any) -> WorkflowDefinition:
     return definition
 
 
+def _stage_steps(definition: WorkflowDefinition, stage_name: str) -> list[Step]:
+    stage: Stage | None = getattr(definition, stage_name)
+    return stage.steps if stage else []
+
+
 def _graph_problems(definition: WorkflowDefinition) -> list[dict[str, str]]:
     problems: list[dict[str, str]] = []
     seen: dict[str, str] = {}
     for stage_name in STAGES:
-        stage = getattr(definition, stage_name)
-        for i, step in enumerate(stage.steps if stage else []):
-            where = f"{stage_name}.steps[{i}].name"
+        for i, step in enumerate(_stage_steps(definition, stage_name)):
+            where = f"{stage_name}.steps[{i}]"
             if step.name in seen:
                 problems.append(
                     {
-                        "path": where,
+                        "path": f"{where}.name",
                         "message": f"duplicate step '{step.name}' (first at {seen[step.name]})",
                     }
                 )
             else:
-                seen[step.name] = where
+                seen[step.name] = f"{where}.name"
+            if step.run_on is not None and stage_name != "outputs":
+                problems.append({"path": f"{where}.run_on", "message": "only outputs have run_on"})
+            if step.parallel is not None and step.for_each is None:
+                problems.append(
+                    {"path": f"{where}.parallel", "message": "parallel goes with for_each"}
+                )
     if not definition.actions.steps:
-        problems.append(
-            {"path": "actions.steps", "message": "a workflow needs at least one action"}
-        )
+        message = "a workflow needs at least one action"
+        problems.append({"path": "actions.steps", "message": message})
     # What each stage's steps may depend on: their own stage; outputs may also name actions.
     allowed = {
-        "triggers": {s.name for s in (definition.triggers.steps if definition.triggers else [])},
+        "triggers": {s.name for s in _stage_steps(definition, "triggers")},
         "actions": {s.name for s in definition.actions.steps},
     }
-    allowed["outputs"] = allowed["actions"] | {
-        s.name for s in (definition.outputs.steps if definition.outputs else [])
-    }
+    allowed["outputs"] = allowed["actions"] | {s.name for s in _stage_steps(definition, "outputs")}
     for stage_name in STAGES:
-        stage = getattr(definition, stage_name)
-        steps = stage.steps if stage else []
+        steps = _stage_steps(definition, stage_name)
         for i, step in enumerate(steps):
             for j, dep in enumerate(step.depends_on):
                 where = f"{stage_name}.steps[{i}].depends_on[{j}]"
@@ -238,7 +370,8 @@ def _graph_problems(definition: WorkflowDefinition) -> list[dict[str, str]]:
                     problems.append({"path": where, "message": "a step cannot depend on itself"})
                 elif dep not in allowed[stage_name]:
                     problems.append({"path": where, "message": f"unknown step '{dep}'"})
-        cycle = _find_cycle({s.name: list(s.depends_on) for s in steps})
+        graph = {s.name: list(s.depends_on) for s in steps}
+        cycle = _find_cycle(graph)
         if cycle:
             problems.append(
                 {
@@ -246,7 +379,94 @@ def _graph_problems(definition: WorkflowDefinition) -> list[dict[str, str]]:
                     "message": "dependency cycle: " + " -> ".join(cycle),
                 }
             )
+            stuck = _downstream(graph, set(cycle))
+            for i, step in enumerate(steps):
+                if step.name in stuck - set(cycle):
+                    problems.append(
+                        {
+                            "path": f"{stage_name}.steps[{i}]",
+                            "message": f"unreachable: '{step.name}' waits on a dependency cycle",
+                        }
+                    )
+    if not problems:
+        problems += _template_problems(definition)
     return problems
+
+
+def _downstream(graph: dict[str, list[str]], roots: set[str]) -> set[str]:
+    reached = set(roots)
+    changed = True
+    while changed:
+        changed = False
+        for node, deps in graph.items():
+            if node not in reached and reached.intersection(deps):
+                reached.add(node)
+                changed = True
+    return reached
+
+
+def _ancestors(graph: dict[str, list[str]], node: str) -> set[str]:
+    found: set[str] = set()
+    stack = list(graph.get(node, []))
+    while stack:
+        dep = stack.pop()
+        if dep not in found:
+            found.add(dep)
+            stack.extend(graph.get(dep, []))
+    return found
+
+
+def _template_problems(definition: WorkflowDefinition) -> list[dict[str, str]]:
+    """Unknown names in templates, where they can be known before anything runs."""
+    from stavily.workflows.templating import ROOTS, references
+
+    problems: list[dict[str, str]] = []
+    actions = {s.name: list(s.depends_on) for s in definition.actions.steps}
+    outputs = {s.name: list(s.depends_on) for s in _stage_steps(definition, "outputs")}
+    graph = {**actions, **{name: deps + list(actions) for name, deps in outputs.items()}}
+    declared = {
+        "inputs": set(definition.inputs) if definition.inputs is not None else None,
+        "secrets": set(definition.secrets or {}),
+        "variables": set(definition.variables or {}),
+    }
+    for stage_name in ("actions", "outputs"):
+        for i, step in enumerate(_stage_steps(definition, stage_name)):
+            upstream = _ancestors(graph, step.name)
+            fields = {"config": step.config, "when": step.when, "for_each": step.for_each}
+            for field_name, value in fields.items():
+                base = f"{stage_name}.steps[{i}].{field_name}"
+                if field_name == "when" and isinstance(value, str):
+                    value = as_expression(value)
+                for where, problem, roots, attrs in references(value, base):
+                    if problem:
+                        problems.append({"path": where, "message": problem})
+                        continue
+                    allowed_roots = set(ROOTS) - ({"item"} if step.for_each is None else set())
+                    if field_name == "for_each":
+                        allowed_roots.discard("item")
+                    for root in sorted(roots - allowed_roots):
+                        problems.append({"path": where, "message": f"unknown name '{root}'"})
+                    for name in sorted(attrs.get("steps", set()) - upstream):
+                        message = (
+                            f"'steps.{name}' is not upstream of this step"
+                            if name in graph
+                            else f"unknown step '{name}'"
+                        )
+                        problems.append({"path": where, "message": message})
+                    for root, names in declared.items():
+                        if names is None:
+                            continue
+                        for name in sorted(attrs.get(root, set()) - names):
+                            problems.append(
+                                {"path": where, "message": f"unknown {root[:-1]} '{name}'"}
+                            )
+    return problems
+
+
+def as_expression(condition: str) -> str:
+    """`when:` may be written with or without the braces."""
+    stripped = condition.strip()
+    return stripped if stripped.startswith("{{") else f"{{{{ {stripped} }}}}"
 
 
 def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
@@ -296,6 +516,9 @@ def plan(definition: WorkflowDefinition) -> list[dict[str, Any]]:
     """The steps one execution runs, resolved: actions, then outputs after every action."""
     steps: list[dict[str, Any]] = []
     action_names = [s.name for s in definition.actions.steps]
+    secrets = {
+        name: ref.model_dump(exclude_none=True) for name, ref in (definition.secrets or {}).items()
+    }
     for stage_name in ("actions", "outputs"):
         stage: Stage | None = getattr(definition, stage_name)
         for step in stage.steps if stage else []:
@@ -316,7 +539,13 @@ def plan(definition: WorkflowDefinition) -> list[dict[str, Any]]:
                         "selector": _selector(step.agents, stage.agents, definition.agents),
                         "timeout_seconds": step.timeout_seconds,
                         "max_retries": step.error_handling.max_retries,
+                        "retry": step.error_handling.policy(),
                         "on_failure": step.error_handling.on_failure,
+                        "when": as_expression(step.when) if step.when else None,
+                        "for_each": step.for_each,
+                        "parallel": step.parallelism,
+                        "run_on": (step.run_on or "success") if stage_name == "outputs" else None,
+                        "secrets": secrets,
                     },
                 }
             )

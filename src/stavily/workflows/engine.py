@@ -1,12 +1,15 @@
-"""Executions: starting runs, handing instructions to agents, advancing on their reports.
+"""Executions: starting runs, handing instructions to agents, taking their reports, and
+the operator's controls (cancel, rerun).
 
-Every transition below happens in one write transaction together with the audit
-records that describe it, so a crash at any point leaves a consistent state that
-the next start simply continues from.
+Every transition happens in one write transaction together with the audit records
+that describe it, so a crash at any point leaves a consistent state that the next
+start simply continues from. The execution's row is locked first, so two reports for
+one execution never advance it at the same time.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,14 +23,23 @@ from stavily.errors import Conflict, Forbidden, InvalidInput, NotFound
 from stavily.fleet.agents import ACTIVE_INSTRUCTION, AgentIdentity, eligible
 from stavily.ids import new_id
 from stavily.store.db import Database
-from stavily.store.models import agents, executions, instructions, step_runs
+from stavily.store.models import agents, executions, instructions, step_runs, workflows
 from stavily.store.signals import WorkSignal
 from stavily.timeutil import isoformat, utcnow
-from stavily.workflows import service
-from stavily.workflows.definition import WorkflowDefinition, plan
+from stavily.workflows import service, states
+from stavily.workflows.definition import WorkflowDefinition, parse_duration, plan
+from stavily.workflows.orchestration import (
+    AGENT_LOST,
+    ERROR,
+    TIMEOUT,
+    Progression,
+    load_steps,
+    mask_secrets,
+    reveal_secrets,
+    set_status,
+)
+from stavily.workflows.views import execution_view, step_view
 
-ACTIVE_STEP = ("queued", "running")
-FINAL_STEP = ("succeeded", "failed", "skipped", "cancelled")
 COMPLETED = {"completed", "success", "succeeded"}
 FAILED = {"failed", "failure", "error", "timeout", "timed_out"}
 PROGRESS_STATUSES = {"executing", "running", "in_progress", "started"}
@@ -47,17 +59,19 @@ def step_output(report: dict[str, Any]) -> Any:
 
 def instruction_payload(row: Any) -> dict[str, Any]:
     """An instruction as AGENT_API.md fixes it, plus fields old agents ignore."""
+    refs = (row.context or {}).get("secrets") or {}
+    context = {k: v for k, v in (row.context or {}).items() if k != "secrets"}
     return {
         "id": row.id,
         "plugin_id": row.plugin_id,
         "instruction_type": row.instruction_type,
-        "plugin_configuration": row.plugin_configuration,
-        "input_data": row.input_data,
+        "plugin_configuration": reveal_secrets(row.plugin_configuration, refs),
+        "input_data": reveal_secrets(row.input_data, refs),
         "timeout_seconds": int(row.timeout_seconds),
         "max_retries": int(row.max_retries),
         "correlation_id": row.correlation_id,
         "attempt": int(row.attempt),
-        "context": row.context,
+        "context": context,
     }
 
 
@@ -66,6 +80,77 @@ class Engine:
         self.db = db
         self.settings = settings
         self.signal = signal
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _progression(
+        self, conn: AsyncConnection, execution: dict[str, Any], actor: str, now: datetime
+    ) -> Progression:
+        return Progression(conn, execution, actor, now, self.settings.max_agent_lost_attempts)
+
+    async def _lock_execution(
+        self, conn: AsyncConnection, execution_id: str, organization_id: str | None = None
+    ) -> dict[str, Any]:
+        query = sa.select(executions).where(executions.c.id == execution_id)
+        if organization_id is not None:
+            query = query.where(executions.c.organization_id == organization_id)
+        row = (await conn.execute(self.db.for_update(query))).mappings().first()
+        if row is None:
+            raise NotFound(f"no execution '{execution_id}'")
+        return dict(row)
+
+    async def _settle(self, conn: AsyncConnection, done: list[Progression]) -> None:
+        """After executions moved: start queued runs that a finished one made room for,
+        then write every audit record of the transaction."""
+        for progression in list(done):
+            execution = progression.execution
+            if execution["status"] in states.FINAL_EXECUTION and execution.get(
+                "concurrency_limit"
+            ):
+                done += await self._promote(conn, execution, progression.actor,
+                                            progression.now)
+        await audit.append(conn, [e for p in done for e in p.entries])
+
+    def _wake(self, done: list[Progression]) -> None:
+        if any(i["available_at"] is None for p in done for i in p.new_instructions):
+            self.signal.notify()
+        loop = asyncio.get_running_loop()
+        for delay in {d for p in done for d in p.wake_after}:
+            loop.call_later(delay, self.signal.notify)
+
+    async def _promote(
+        self, conn: AsyncConnection, finished: dict[str, Any], actor: str, now: datetime
+    ) -> list[Progression]:
+        limit = int(finished["concurrency_limit"])
+        running = await conn.scalar(
+            sa.select(sa.func.count()).select_from(executions).where(
+                executions.c.workflow_id == finished["workflow_id"],
+                executions.c.status == "running",
+            )
+        )
+        free = limit - int(running or 0)
+        if free <= 0:
+            return []
+        waiting = (
+            await conn.execute(
+                sa.select(executions.c.id)
+                .where(executions.c.workflow_id == finished["workflow_id"],
+                       executions.c.status == "queued")
+                .order_by(executions.c.id)
+                .limit(free)
+            )
+        ).scalars().all()
+        started = []
+        for execution_id in waiting:
+            execution = await self._lock_execution(conn, execution_id)
+            await set_status(conn, executions, states.EXECUTION, execution_id, "running")
+            execution["status"] = "running"
+            progression = self._progression(conn, execution, actor, now)
+            progression._audit("execution.started", "execution", execution_id,
+                               reason="a concurrency slot opened")
+            await progression.advance(await load_steps(conn, execution_id))
+            started.append(progression)
+        return started
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -77,10 +162,32 @@ class Engine:
         actor: str,
         trigger: dict[str, Any],
     ) -> str:
+        now = utcnow()
         async with self.db.write() as conn:
             workflow = await service.get(conn, organization_id, workflow_name)
             definition = WorkflowDefinition.model_validate(workflow["definition"])
-            now = utcnow()
+            inputs = definition.resolve_inputs(inputs)
+            status = "running"
+            if definition.concurrency is not None:
+                # Serialize starts of this workflow so two cannot both take the last slot.
+                await conn.execute(
+                    self.db.for_update(
+                        sa.select(workflows.c.id).where(workflows.c.id == workflow["id"])
+                    )
+                )
+                running = await conn.scalar(
+                    sa.select(sa.func.count()).select_from(executions).where(
+                        executions.c.workflow_id == workflow["id"],
+                        executions.c.status.in_(("running", "queued")),
+                    )
+                )
+                if int(running or 0) >= definition.concurrency.limit:
+                    if definition.concurrency.policy == "reject":
+                        raise Conflict(
+                            f"workflow '{workflow_name}' already runs "
+                            f"{definition.concurrency.limit} executions (its concurrency limit)"
+                        )
+                    status = "queued"
             execution = {
                 "id": new_id("exe"),
                 "organization_id": organization_id,
@@ -88,11 +195,21 @@ class Engine:
                 "workflow_version_id": workflow["version_id"],
                 "workflow_name": workflow["name"],
                 "workflow_version": workflow["version"],
-                "status": "running",
+                "status": status,
                 "inputs": inputs,
                 "trigger": trigger,
                 "created_by": actor,
                 "created_at": now,
+                "variables": definition.variables or {},
+                "deadline_at": (
+                    now + timedelta(seconds=parse_duration(definition.timeout))
+                    if definition.timeout is not None
+                    else None
+                ),
+                "concurrency_limit": (
+                    definition.concurrency.limit if definition.concurrency else None
+                ),
+                "reruns": 0,
             }
             await conn.execute(executions.insert().values(**execution))
             steps = [
@@ -102,29 +219,24 @@ class Engine:
                     "execution_id": execution["id"],
                     "status": "pending",
                     "attempts": 0,
+                    "parent_id": None,
+                    "item_index": None,
                     **step,
                 }
                 for step in plan(definition)
             ]
             await conn.execute(step_runs.insert(), steps)
-            entries = [
-                audit.entry(
-                    organization_id,
-                    actor,
-                    "execution.started",
-                    "execution",
-                    execution["id"],
-                    {
-                        "workflow": workflow["name"],
-                        "version": workflow["version"],
-                        "trigger": trigger.get("type"),
-                    },
-                    at=now,
-                )
-            ]
-            entries += await self._advance(conn, execution, steps, actor, now)
-            await audit.append(conn, entries)
-        self.signal.notify()
+            progression = self._progression(conn, execution, actor, now)
+            progression._audit(
+                "execution.started" if status == "running" else "execution.queued",
+                "execution", execution["id"],
+                workflow=workflow["name"], version=workflow["version"],
+                trigger=trigger.get("type"),
+            )
+            await progression.advance(steps)
+            done = [progression]
+            await self._settle(conn, done)
+        self._wake(done)
         return str(execution["id"])
 
     # -- agents take work -------------------------------------------------------------------
@@ -133,9 +245,7 @@ class Engine:
         now = utcnow()
         async with self.db.write() as conn:
             active = await conn.scalar(
-                sa.select(sa.func.count())
-                .select_from(instructions)
-                .where(
+                sa.select(sa.func.count()).select_from(instructions).where(
                     instructions.c.agent_id == agent.id,
                     instructions.c.status.in_(ACTIVE_INSTRUCTION),
                 )
@@ -145,11 +255,8 @@ class Engine:
                 return []
             candidates_query = (
                 sa.select(
-                    instructions.c.id,
-                    instructions.c.selector,
-                    instructions.c.timeout_seconds,
-                    instructions.c.step_run_id,
-                    instructions.c.execution_id,
+                    instructions.c.id, instructions.c.selector, instructions.c.timeout_seconds,
+                    instructions.c.step_run_id, instructions.c.execution_id,
                 )
                 .where(
                     instructions.c.status == "queued",
@@ -158,6 +265,10 @@ class Engine:
                     sa.or_(
                         instructions.c.target_agent_name.is_(None),
                         instructions.c.target_agent_name == agent.name,
+                    ),
+                    sa.or_(
+                        instructions.c.available_at.is_(None),
+                        instructions.c.available_at <= now,
                     ),
                 )
                 .order_by(instructions.c.id)
@@ -176,33 +287,22 @@ class Engine:
                     await conn.execute(
                         instructions.update()
                         .where(instructions.c.id == candidate.id)
-                        .values(
-                            status="leased",
-                            agent_id=agent.id,
-                            leased_at=now,
-                            lease_expires_at=lease,
-                        )
+                        .values(status="leased", agent_id=agent.id, leased_at=now,
+                                lease_expires_at=lease)
                         .returning(*instructions.c)
                     )
                 ).first()
                 assert row is not None
                 if candidate.step_run_id:
-                    await conn.execute(
-                        step_runs.update()
-                        .where(step_runs.c.id == candidate.step_run_id)
-                        .values(
-                            status="running",
-                            agent_id=agent.id,
-                            started_at=sa.func.coalesce(step_runs.c.started_at, now),
-                        )
+                    await set_status(
+                        conn, step_runs, states.STEP, candidate.step_run_id, "running",
+                        agent_id=agent.id,
+                        started_at=sa.func.coalesce(step_runs.c.started_at, now),
                     )
                 payloads.append(instruction_payload(row))
                 entries.append(
                     audit.entry(
-                        agent.organization_id,
-                        agent.actor,
-                        "instruction.leased",
-                        "instruction",
+                        agent.organization_id, agent.actor, "instruction.leased", "instruction",
                         candidate.id,
                         {"execution_id": candidate.execution_id, "attempt": row.attempt},
                         at=now,
@@ -234,7 +334,9 @@ class Engine:
                 return []
         return []
 
-    async def _owned(self, conn: AsyncConnection, agent: AgentIdentity, instruction_id: str) -> Any:
+    async def _owned(
+        self, conn: AsyncConnection, agent: AgentIdentity, instruction_id: str
+    ) -> Any:
         query = sa.select(instructions).where(
             instructions.c.id == instruction_id,
             instructions.c.organization_id == agent.organization_id,
@@ -266,8 +368,9 @@ class Engine:
                     now + timedelta(seconds=row.timeout_seconds + self.settings.lease_grace),
                 )
             }
+            refs = (row.context or {}).get("secrets") or {}
             if "execution_log" in fields:
-                values["execution_log"] = fields["execution_log"]
+                values["execution_log"] = mask_secrets(fields["execution_log"], refs)
             if "max_retries" in fields:
                 values["max_retries"] = fields["max_retries"]
             if status is not None and row.status == "leased":
@@ -276,13 +379,9 @@ class Engine:
                     conn,
                     [
                         audit.entry(
-                            agent.organization_id,
-                            agent.actor,
-                            "instruction.executing",
-                            "instruction",
-                            instruction_id,
-                            {"execution_id": row.execution_id, "attempt": row.attempt},
-                            at=now,
+                            agent.organization_id, agent.actor, "instruction.executing",
+                            "instruction", instruction_id,
+                            {"execution_id": row.execution_id, "attempt": row.attempt}, at=now,
                         )
                     ],
                 )
@@ -305,255 +404,66 @@ class Engine:
                 [{"path": "status", "message": "expected 'completed' or 'failed'"}],
             )
         now = utcnow()
-        queued = False
+        done: list[Progression] = []
         async with self.db.write() as conn:
+            # Lock order everywhere: the execution, then its instructions.
+            execution_id = await conn.scalar(
+                sa.select(instructions.c.execution_id).where(instructions.c.id == instruction_id)
+            )
+            execution = (
+                await self._lock_execution(conn, execution_id) if execution_id else None
+            )
             row = await self._owned(conn, agent, instruction_id)
             if row.status in ("completed", "failed") and row.result_digest == digest:
                 return  # the same report again: acknowledged, nothing changes
             if row.status not in ACTIVE_INSTRUCTION:
                 raise Conflict(f"instruction '{instruction_id}' is {row.status}")
+            report = mask_secrets(report, (row.context or {}).get("secrets") or {})
             error = None
             if final == "failed":
                 error = str(report.get("error_message") or "the plugin failed")
-            await conn.execute(
-                instructions.update()
-                .where(instructions.c.id == instruction_id)
-                .values(
-                    status=final,
-                    finished_at=now,
-                    result=report.get("result"),
-                    result_digest=digest,
-                    error_message=error,
-                    error_details=report.get("error_details"),
-                    execution_log=report.get("execution_log", row.execution_log),
-                    started_at=sa.func.coalesce(instructions.c.started_at, now),
-                )
+            await set_status(
+                conn, instructions, states.INSTRUCTION, instruction_id, final,
+                finished_at=now, result=report.get("result"), result_digest=digest,
+                error_message=error, error_details=report.get("error_details"),
+                execution_log=report.get("execution_log", row.execution_log),
+                started_at=sa.func.coalesce(instructions.c.started_at, now),
             )
-            entries = [
-                audit.entry(
-                    agent.organization_id,
-                    agent.actor,
-                    f"instruction.{final}",
-                    "instruction",
-                    instruction_id,
-                    {"execution_id": row.execution_id, "attempt": row.attempt},
-                    at=now,
-                )
-            ]
-            if row.step_run_id:
-                step_status = "succeeded" if final == "completed" else "failed"
-                await conn.execute(
-                    step_runs.update()
-                    .where(step_runs.c.id == row.step_run_id)
-                    .values(
-                        status=step_status, output=step_output(report), error=error, finished_at=now
-                    )
-                )
-                entries += await self._advance_execution(conn, row.execution_id, agent.actor, now)
-                queued = any(e["action"] == "step.queued" for e in entries)
-            await audit.append(conn, entries)
-        if queued:
-            self.signal.notify()
-
-    # -- advancing --------------------------------------------------------------------------
-
-    async def _advance_execution(
-        self, conn: AsyncConnection, execution_id: str, actor: str, now: datetime
-    ) -> list[dict[str, Any]]:
-        execution = (
-            (await conn.execute(sa.select(executions).where(executions.c.id == execution_id)))
-            .mappings()
-            .one()
-        )
-        steps = (
-            (
-                await conn.execute(
-                    sa.select(step_runs)
-                    .where(step_runs.c.execution_id == execution_id)
-                    .order_by(step_runs.c.position)
-                )
-            )
-            .mappings()
-            .all()
-        )
-        return await self._advance(conn, execution, [dict(s) for s in steps], actor, now)
-
-    async def _advance(
-        self,
-        conn: AsyncConnection,
-        execution: Any,
-        steps: list[dict[str, Any]],
-        actor: str,
-        now: datetime,
-    ) -> list[dict[str, Any]]:
-        """Queue what became ready, or end the execution; returns the audit entries."""
-        if execution["status"] != "running":
-            return []
-        org = execution["organization_id"]
-        status = {s["name"]: s["status"] for s in steps}
-        blocking = [
-            s for s in steps if s["status"] == "failed" and s["spec"]["on_failure"] != "continue"
-        ]
-        if blocking:
-            failed = blocking[0]
-            return await self._finish(
-                conn,
-                execution,
-                steps,
-                "failed",
-                f"step '{failed['name']}' failed: {failed['error']}",
-                actor,
-                now,
-            )
-
-        def done(name: str) -> bool:
-            return status[name] in ("succeeded", "failed")  # failed here means on_failure=continue
-
-        entries: list[dict[str, Any]] = []
-        new_instructions: list[dict[str, Any]] = []
-        for step in steps:
-            if step["status"] != "pending":
-                continue
-            if any(status[d] in ("skipped", "cancelled") for d in step["depends_on"]):
-                step["status"] = status[step["name"]] = "skipped"
-                await conn.execute(
-                    step_runs.update()
-                    .where(step_runs.c.id == step["id"])
-                    .values(status="skipped", finished_at=now)
-                )
-            elif all(done(d) for d in step["depends_on"]):
-                instruction = self._instruction_for(execution, step, now)
-                new_instructions.append(instruction)
-                step["status"] = status[step["name"]] = "queued"
-                step["attempts"] += 1
-                await conn.execute(
-                    step_runs.update()
-                    .where(step_runs.c.id == step["id"])
-                    .values(
-                        status="queued", attempts=step["attempts"], instruction_id=instruction["id"]
-                    )
-                )
-                entries.append(
-                    audit.entry(
-                        org,
-                        actor,
-                        "step.queued",
-                        "step_run",
-                        step["id"],
-                        {
-                            "execution_id": execution["id"],
-                            "step": step["name"],
-                            "instruction_id": instruction["id"],
-                            "attempt": step["attempts"],
-                        },
-                        at=now,
-                    )
-                )
-        if new_instructions:
-            await conn.execute(instructions.insert(), new_instructions)
-        if all(s["status"] in FINAL_STEP for s in steps):
-            entries += await self._finish(conn, execution, steps, "succeeded", None, actor, now)
-        return entries
-
-    def _instruction_for(
-        self, execution: Any, step: dict[str, Any], now: datetime
-    ) -> dict[str, Any]:
-        spec = step["spec"]
-        attempt = step["attempts"] + 1
-        configuration = dict(spec["config"])
-        if spec.get("plugin_version"):
-            configuration.setdefault("plugin_version", spec["plugin_version"])
-        return {
-            "id": new_id("ins"),
-            "organization_id": execution["organization_id"],
-            "execution_id": execution["id"],
-            "step_run_id": step["id"],
-            "attempt": attempt,
-            "status": "queued",
-            "agent_type": spec["agent_type"],
-            "target_agent_name": spec["selector"].get("single_agent"),
-            "selector": spec["selector"],
-            "plugin_id": spec["plugin_id"],
-            "instruction_type": "execute",
-            "plugin_configuration": configuration,
-            # Official agents hand the plugin only input_data, so the step's config goes there.
-            "input_data": dict(spec["config"]),
-            "context": {
-                "execution_id": execution["id"],
-                "workflow": execution["workflow_name"],
-                "step": step["name"],
-                "attempt": attempt,
-                "inputs": execution["inputs"],
-            },
-            "timeout_seconds": spec["timeout_seconds"],
-            "max_retries": spec["max_retries"],
-            "correlation_id": f"{execution['id']}/{step['name']}",
-            "created_at": now,
-        }
-
-    async def _finish(
-        self,
-        conn: AsyncConnection,
-        execution: Any,
-        steps: list[dict[str, Any]],
-        final: str,
-        error: str | None,
-        actor: str,
-        now: datetime,
-    ) -> list[dict[str, Any]]:
-        org, execution_id = execution["organization_id"], execution["id"]
-        if final != "succeeded":
-            # Nothing else of this run may start, and late reports of running work get 409.
-            await conn.execute(
-                instructions.update()
-                .where(
-                    instructions.c.execution_id == execution_id,
-                    instructions.c.status.in_(("queued", *ACTIVE_INSTRUCTION)),
-                )
-                .values(status="cancelled", finished_at=now)
-            )
-            await conn.execute(
-                step_runs.update()
-                .where(
-                    step_runs.c.execution_id == execution_id, step_runs.c.status.in_(ACTIVE_STEP)
-                )
-                .values(status="cancelled", finished_at=now)
-            )
-            await conn.execute(
-                step_runs.update()
-                .where(step_runs.c.execution_id == execution_id, step_runs.c.status == "pending")
-                .values(status="skipped", finished_at=now)
-            )
-        await conn.execute(
-            executions.update()
-            .where(executions.c.id == execution_id)
-            .values(status=final, error=error, finished_at=now)
-        )
-        return [
-            audit.entry(
-                org,
-                actor,
-                f"execution.{final}",
-                "execution",
-                execution_id,
-                {"error": error} if error else {},
-                at=now,
-            )
-        ]
+            progression = None
+            if execution is not None:
+                progression = self._progression(conn, execution, agent.actor, now)
+                progression._audit(f"instruction.{final}", "instruction", instruction_id,
+                                   execution_id=row.execution_id, attempt=row.attempt)
+                steps = await load_steps(conn, execution["id"])
+                step = next(s for s in steps if s["id"] == row.step_run_id)
+                if step["instruction_id"] == row.id and step["status"] == "running":
+                    if final == "completed":
+                        await progression._step(step, "succeeded", output=step_output(report),
+                                                error=None, finished_at=now)
+                    else:
+                        await progression.retry_or_fail(step, row, ERROR, error or "failed")
+                    await progression.advance(steps)
+                done.append(progression)
+            await self._settle(conn, done)
+        self._wake(done)
 
     # -- leases -----------------------------------------------------------------------------
 
     async def expire_leases(self) -> int:
-        """Re-queue work whose lease ran out (the agent died or went silent), or fail it."""
+        """Take back work whose lease ran out: the agent died, or the step overran."""
         now = utcnow()
-        return await self._take_back(
+        count = await self._take_back(
             sa.and_(
                 instructions.c.status.in_(ACTIVE_INSTRUCTION),
                 instructions.c.lease_expires_at < now,
             ),
-            "lease expired",
+            None,
             now,
         )
+        async with self.db.write() as conn:
+            await self._mark_silent_agents_offline(conn, now)
+        await self.enforce_deadlines()
+        return count
 
     async def release_unstarted(self, agent: AgentIdentity) -> int:
         """An agent going offline hands back what it was given but never started."""
@@ -579,68 +489,59 @@ class Engine:
                 return 0
         return await self._take_back(unreported, "agent does not report running it", now)
 
-    async def _take_back(self, condition: Any, reason: str, now: datetime) -> int:
+    async def _take_back(self, condition: Any, reason: str | None, now: datetime) -> int:
+        """Retire each matching attempt (a late result for it gets 409) and retry the step
+        or fail it. Without a reason, the lease ran out: a step that had started overran
+        its timeout; one that never started lost its agent."""
+        done: list[Progression] = []
         async with self.db.write() as conn:
             query = (
-                sa.select(instructions)
+                sa.select(instructions.c.id, instructions.c.execution_id)
                 .where(condition)
                 .order_by(instructions.c.lease_expires_at)
                 .limit(200)
             )
-            expired = (await conn.execute(self.db.for_update(query, skip_locked=True))).all()
-            entries: list[dict[str, Any]] = []
-            for row in expired:
-                await conn.execute(
-                    instructions.update()
-                    .where(instructions.c.id == row.id)
-                    .values(status="expired", finished_at=now, error_message=reason)
+            expired = (await conn.execute(query)).all()
+            for candidate in expired:
+                # Lock order everywhere: the execution, then its instructions.
+                execution = (
+                    await self._lock_execution(conn, candidate.execution_id)
+                    if candidate.execution_id
+                    else None
                 )
-                entries.append(
-                    audit.entry(
-                        row.organization_id,
-                        "system",
-                        "instruction.expired",
-                        "instruction",
-                        row.id,
-                        {"agent_id": row.agent_id, "attempt": row.attempt, "reason": reason},
-                        at=now,
+                recheck = sa.select(instructions).where(
+                    instructions.c.id == candidate.id, condition
+                )
+                row = (await conn.execute(self.db.for_update(recheck))).first()
+                if row is None:
+                    continue  # reported or taken back meanwhile
+                if reason is None:
+                    cause = TIMEOUT if row.status == "executing" else AGENT_LOST
+                    message = (
+                        f"timed out: no result within {row.timeout_seconds}s "
+                        f"(+{self.settings.lease_grace}s grace)"
+                        if cause == TIMEOUT
+                        else "agent lost: the instruction was never started"
                     )
-                )
-                if row.step_run_id:
-                    entries += await self._step_lost(conn, row, now)
-            await audit.append(conn, entries)
-            await self._mark_silent_agents_offline(conn, now)
-        if any(e["action"] == "step.queued" for e in entries):
-            self.signal.notify()
+                else:
+                    cause, message = AGENT_LOST, f"agent lost: {reason}"
+                await set_status(conn, instructions, states.INSTRUCTION, row.id, "expired",
+                                 finished_at=now, error_message=message)
+                if execution is None:
+                    continue
+                progression = self._progression(conn, execution, "system", now)
+                progression._audit("instruction.expired", "instruction", row.id,
+                                   agent_id=row.agent_id, attempt=row.attempt, reason=message)
+                steps = await load_steps(conn, execution["id"])
+                step = next(s for s in steps if s["id"] == row.step_run_id)
+                if (execution["status"] == "running" and step["instruction_id"] == row.id
+                        and step["status"] == "running"):
+                    await progression.retry_or_fail(step, row, cause, message)
+                    await progression.advance(steps)
+                done.append(progression)
+            await self._settle(conn, done)
+        self._wake(done)
         return len(expired)
-
-    async def _step_lost(
-        self, conn: AsyncConnection, row: Any, now: datetime
-    ) -> list[dict[str, Any]]:
-        step = (
-            (await conn.execute(sa.select(step_runs).where(step_runs.c.id == row.step_run_id)))
-            .mappings()
-            .one()
-        )
-        if step["instruction_id"] != row.id or step["status"] not in ACTIVE_STEP:
-            return []
-        if step["attempts"] < self.settings.max_agent_lost_attempts:
-            await conn.execute(
-                step_runs.update()
-                .where(step_runs.c.id == step["id"])
-                .values(status="pending", agent_id=None)
-            )
-        else:
-            await conn.execute(
-                step_runs.update()
-                .where(step_runs.c.id == step["id"])
-                .values(
-                    status="failed",
-                    finished_at=now,
-                    error=f"agent lost: no result within the lease, {step['attempts']} attempts",
-                )
-            )
-        return await self._advance_execution(conn, row.execution_id, "system", now)
 
     async def _mark_silent_agents_offline(self, conn: AsyncConnection, now: datetime) -> None:
         # An agent running a plugin may be silent until its lease ends (official agents
@@ -662,37 +563,97 @@ class Engine:
             .values(status="offline")
         )
 
+    async def enforce_deadlines(self) -> int:
+        """Fail executions that ran past their whole-execution timeout."""
+        now = utcnow()
+        done: list[Progression] = []
+        async with self.db.write() as conn:
+            overdue = (
+                await conn.execute(
+                    sa.select(executions.c.id).where(
+                        executions.c.status == "running", executions.c.deadline_at < now
+                    ).limit(100)
+                )
+            ).scalars().all()
+            for execution_id in overdue:
+                execution = await self._lock_execution(conn, execution_id)
+                if execution["status"] != "running":
+                    continue
+                progression = self._progression(conn, execution, "system", now)
+                timeout = (execution["deadline_at"] - execution["created_at"]).total_seconds()
+                await progression.finish("failed", f"execution timed out after {timeout:g}s")
+                done.append(progression)
+            await self._settle(conn, done)
+        self._wake(done)
+        return len(done)
+
+    # -- operators --------------------------------------------------------------------------
+
+    async def cancel(self, organization_id: str, execution_id: str, actor: str) -> None:
+        now = utcnow()
+        async with self.db.write() as conn:
+            execution = await self._lock_execution(conn, execution_id, organization_id)
+            if execution["status"] not in ("running", "queued"):
+                raise Conflict(f"execution '{execution_id}' is {execution['status']}")
+            progression = self._progression(conn, execution, actor, now)
+            await progression.finish("cancelled", f"cancelled by {actor}")
+            done = [progression]
+            await self._settle(conn, done)
+        self._wake(done)
+
+    async def rerun(self, organization_id: str, execution_id: str, actor: str) -> None:
+        """Run a failed or cancelled execution again from where it stopped: succeeded
+        steps keep their results, the others run again (their attempts go on counting)."""
+        now = utcnow()
+        async with self.db.write() as conn:
+            execution = await self._lock_execution(conn, execution_id, organization_id)
+            if execution["status"] not in ("failed", "cancelled"):
+                raise Conflict(
+                    f"execution '{execution_id}' is {execution['status']}: only failed or "
+                    "cancelled executions can be rerun"
+                )
+            steps = await load_steps(conn, execution_id)
+            with_items = {s["parent_id"] for s in steps if s["parent_id"]}
+            for step in steps:
+                if step["status"] in ("succeeded", "pending"):
+                    continue
+                resumed = "running" if step["id"] in with_items else "pending"
+                await set_status(conn, step_runs, states.STEP, step["id"], resumed,
+                                 error=None, finished_at=None, next_attempt_at=None)
+                step.update(status=resumed, error=None)
+            deadline = None
+            if execution["deadline_at"] is not None:
+                deadline = now + (execution["deadline_at"] - execution["created_at"])
+            await set_status(conn, executions, states.EXECUTION, execution_id, "running",
+                             error=None, finished_at=None, reruns=execution["reruns"] + 1,
+                             deadline_at=deadline)
+            execution.update(status="running", reruns=execution["reruns"] + 1)
+            progression = self._progression(conn, execution, actor, now)
+            progression._audit("execution.rerun", "execution", execution_id,
+                               rerun=execution["reruns"])
+            await progression.advance(steps)
+            done = [progression]
+            await self._settle(conn, done)
+        self._wake(done)
+
     # -- reading ----------------------------------------------------------------------------
 
     async def get_execution(
         self, conn: AsyncConnection, organization_id: str, execution_id: str
     ) -> dict[str, Any]:
         row = (
-            (
-                await conn.execute(
-                    sa.select(executions).where(
-                        executions.c.id == execution_id,
-                        executions.c.organization_id == organization_id,
-                    )
+            await conn.execute(
+                sa.select(executions).where(
+                    executions.c.id == execution_id,
+                    executions.c.organization_id == organization_id,
                 )
             )
-            .mappings()
-            .first()
-        )
+        ).mappings().first()
         if row is None:
             raise NotFound(f"no execution '{execution_id}'")
-        steps = (
-            (
-                await conn.execute(
-                    sa.select(step_runs)
-                    .where(step_runs.c.execution_id == execution_id)
-                    .order_by(step_runs.c.position)
-                )
-            )
-            .mappings()
-            .all()
-        )
-        return {**execution_view(row), "steps": [step_view(s) for s in steps]}
+        steps = await load_steps(conn, execution_id)
+        names = {s["id"]: s["name"] for s in steps}
+        return {**execution_view(row), "steps": [step_view(s, names) for s in steps]}
 
     async def list_executions(
         self,
@@ -715,39 +676,28 @@ class Engine:
             query = query.where(executions.c.status == status)
         return [execution_view(r) for r in (await conn.execute(query)).mappings()]
 
-
-def execution_view(row: Any) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "workflow": row["workflow_name"],
-        "workflow_version": row["workflow_version"],
-        "status": row["status"],
-        "inputs": row["inputs"],
-        "trigger": row["trigger"],
-        "error": row["error"],
-        "created_by": row["created_by"],
-        "created_at": isoformat(row["created_at"]),
-        "finished_at": isoformat(row["finished_at"]),
-    }
-
-
-def step_view(row: Any) -> dict[str, Any]:
-    spec = row["spec"]
-    plugin = spec["plugin_id"] + (f"-v{spec['plugin_version']}" if spec["plugin_version"] else "")
-    return {
-        "name": row["name"],
-        "stage": row["stage"],
-        "plugin": plugin,
-        "depends_on": row["depends_on"],
-        "status": row["status"],
-        "attempts": row["attempts"],
-        "agent_id": row["agent_id"],
-        "instruction_id": row["instruction_id"],
-        "result": row["output"],
-        "error": row["error"],
-        "started_at": isoformat(row["started_at"]),
-        "finished_at": isoformat(row["finished_at"]),
-    }
-
-
-__all__ = ["Engine", "instruction_payload", "step_output"]
+    async def logs(
+        self, conn: AsyncConnection, organization_id: str, execution_id: str
+    ) -> list[dict[str, Any]]:
+        """Every attempt of every step, in order, with what its agent logged."""
+        await self.get_execution(conn, organization_id, execution_id)  # 404 if not ours
+        rows = await conn.execute(
+            sa.select(
+                step_runs.c.name, instructions.c.id, instructions.c.attempt,
+                instructions.c.status, instructions.c.agent_id, instructions.c.started_at,
+                instructions.c.finished_at, instructions.c.error_message,
+                instructions.c.execution_log,
+            )
+            .join(step_runs, step_runs.c.id == instructions.c.step_run_id)
+            .where(instructions.c.execution_id == execution_id)
+            .order_by(instructions.c.id)
+        )
+        return [
+            {
+                "step": r.name, "instruction_id": r.id, "attempt": r.attempt,
+                "status": r.status, "agent_id": r.agent_id,
+                "started_at": isoformat(r.started_at), "finished_at": isoformat(r.finished_at),
+                "error": r.error_message, "log": r.execution_log or [],
+            }
+            for r in rows
+        ]

@@ -15,11 +15,12 @@ EXECUTION: dict[str, frozenset[str]] = {
 }
 
 STEP: dict[str, frozenset[str]] = {
-    "pending": frozenset({"queued", "skipped", "cancelled"}),
-    "queued": frozenset({"running", "pending", "failed", "cancelled"}),
-    "running": frozenset({"succeeded", "failed", "pending", "cancelled"}),
+    "pending": frozenset({"queued", "running", "failed", "skipped", "cancelled"}),
+    "queued": frozenset({"running", "failed", "cancelled"}),
+    # -> queued: a retry, or the agent was lost and the step goes to another
+    "running": frozenset({"succeeded", "failed", "queued", "cancelled"}),
     "succeeded": frozenset(),
-    "failed": frozenset({"pending"}),  # rerun
+    "failed": frozenset({"pending", "running"}),  # rerun (a fan-out resumes its items)
     "skipped": frozenset({"pending"}),  # rerun
     "cancelled": frozenset({"pending"}),  # rerun
 }

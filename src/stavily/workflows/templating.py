@@ -78,24 +78,29 @@ def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
             yield from _strings(item, f"{path}[{i}]")
 
 
-def references(value: Any, path: str) -> Iterator[tuple[str, str, set[str], set[str]]]:
-    """Each template in `value`: (path, problem or "", root names used, step names used)."""
+def references(
+    value: Any, path: str
+) -> Iterator[tuple[str, str, set[str], dict[str, set[str]]]]:
+    """Each template in `value`: (path, problem or "", root names used, and for each root
+    the attribute names read from it: `steps.scan.result` gives {"steps": {"scan"}})."""
     for where, text in _strings(value, path):
         expression = _single_expression(text)
         source = f"{{{{ {expression} }}}}" if expression is not None else text
         try:
             tree = _env.parse(source)
         except TemplateError as exc:
-            yield where, f"invalid template: {exc.message or exc}", set(), set()
+            yield where, f"invalid template: {exc.message or exc}", set(), {}
             continue
-        assigned = {n.name for n in tree.find_all(nodes.Name) if n.ctx in ("store", "param")}
-        roots = {n.name for n in tree.find_all(nodes.Name) if n.ctx == "load"} - assigned
-        steps: set[str] = set()
+        names = list(tree.find_all(nodes.Name))
+        assigned = {n.name for n in names if n.ctx in ("store", "param")}
+        roots = {n.name for n in names if n.ctx == "load"} - assigned
+        attrs: dict[str, set[str]] = {}
         for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
             target = node.node
-            if isinstance(target, nodes.Name) and target.name == "steps":
-                if isinstance(node, nodes.Getattr):
-                    steps.add(node.attr)
-                elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
-                    steps.add(node.arg.value)
-        yield where, "", roots, steps
+            if not isinstance(target, nodes.Name) or target.name in assigned:
+                continue
+            if isinstance(node, nodes.Getattr):
+                attrs.setdefault(target.name, set()).add(node.attr)
+            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+                attrs.setdefault(target.name, set()).add(node.arg.value)
+        yield where, "", roots, attrs

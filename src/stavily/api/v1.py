@@ -14,7 +14,13 @@ from stavily.errors import InvalidInput
 from stavily.fleet import create_agent, get_agent, list_agents
 from stavily.fleet.agents import agent_view
 from stavily.workflows import service as workflows
-from stavily.workflows.definition import parse_source, validate
+from stavily.workflows.definition import (
+    WorkflowDefinition,
+    parse_source,
+    plan,
+    validate,
+    workflow_schema,
+)
 
 router = APIRouter(prefix="/api/v1")
 
@@ -73,31 +79,55 @@ async def get_agent_route(
     return JSONResponse(agent_view(row, state.heartbeats.pending(row["id"])))
 
 
-@router.post(
-    "/workflows",
-    status_code=201,
-    tags=["workflows"],
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "description": "A workflow definition in the Stavily YAML shape, as YAML or JSON.",
-            "content": {
-                "application/yaml": {"schema": {"type": "string"}},
-                "application/json": {"schema": {"type": "object"}},
-            },
-        }
-    },
-)
-async def apply_workflow(
-    request: Request, principal: CurrentPrincipal, state: AppState
-) -> JSONResponse:
-    principal.require("workflows:write")
+_DEFINITION_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "A workflow definition in the Stavily YAML shape, as YAML or JSON.",
+        "content": {
+            "application/yaml": {"schema": {"type": "string"}},
+            "application/json": {"schema": {"type": "object"}},
+        },
+    }
+}
+
+
+async def _definition(request: Request) -> tuple[str, WorkflowDefinition]:
     raw = await request.body()
     try:
         source = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidInput("the workflow must be UTF-8 text") from None
-    definition = validate(parse_source(source, request.headers.get("content-type")))
+    return source, validate(parse_source(source, request.headers.get("content-type")))
+
+
+@router.get("/schemas/workflow", tags=["workflows"])
+async def workflow_schema_route() -> JSONResponse:
+    """The JSON Schema of a workflow definition, for editors and CI checks."""
+    return JSONResponse(workflow_schema())
+
+
+@router.post("/workflows/validate", tags=["workflows"], openapi_extra=_DEFINITION_BODY)
+async def validate_workflow(request: Request, principal: CurrentPrincipal) -> JSONResponse:
+    """Dry run: every problem (422), or what would run (200). Nothing is saved."""
+    _, definition = await _definition(request)
+    return JSONResponse(
+        {
+            "valid": True,
+            "name": definition.name,
+            "steps": [
+                {"name": s["name"], "stage": s["stage"], "depends_on": s["depends_on"]}
+                for s in plan(definition)
+            ],
+        }
+    )
+
+
+@router.post("/workflows", status_code=201, tags=["workflows"], openapi_extra=_DEFINITION_BODY)
+async def apply_workflow(
+    request: Request, principal: CurrentPrincipal, state: AppState
+) -> JSONResponse:
+    principal.require("workflows:write")
+    source, definition = await _definition(request)
     async with state.db.write() as conn:
         workflow = await workflows.apply(
             conn, principal.organization_id, definition, source, principal.actor
@@ -135,12 +165,30 @@ async def run_workflow(
     return JSONResponse(execution, status_code=201)
 
 
+@router.get("/workflows/{name}/versions", tags=["workflows"])
+async def list_versions(name: str, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
+    async with state.db.read() as conn:
+        return JSONResponse(
+            {"versions": await workflows.versions(conn, principal.organization_id, name)}
+        )
+
+
+@router.get("/workflows/{name}/versions/{version}", tags=["workflows"])
+async def get_version(
+    name: str, version: int, principal: CurrentPrincipal, state: AppState
+) -> JSONResponse:
+    async with state.db.read() as conn:
+        return JSONResponse(
+            await workflows.get_version(conn, principal.organization_id, name, version)
+        )
+
+
 @router.get("/executions", tags=["executions"])
 async def list_executions(
     principal: CurrentPrincipal,
     state: AppState,
     workflow: str | None = None,
-    status: Literal["running", "succeeded", "failed", "cancelled"] | None = None,
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
     limit: int = Query(default=50, ge=1, le=500),
 ) -> JSONResponse:
     async with state.db.read() as conn:
@@ -154,6 +202,42 @@ async def list_executions(
 async def get_execution(
     execution_id: str, principal: CurrentPrincipal, state: AppState
 ) -> JSONResponse:
+    async with state.db.read() as conn:
+        return JSONResponse(
+            await state.engine.get_execution(conn, principal.organization_id, execution_id)
+        )
+
+
+@router.post("/executions/{execution_id}/cancel", tags=["executions"])
+async def cancel_execution(
+    execution_id: str, principal: CurrentPrincipal, state: AppState
+) -> JSONResponse:
+    """Cancel a running or queued execution; its agents' late reports get 409."""
+    principal.require("executions:run")
+    await state.engine.cancel(principal.organization_id, execution_id, principal.actor)
+    return await _execution(state, principal, execution_id)
+
+
+@router.post("/executions/{execution_id}/rerun", tags=["executions"])
+async def rerun_execution(
+    execution_id: str, principal: CurrentPrincipal, state: AppState
+) -> JSONResponse:
+    """Run a failed or cancelled execution again from its failed steps."""
+    principal.require("executions:run")
+    await state.engine.rerun(principal.organization_id, execution_id, principal.actor)
+    return await _execution(state, principal, execution_id)
+
+
+@router.get("/executions/{execution_id}/logs", tags=["executions"])
+async def execution_logs(
+    execution_id: str, principal: CurrentPrincipal, state: AppState
+) -> JSONResponse:
+    async with state.db.read() as conn:
+        logs = await state.engine.logs(conn, principal.organization_id, execution_id)
+    return JSONResponse({"logs": logs})
+
+
+async def _execution(state: Any, principal: Any, execution_id: str) -> JSONResponse:
     async with state.db.read() as conn:
         return JSONResponse(
             await state.engine.get_execution(conn, principal.organization_id, execution_id)

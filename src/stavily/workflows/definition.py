@@ -550,3 +550,16 @@ def plan(definition: WorkflowDefinition) -> list[dict[str, Any]]:
                 }
             )
     return steps
+
+
+def workflow_schema() -> dict[str, Any]:
+    """The published JSON Schema; a plugin may be written `<id>-v<version>` or as a mapping."""
+    schema = WorkflowDefinition.model_json_schema()
+    plugin = schema["$defs"]["Step"]["properties"]["plugin"]
+    schema["$defs"]["Step"]["properties"]["plugin"] = {
+        "anyOf": [{"type": "string", "pattern": _PLUGIN_REF.pattern}, plugin],
+        "description": "A plugin: '<id>-v<version>', '<id>', or {id, version}.",
+    }
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Stavily workflow"
+    return schema

@@ -104,11 +104,8 @@ class Engine:
         then write every audit record of the transaction."""
         for progression in list(done):
             execution = progression.execution
-            if execution["status"] in states.FINAL_EXECUTION and execution.get(
-                "concurrency_limit"
-            ):
-                done += await self._promote(conn, execution, progression.actor,
-                                            progression.now)
+            if execution["status"] in states.FINAL_EXECUTION and execution.get("concurrency_limit"):
+                done += await self._promote(conn, execution, progression.actor, progression.now)
         await audit.append(conn, [e for p in done for e in p.entries])
 
     def _wake(self, done: list[Progression]) -> None:
@@ -123,7 +120,9 @@ class Engine:
     ) -> list[Progression]:
         limit = int(finished["concurrency_limit"])
         running = await conn.scalar(
-            sa.select(sa.func.count()).select_from(executions).where(
+            sa.select(sa.func.count())
+            .select_from(executions)
+            .where(
                 executions.c.workflow_id == finished["workflow_id"],
                 executions.c.status == "running",
             )
@@ -132,22 +131,29 @@ class Engine:
         if free <= 0:
             return []
         waiting = (
-            await conn.execute(
-                sa.select(executions.c.id)
-                .where(executions.c.workflow_id == finished["workflow_id"],
-                       executions.c.status == "queued")
-                .order_by(executions.c.id)
-                .limit(free)
+            (
+                await conn.execute(
+                    sa.select(executions.c.id)
+                    .where(
+                        executions.c.workflow_id == finished["workflow_id"],
+                        executions.c.status == "queued",
+                    )
+                    .order_by(executions.c.id)
+                    .limit(free)
+                )
             )
-        ).scalars().all()
+            .scalars()
+            .all()
+        )
         started = []
         for execution_id in waiting:
             execution = await self._lock_execution(conn, execution_id)
             await set_status(conn, executions, states.EXECUTION, execution_id, "running")
             execution["status"] = "running"
             progression = self._progression(conn, execution, actor, now)
-            progression._audit("execution.started", "execution", execution_id,
-                               reason="a concurrency slot opened")
+            progression._audit(
+                "execution.started", "execution", execution_id, reason="a concurrency slot opened"
+            )
             await progression.advance(await load_steps(conn, execution_id))
             started.append(progression)
         return started
@@ -176,7 +182,9 @@ class Engine:
                     )
                 )
                 running = await conn.scalar(
-                    sa.select(sa.func.count()).select_from(executions).where(
+                    sa.select(sa.func.count())
+                    .select_from(executions)
+                    .where(
                         executions.c.workflow_id == workflow["id"],
                         executions.c.status.in_(("running", "queued")),
                     )
@@ -229,8 +237,10 @@ class Engine:
             progression = self._progression(conn, execution, actor, now)
             progression._audit(
                 "execution.started" if status == "running" else "execution.queued",
-                "execution", execution["id"],
-                workflow=workflow["name"], version=workflow["version"],
+                "execution",
+                execution["id"],
+                workflow=workflow["name"],
+                version=workflow["version"],
                 trigger=trigger.get("type"),
             )
             await progression.advance(steps)
@@ -245,7 +255,9 @@ class Engine:
         now = utcnow()
         async with self.db.write() as conn:
             active = await conn.scalar(
-                sa.select(sa.func.count()).select_from(instructions).where(
+                sa.select(sa.func.count())
+                .select_from(instructions)
+                .where(
                     instructions.c.agent_id == agent.id,
                     instructions.c.status.in_(ACTIVE_INSTRUCTION),
                 )
@@ -255,8 +267,11 @@ class Engine:
                 return []
             candidates_query = (
                 sa.select(
-                    instructions.c.id, instructions.c.selector, instructions.c.timeout_seconds,
-                    instructions.c.step_run_id, instructions.c.execution_id,
+                    instructions.c.id,
+                    instructions.c.selector,
+                    instructions.c.timeout_seconds,
+                    instructions.c.step_run_id,
+                    instructions.c.execution_id,
                 )
                 .where(
                     instructions.c.status == "queued",
@@ -287,22 +302,33 @@ class Engine:
                     await conn.execute(
                         instructions.update()
                         .where(instructions.c.id == candidate.id)
-                        .values(status="leased", agent_id=agent.id, leased_at=now,
-                                lease_expires_at=lease)
+                        .values(
+                            status="leased",
+                            agent_id=agent.id,
+                            leased_at=now,
+                            lease_expires_at=lease,
+                        )
                         .returning(*instructions.c)
                     )
                 ).first()
                 assert row is not None
                 if candidate.step_run_id:
                     await set_status(
-                        conn, step_runs, states.STEP, candidate.step_run_id, "running",
+                        conn,
+                        step_runs,
+                        states.STEP,
+                        candidate.step_run_id,
+                        "running",
                         agent_id=agent.id,
                         started_at=sa.func.coalesce(step_runs.c.started_at, now),
                     )
                 payloads.append(instruction_payload(row))
                 entries.append(
                     audit.entry(
-                        agent.organization_id, agent.actor, "instruction.leased", "instruction",
+                        agent.organization_id,
+                        agent.actor,
+                        "instruction.leased",
+                        "instruction",
                         candidate.id,
                         {"execution_id": candidate.execution_id, "attempt": row.attempt},
                         at=now,
@@ -334,9 +360,7 @@ class Engine:
                 return []
         return []
 
-    async def _owned(
-        self, conn: AsyncConnection, agent: AgentIdentity, instruction_id: str
-    ) -> Any:
+    async def _owned(self, conn: AsyncConnection, agent: AgentIdentity, instruction_id: str) -> Any:
         query = sa.select(instructions).where(
             instructions.c.id == instruction_id,
             instructions.c.organization_id == agent.organization_id,
@@ -379,9 +403,13 @@ class Engine:
                     conn,
                     [
                         audit.entry(
-                            agent.organization_id, agent.actor, "instruction.executing",
-                            "instruction", instruction_id,
-                            {"execution_id": row.execution_id, "attempt": row.attempt}, at=now,
+                            agent.organization_id,
+                            agent.actor,
+                            "instruction.executing",
+                            "instruction",
+                            instruction_id,
+                            {"execution_id": row.execution_id, "attempt": row.attempt},
+                            at=now,
                         )
                     ],
                 )
@@ -410,9 +438,7 @@ class Engine:
             execution_id = await conn.scalar(
                 sa.select(instructions.c.execution_id).where(instructions.c.id == instruction_id)
             )
-            execution = (
-                await self._lock_execution(conn, execution_id) if execution_id else None
-            )
+            execution = await self._lock_execution(conn, execution_id) if execution_id else None
             row = await self._owned(conn, agent, instruction_id)
             if row.status in ("completed", "failed") and row.result_digest == digest:
                 return  # the same report again: acknowledged, nothing changes
@@ -423,23 +449,40 @@ class Engine:
             if final == "failed":
                 error = str(report.get("error_message") or "the plugin failed")
             await set_status(
-                conn, instructions, states.INSTRUCTION, instruction_id, final,
-                finished_at=now, result=report.get("result"), result_digest=digest,
-                error_message=error, error_details=report.get("error_details"),
+                conn,
+                instructions,
+                states.INSTRUCTION,
+                instruction_id,
+                final,
+                finished_at=now,
+                result=report.get("result"),
+                result_digest=digest,
+                error_message=error,
+                error_details=report.get("error_details"),
                 execution_log=report.get("execution_log", row.execution_log),
                 started_at=sa.func.coalesce(instructions.c.started_at, now),
             )
             progression = None
             if execution is not None:
                 progression = self._progression(conn, execution, agent.actor, now)
-                progression._audit(f"instruction.{final}", "instruction", instruction_id,
-                                   execution_id=row.execution_id, attempt=row.attempt)
+                progression._audit(
+                    f"instruction.{final}",
+                    "instruction",
+                    instruction_id,
+                    execution_id=row.execution_id,
+                    attempt=row.attempt,
+                )
                 steps = await load_steps(conn, execution["id"])
                 step = next(s for s in steps if s["id"] == row.step_run_id)
                 if step["instruction_id"] == row.id and step["status"] == "running":
                     if final == "completed":
-                        await progression._step(step, "succeeded", output=step_output(report),
-                                                error=None, finished_at=now)
+                        await progression._step(
+                            step,
+                            "succeeded",
+                            output=step_output(report),
+                            error=None,
+                            finished_at=now,
+                        )
                     else:
                         await progression.retry_or_fail(step, row, ERROR, error or "failed")
                     await progression.advance(steps)
@@ -525,17 +568,33 @@ class Engine:
                     )
                 else:
                     cause, message = AGENT_LOST, f"agent lost: {reason}"
-                await set_status(conn, instructions, states.INSTRUCTION, row.id, "expired",
-                                 finished_at=now, error_message=message)
+                await set_status(
+                    conn,
+                    instructions,
+                    states.INSTRUCTION,
+                    row.id,
+                    "expired",
+                    finished_at=now,
+                    error_message=message,
+                )
                 if execution is None:
                     continue
                 progression = self._progression(conn, execution, "system", now)
-                progression._audit("instruction.expired", "instruction", row.id,
-                                   agent_id=row.agent_id, attempt=row.attempt, reason=message)
+                progression._audit(
+                    "instruction.expired",
+                    "instruction",
+                    row.id,
+                    agent_id=row.agent_id,
+                    attempt=row.attempt,
+                    reason=message,
+                )
                 steps = await load_steps(conn, execution["id"])
                 step = next(s for s in steps if s["id"] == row.step_run_id)
-                if (execution["status"] == "running" and step["instruction_id"] == row.id
-                        and step["status"] == "running"):
+                if (
+                    execution["status"] == "running"
+                    and step["instruction_id"] == row.id
+                    and step["status"] == "running"
+                ):
                     await progression.retry_or_fail(step, row, cause, message)
                     await progression.advance(steps)
                 done.append(progression)
@@ -569,12 +628,16 @@ class Engine:
         done: list[Progression] = []
         async with self.db.write() as conn:
             overdue = (
-                await conn.execute(
-                    sa.select(executions.c.id).where(
-                        executions.c.status == "running", executions.c.deadline_at < now
-                    ).limit(100)
+                (
+                    await conn.execute(
+                        sa.select(executions.c.id)
+                        .where(executions.c.status == "running", executions.c.deadline_at < now)
+                        .limit(100)
+                    )
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             for execution_id in overdue:
                 execution = await self._lock_execution(conn, execution_id)
                 if execution["status"] != "running":
@@ -618,19 +681,36 @@ class Engine:
                 if step["status"] in ("succeeded", "pending"):
                     continue
                 resumed = "running" if step["id"] in with_items else "pending"
-                await set_status(conn, step_runs, states.STEP, step["id"], resumed,
-                                 error=None, finished_at=None, next_attempt_at=None)
+                await set_status(
+                    conn,
+                    step_runs,
+                    states.STEP,
+                    step["id"],
+                    resumed,
+                    error=None,
+                    finished_at=None,
+                    next_attempt_at=None,
+                )
                 step.update(status=resumed, error=None)
             deadline = None
             if execution["deadline_at"] is not None:
                 deadline = now + (execution["deadline_at"] - execution["created_at"])
-            await set_status(conn, executions, states.EXECUTION, execution_id, "running",
-                             error=None, finished_at=None, reruns=execution["reruns"] + 1,
-                             deadline_at=deadline)
+            await set_status(
+                conn,
+                executions,
+                states.EXECUTION,
+                execution_id,
+                "running",
+                error=None,
+                finished_at=None,
+                reruns=execution["reruns"] + 1,
+                deadline_at=deadline,
+            )
             execution.update(status="running", reruns=execution["reruns"] + 1)
             progression = self._progression(conn, execution, actor, now)
-            progression._audit("execution.rerun", "execution", execution_id,
-                               rerun=execution["reruns"])
+            progression._audit(
+                "execution.rerun", "execution", execution_id, rerun=execution["reruns"]
+            )
             await progression.advance(steps)
             done = [progression]
             await self._settle(conn, done)
@@ -642,13 +722,17 @@ class Engine:
         self, conn: AsyncConnection, organization_id: str, execution_id: str
     ) -> dict[str, Any]:
         row = (
-            await conn.execute(
-                sa.select(executions).where(
-                    executions.c.id == execution_id,
-                    executions.c.organization_id == organization_id,
+            (
+                await conn.execute(
+                    sa.select(executions).where(
+                        executions.c.id == execution_id,
+                        executions.c.organization_id == organization_id,
+                    )
                 )
             )
-        ).mappings().first()
+            .mappings()
+            .first()
+        )
         if row is None:
             raise NotFound(f"no execution '{execution_id}'")
         steps = await load_steps(conn, execution_id)
@@ -683,9 +767,14 @@ class Engine:
         await self.get_execution(conn, organization_id, execution_id)  # 404 if not ours
         rows = await conn.execute(
             sa.select(
-                step_runs.c.name, instructions.c.id, instructions.c.attempt,
-                instructions.c.status, instructions.c.agent_id, instructions.c.started_at,
-                instructions.c.finished_at, instructions.c.error_message,
+                step_runs.c.name,
+                instructions.c.id,
+                instructions.c.attempt,
+                instructions.c.status,
+                instructions.c.agent_id,
+                instructions.c.started_at,
+                instructions.c.finished_at,
+                instructions.c.error_message,
                 instructions.c.execution_log,
             )
             .join(step_runs, step_runs.c.id == instructions.c.step_run_id)
@@ -694,10 +783,15 @@ class Engine:
         )
         return [
             {
-                "step": r.name, "instruction_id": r.id, "attempt": r.attempt,
-                "status": r.status, "agent_id": r.agent_id,
-                "started_at": isoformat(r.started_at), "finished_at": isoformat(r.finished_at),
-                "error": r.error_message, "log": r.execution_log or [],
+                "step": r.name,
+                "instruction_id": r.id,
+                "attempt": r.attempt,
+                "status": r.status,
+                "agent_id": r.agent_id,
+                "started_at": isoformat(r.started_at),
+                "finished_at": isoformat(r.finished_at),
+                "error": r.error_message,
+                "log": r.execution_log or [],
             }
             for r in rows
         ]

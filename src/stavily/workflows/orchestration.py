@@ -145,8 +145,14 @@ def mask_secrets(value: Any, refs: dict[str, Any]) -> Any:
 class Progression:
     """Advances one execution inside the caller's transaction."""
 
-    def __init__(self, conn: AsyncConnection, execution: dict[str, Any], actor: str,
-                 now: datetime, agent_lost_budget: int) -> None:
+    def __init__(
+        self,
+        conn: AsyncConnection,
+        execution: dict[str, Any],
+        actor: str,
+        now: datetime,
+        agent_lost_budget: int,
+    ) -> None:
         self.conn = conn
         self.execution = execution
         self.actor = actor
@@ -162,8 +168,15 @@ class Progression:
 
     def _audit(self, action: str, subject_type: str, subject_id: str, **details: Any) -> None:
         self.entries.append(
-            audit.entry(self.execution["organization_id"], self.actor, action, subject_type,
-                        subject_id, details, at=self.now)
+            audit.entry(
+                self.execution["organization_id"],
+                self.actor,
+                action,
+                subject_type,
+                subject_id,
+                details,
+                at=self.now,
+            )
         )
 
     async def _step(self, step: dict[str, Any], new: str, **values: Any) -> None:
@@ -171,9 +184,14 @@ class Progression:
         step["status"] = new
         step.update(values)
         if new in ("succeeded", "failed", "skipped", "cancelled"):
-            self._audit(f"step.{new}", "step_run", step["id"],
-                        execution_id=self.execution["id"], step=step["name"],
-                        **({"error": values["error"]} if values.get("error") else {}))
+            self._audit(
+                f"step.{new}",
+                "step_run",
+                step["id"],
+                execution_id=self.execution["id"],
+                step=step["name"],
+                **({"error": values["error"]} if values.get("error") else {}),
+            )
 
     # -- the context a step's templates see --------------------------------------------------
 
@@ -183,12 +201,20 @@ class Progression:
             "inputs": execution["inputs"],
             "variables": execution.get("variables") or {},
             "trigger": execution["trigger"],
-            "execution": {"id": execution["id"], "workflow": execution["workflow_name"],
-                          "version": execution["workflow_version"]},
+            "execution": {
+                "id": execution["id"],
+                "workflow": execution["workflow_name"],
+                "version": execution["workflow_version"],
+            },
             "steps": {
-                s["name"]: {"status": s["status"], "result": s.get("output"),
-                            "error": s.get("error"), "attempts": s["attempts"]}
-                for s in steps if s["parent_id"] is None
+                s["name"]: {
+                    "status": s["status"],
+                    "result": s.get("output"),
+                    "error": s.get("error"),
+                    "attempts": s["attempts"],
+                }
+                for s in steps
+                if s["parent_id"] is None
             },
             "secrets": {name: SECRET_MARK.format(name) for name in spec.get("secrets") or {}},
             "item": spec.get("item"),
@@ -229,8 +255,11 @@ class Progression:
     @staticmethod
     def _failing(top: list[dict[str, Any]]) -> dict[str, Any] | None:
         for s in top:
-            if (s["stage"] == "actions" and s["status"] == "failed"
-                    and s["spec"]["on_failure"] != "continue"):
+            if (
+                s["stage"] == "actions"
+                and s["status"] == "failed"
+                and s["spec"]["on_failure"] != "continue"
+            ):
                 return s
         return None
 
@@ -251,15 +280,21 @@ class Progression:
     async def _cancel_step(self, step: dict[str, Any]) -> None:
         await self.conn.execute(
             instructions.update()
-            .where(instructions.c.step_run_id == step["id"],
-                   instructions.c.status.in_(("queued", *ACTIVE_INSTRUCTION)))
+            .where(
+                instructions.c.step_run_id == step["id"],
+                instructions.c.status.in_(("queued", *ACTIVE_INSTRUCTION)),
+            )
             .values(status="cancelled", finished_at=self.now)
         )
         await self._step(step, "cancelled", finished_at=self.now)
 
-    async def _ready(self, step: dict[str, Any], steps: list[dict[str, Any]],
-                     children: dict[str, list[dict[str, Any]]],
-                     failing: dict[str, Any] | None) -> None:
+    async def _ready(
+        self,
+        step: dict[str, Any],
+        steps: list[dict[str, Any]],
+        children: dict[str, list[dict[str, Any]]],
+        failing: dict[str, Any] | None,
+    ) -> None:
         spec = step["spec"]
         if step["stage"] == "actions" and failing:
             await self._step(step, "skipped", finished_at=self.now)
@@ -286,12 +321,17 @@ class Progression:
         except TemplateProblem as exc:
             await self._step(step, "failed", error=str(exc), finished_at=self.now)
 
-    async def _fan_out(self, step: dict[str, Any], items: list[Any],
-                       steps: list[dict[str, Any]],
-                       children: dict[str, list[dict[str, Any]]]) -> None:
+    async def _fan_out(
+        self,
+        step: dict[str, Any],
+        items: list[Any],
+        steps: list[dict[str, Any]],
+        children: dict[str, list[dict[str, Any]]],
+    ) -> None:
         if not items:
-            await self._step(step, "succeeded", output=[], started_at=self.now,
-                             finished_at=self.now)
+            await self._step(
+                step, "succeeded", output=[], started_at=self.now, finished_at=self.now
+            )
             return
         spec = {**step["spec"], "for_each": None, "when": None}
         kids = [
@@ -308,8 +348,13 @@ class Progression:
                 "attempts": 0,
                 "parent_id": step["id"],
                 "item_index": i,
-                "agent_id": None, "instruction_id": None, "output": None, "error": None,
-                "started_at": None, "finished_at": None, "next_attempt_at": None,
+                "agent_id": None,
+                "instruction_id": None,
+                "output": None,
+                "error": None,
+                "started_at": None,
+                "finished_at": None,
+                "next_attempt_at": None,
             }
             for i, item in enumerate(items)
         ]
@@ -318,8 +363,12 @@ class Progression:
         children[step["id"]] = kids
         await self._step(step, "running", started_at=self.now)
 
-    async def _feed_fan_outs(self, top: list[dict[str, Any]], steps: list[dict[str, Any]],
-                             children: dict[str, list[dict[str, Any]]]) -> bool:
+    async def _feed_fan_outs(
+        self,
+        top: list[dict[str, Any]],
+        steps: list[dict[str, Any]],
+        children: dict[str, list[dict[str, Any]]],
+    ) -> bool:
         changed = False
         for parent in top:
             if parent["status"] != "running" or parent["id"] not in children:
@@ -338,8 +387,9 @@ class Progression:
                     changed = True
         return changed
 
-    async def _close_fan_outs(self, top: list[dict[str, Any]],
-                              children: dict[str, list[dict[str, Any]]]) -> bool:
+    async def _close_fan_outs(
+        self, top: list[dict[str, Any]], children: dict[str, list[dict[str, Any]]]
+    ) -> bool:
         changed = False
         for parent in top:
             kids = children.get(parent["id"])
@@ -352,14 +402,20 @@ class Progression:
             if failed:
                 first = min(failed, key=lambda k: k["item_index"])
                 await self._step(
-                    parent, "failed", finished_at=self.now,
+                    parent,
+                    "failed",
+                    finished_at=self.now,
                     output=[k.get("output") for k in ordered],
                     error=f"{len(failed)} of {len(kids)} items failed; "
-                          f"{first['name']}: {first.get('error') or first['status']}",
+                    f"{first['name']}: {first.get('error') or first['status']}",
                 )
             else:
-                await self._step(parent, "succeeded", finished_at=self.now,
-                                 output=[k.get("output") for k in ordered])
+                await self._step(
+                    parent,
+                    "succeeded",
+                    finished_at=self.now,
+                    output=[k.get("output") for k in ordered],
+                )
             changed = True
         return changed
 
@@ -373,8 +429,12 @@ class Progression:
         await self._queue_attempt(step, config, refs, delay=0.0)
 
     def _check_secrets(self, config: Any, refs: dict[str, Any]) -> None:
-        used = {name for name in refs for text in _walk_strings(config)
-                if SECRET_MARK.format(name) in text}
+        used = {
+            name
+            for name in refs
+            for text in _walk_strings(config)
+            if SECRET_MARK.format(name) in text
+        }
         for name in sorted(used):
             ref = refs[name]
             if ref.get("env"):
@@ -388,8 +448,9 @@ class Progression:
                     f"secret '{name}' has no source this orchestrator can read (use env)"
                 )
 
-    async def _queue_attempt(self, step: dict[str, Any], config: Any, refs: dict[str, Any],
-                             delay: float) -> None:
+    async def _queue_attempt(
+        self, step: dict[str, Any], config: Any, refs: dict[str, Any], delay: float
+    ) -> None:
         spec = step["spec"]
         attempt = step["attempts"] + 1
         available_at = self.now + timedelta(seconds=delay) if delay > 0 else None
@@ -428,16 +489,30 @@ class Progression:
         }
         self.new_instructions.append(instruction)
         await self.conn.execute(instructions.insert().values(**instruction))
-        await self._step(step, "queued", attempts=attempt, instruction_id=instruction["id"],
-                         agent_id=None, next_attempt_at=available_at)
+        await self._step(
+            step,
+            "queued",
+            attempts=attempt,
+            instruction_id=instruction["id"],
+            agent_id=None,
+            next_attempt_at=available_at,
+        )
         if delay > 0:
             self.wake_after.append(delay)
-        self._audit("step.queued", "step_run", step["id"], execution_id=self.execution["id"],
-                    step=step["name"], instruction_id=instruction["id"], attempt=attempt,
-                    **({"delay_seconds": round(delay, 3)} if delay else {}))
+        self._audit(
+            "step.queued",
+            "step_run",
+            step["id"],
+            execution_id=self.execution["id"],
+            step=step["name"],
+            instruction_id=instruction["id"],
+            attempt=attempt,
+            **({"delay_seconds": round(delay, 3)} if delay else {}),
+        )
 
-    async def retry_or_fail(self, step: dict[str, Any], previous: Any, cause: str,
-                            error: str) -> None:
+    async def retry_or_fail(
+        self, step: dict[str, Any], previous: Any, cause: str, error: str
+    ) -> None:
         """A failed attempt: queue the next one after its backoff, or fail the step."""
         spec = step["spec"]
         if may_retry(spec, step["attempts"], cause, self.agent_lost_budget):
@@ -459,28 +534,41 @@ class Progression:
             # Nothing else of this run may start, and late reports of running work get 409.
             await self.conn.execute(
                 instructions.update()
-                .where(instructions.c.execution_id == execution_id,
-                       instructions.c.status.in_(("queued", *ACTIVE_INSTRUCTION)))
+                .where(
+                    instructions.c.execution_id == execution_id,
+                    instructions.c.status.in_(("queued", *ACTIVE_INSTRUCTION)),
+                )
                 .values(status="cancelled", finished_at=self.now)
             )
             await self.conn.execute(
                 step_runs.update()
-                .where(step_runs.c.execution_id == execution_id,
-                       step_runs.c.status.in_(("queued", "running")))
+                .where(
+                    step_runs.c.execution_id == execution_id,
+                    step_runs.c.status.in_(("queued", "running")),
+                )
                 .values(status="cancelled", finished_at=self.now)
             )
             await self.conn.execute(
                 step_runs.update()
-                .where(step_runs.c.execution_id == execution_id,
-                       step_runs.c.status == "pending")
-                .values(status=("cancelled" if final == "cancelled" else "skipped"),
-                        finished_at=self.now)
+                .where(step_runs.c.execution_id == execution_id, step_runs.c.status == "pending")
+                .values(
+                    status=("cancelled" if final == "cancelled" else "skipped"),
+                    finished_at=self.now,
+                )
             )
-        await set_status(self.conn, executions, states.EXECUTION, execution_id, final,
-                         error=error, finished_at=self.now)
+        await set_status(
+            self.conn,
+            executions,
+            states.EXECUTION,
+            execution_id,
+            final,
+            error=error,
+            finished_at=self.now,
+        )
         self.execution["status"] = final
-        self._audit(f"execution.{final}", "execution", execution_id,
-                    **({"error": error} if error else {}))
+        self._audit(
+            f"execution.{final}", "execution", execution_id, **({"error": error} if error else {})
+        )
 
 
 async def load_steps(conn: AsyncConnection, execution_id: str) -> list[dict[str, Any]]:

@@ -132,3 +132,50 @@ async def list_all(conn: AsyncConnection, organization_id: str) -> list[dict[str
         .order_by(workflows.c.name)
     )
     return [_view(row) for row in rows]
+
+
+async def versions(conn: AsyncConnection, organization_id: str, name: str) -> list[dict[str, Any]]:
+    workflow = await get(conn, organization_id, name)
+    rows = await conn.execute(
+        sa.select(
+            workflow_versions.c.version,
+            workflow_versions.c.created_at,
+            workflow_versions.c.created_by,
+        )
+        .where(workflow_versions.c.workflow_id == workflow["id"])
+        .order_by(workflow_versions.c.version.desc())
+    )
+    return [
+        {"version": r.version, "created_at": isoformat(r.created_at), "created_by": r.created_by}
+        for r in rows
+    ]
+
+
+async def get_version(
+    conn: AsyncConnection, organization_id: str, name: str, version: int
+) -> dict[str, Any]:
+    workflow = await get(conn, organization_id, name)
+    row = (
+        (
+            await conn.execute(
+                sa.select(workflow_versions).where(
+                    workflow_versions.c.workflow_id == workflow["id"],
+                    workflow_versions.c.version == version,
+                )
+            )
+        )
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise NotFound(f"workflow '{name}' has no version {version}")
+    return {
+        "id": workflow["id"],
+        "name": name,
+        "version": row["version"],
+        "version_id": row["id"],
+        "definition": row["definition"],
+        "source": row["source"],
+        "created_by": row["created_by"],
+        "created_at": isoformat(row["created_at"]),
+    }

@@ -78,9 +78,7 @@ def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
             yield from _strings(item, f"{path}[{i}]")
 
 
-def references(
-    value: Any, path: str
-) -> Iterator[tuple[str, str, set[str], dict[str, set[str]]]]:
+def references(value: Any, path: str) -> Iterator[tuple[str, str, set[str], dict[str, set[str]]]]:
     """Each template in `value`: (path, problem or "", root names used, and for each root
     the attribute names read from it: `steps.scan.result` gives {"steps": {"scan"}})."""
     for where, text in _strings(value, path):

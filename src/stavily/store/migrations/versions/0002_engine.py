@@ -24,9 +24,7 @@ def upgrade() -> None:
     with op.batch_alter_table("step_runs") as batch:
         batch.add_column(sa.Column("parent_id", sa.String(length=40), nullable=True))
         batch.add_column(sa.Column("item_index", sa.Integer(), nullable=True))
-        batch.add_column(
-            sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True)
-        )
+        batch.add_column(sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True))
     with op.batch_alter_table("instructions") as batch:
         batch.add_column(sa.Column("available_at", sa.DateTime(timezone=True), nullable=True))
         batch.create_index("ix_instructions_execution", ["execution_id", "status"])

@@ -170,3 +170,63 @@ def serve(database_url: str, data_dir: Path, **overrides: Any) -> Iterator[Orche
         orchestrator.close()
         server.should_exit = True
         thread.join(timeout=15)
+
+
+class SimAgent:
+    """A simulated agent speaking the public API like an official agent."""
+
+    def __init__(self, orch: Orchestrator, name: str | None = None, **fields: Any) -> None:
+        self.orch = orch
+        self.id, self.key = orch.create_agent(name, **fields)
+        self.client = orch.agent_client(self.key)
+
+    def poll(self, **params: Any) -> dict[str, Any] | None:
+        response = self.client.get(f"/agents/v1/{self.id}/instructions", params=params)
+        assert response.status_code == 200, response.text
+        return response.json()["instruction"]  # type: ignore[no-any-return]
+
+    def report(
+        self,
+        instruction: dict[str, Any],
+        status: str = "completed",
+        output: Any = None,
+        error: str | None = None,
+    ) -> httpx.Response:
+        base = f"/agents/v1/{self.id}/instructions/{instruction['id']}"
+        self.client.put(base, json={"status": "executing", "execution_log": ["started"]})
+        body: dict[str, Any] = {"status": status}
+        if status == "completed":
+            body["result"] = {"execution_result": {"output_data": output}}
+        else:
+            body["error_message"] = error or "exit status 1"
+        return self.client.post(f"{base}/result", json=body)
+
+    def work(
+        self, handler: Any = None, limit: int = 200, idle_polls: int = 1, **params: Any
+    ) -> list[str]:
+        """Answer instructions until `idle_polls` polls in a row find nothing.
+
+        `handler(step, instruction)` returns (status, output) or (status, error); the
+        default succeeds with {"step": step, "input": input_data}. Returns the steps seen.
+        """
+        seen: list[str] = []
+        idle = 0
+        while len(seen) < limit and idle < idle_polls:
+            instruction = self.poll(**params)
+            if instruction is None:
+                idle += 1
+                continue
+            idle = 0
+            step = instruction["correlation_id"].split("/", 1)[1]
+            seen.append(step)
+            status, value = (
+                handler(step, instruction)
+                if handler
+                else ("completed", {"step": step, "input": instruction["input_data"]})
+            )
+            if status == "completed":
+                answer = self.report(instruction, "completed", output=value)
+            else:
+                answer = self.report(instruction, "failed", error=value)
+            assert answer.status_code == 200, answer.text
+        return seen

@@ -15,7 +15,8 @@ EXECUTION: dict[str, frozenset[str]] = {
 }
 
 STEP: dict[str, frozenset[str]] = {
-    "pending": frozenset({"queued", "running", "failed", "skipped", "cancelled"}),
+    # -> running: a fan-out starts its items; -> succeeded: a fan-out over no items
+    "pending": frozenset({"queued", "running", "succeeded", "failed", "skipped", "cancelled"}),
     "queued": frozenset({"running", "failed", "cancelled"}),
     # -> queued: a retry, or the agent was lost and the step goes to another
     "running": frozenset({"succeeded", "failed", "queued", "cancelled"}),

@@ -1,0 +1,286 @@
+"""The operator commands' side of the private API: a small client, errors, output helpers.
+
+Every failure a user can cause (bad input, unknown names, conflicts, credentials, an
+unreachable server) ends as a `CliError` and is printed once, on standard error, with the
+exit code of its kind; never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from enum import Enum
+from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import quote
+
+import httpx
+import typer
+from rich.console import Console
+from rich.text import Text
+
+DEFAULT_URL = "http://127.0.0.1:8700"
+
+# Exit codes: one per kind of failure.
+EXIT_ERROR = 1
+EXIT_INVALID = 2
+EXIT_NOT_FOUND = 3
+EXIT_CONFLICT = 4
+EXIT_AUTH = 5
+
+
+class Output(str, Enum):
+    table = "table"
+    json = "json"
+
+
+UrlOpt = Annotated[
+    str,
+    typer.Option(
+        "--url", envvar="STAVILY_URL", help="The orchestrator's base URL [env: STAVILY_URL]"
+    ),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="STAVILY_TOKEN",
+        help="API token [env: STAVILY_TOKEN]",
+        show_default=False,
+    ),
+]
+OutputOpt = Annotated[
+    Output,
+    typer.Option("--output", "-o", help="table for people, json for scripts"),
+]
+
+
+class CliError(Exception):
+    """A failure to report to the user: a message, optional detail lines, an exit code."""
+
+    def __init__(
+        self,
+        message: str,
+        exit_code: int = EXIT_ERROR,
+        details: Any = None,
+        code: str = "error",
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+        self.details = details
+        self.code = code
+        self.hint = hint
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+
+def exit_code_for(status: int) -> int:
+    if status in (401, 403):
+        return EXIT_AUTH
+    if status == 404:
+        return EXIT_NOT_FOUND
+    if status == 409:
+        return EXIT_CONFLICT
+    if 400 <= status < 500:
+        return EXIT_INVALID
+    return EXIT_ERROR
+
+
+def detail_lines(details: Any) -> list[str]:
+    """Server details as lines: `path: message` for each located problem."""
+    if details is None or details == [] or details == {}:
+        return []
+    if isinstance(details, list):
+        lines = []
+        for item in details:
+            if isinstance(item, dict) and "message" in item:
+                path = item.get("path")
+                lines.append(f"{path}: {item['message']}" if path else str(item["message"]))
+            else:
+                lines.append(item if isinstance(item, str) else json.dumps(item, default=str))
+        return lines
+    if isinstance(details, dict):
+        return [f"{key}: {value}" for key, value in details.items()]
+    return [str(details)]
+
+
+def report(error: CliError, output: Output = Output.table) -> None:
+    """Print an error on standard error: JSON for scripts, else message and detail lines."""
+    if output is Output.json:
+        typer.echo(json.dumps(error.body(), indent=2, default=str), err=True)
+        return
+    typer.echo(f"error: {error.message}", err=True)
+    for line in detail_lines(error.details):
+        typer.echo(f"  {line}", err=True)
+    if error.hint:
+        typer.echo(error.hint, err=True)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handles_errors(func: F) -> F:
+    """Turn a command's CliError into its message on stderr and its exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CliError as error:
+            report(error, kwargs.get("output") or Output.table)
+            raise typer.Exit(error.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def segment(value: str) -> str:
+    """A name or id as one URL path segment."""
+    return quote(value, safe="")
+
+
+class ApiClient:
+    """Blocking calls to `/api/v1`; every non-2xx answer raises CliError."""
+
+    def __init__(self, url: str, token: str | None, timeout: float = 30) -> None:
+        self.url = url.rstrip("/") or DEFAULT_URL
+        self.token = token
+        headers = {"Accept": "application/json", "User-Agent": "stavily-cli"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        return self.request("GET", path, params=params)
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.request("POST", path, **kwargs)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        if "params" in kwargs and kwargs["params"] is not None:
+            kwargs["params"] = {k: v for k, v in kwargs["params"].items() if v is not None}
+        try:
+            response = self._http.request(method, f"/api/v1{path}", **kwargs)
+        except httpx.ConnectError as exc:
+            raise CliError(
+                f"cannot reach the orchestrator at {self.url}",
+                details=[_reason(exc)],
+                code="unreachable",
+                hint="is it running? set STAVILY_URL or pass --url",
+            ) from None
+        except httpx.TimeoutException:
+            raise CliError(
+                f"the orchestrator at {self.url} did not answer in time", code="timeout"
+            ) from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise CliError(
+                f"cannot talk to the orchestrator at {self.url}",
+                details=[_reason(exc)],
+                code="unreachable",
+            ) from None
+        if response.is_success:
+            try:
+                return response.json()
+            except ValueError:
+                raise CliError(
+                    f"unexpected answer from {self.url} (HTTP {response.status_code}): "
+                    "not JSON",
+                    details=[response.text[:200]] if response.text else None,
+                ) from None
+        raise self._error(response)
+
+    def _error(self, response: httpx.Response) -> CliError:
+        status = response.status_code
+        try:
+            body = response.json()
+            error = body["error"]
+            message, code, details = error["message"], error["code"], error.get("details")
+        except (ValueError, KeyError, TypeError):
+            text = response.text.strip()
+            message = f"HTTP {status}" + (f": {text[:200]}" if text else "")
+            code, details = "http_error", None
+        hint = None
+        if status == 401:
+            hint = (
+                "pass a valid API token with --token or STAVILY_TOKEN"
+                if self.token
+                else "no API token given: set STAVILY_TOKEN or pass --token"
+            )
+        return CliError(message, exit_code_for(status), details, code=code, hint=hint)
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0]
+
+
+# --- output ------------------------------------------------------------------------------
+
+
+def console() -> Console:
+    # Resolved per call: standard output may be swapped (tests, redirection).
+    return Console(highlight=False)
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def fail(message: str, exit_code: int = EXIT_INVALID, details: Any = None) -> NoReturn:
+    raise CliError(message, exit_code, details, code="invalid_input")
+
+
+STATUS_STYLES = {
+    "succeeded": "green",
+    "completed": "green",
+    "failed": "red",
+    "expired": "red",
+    "cancelled": "yellow",
+    "running": "cyan",
+    "executing": "cyan",
+    "leased": "cyan",
+    "queued": "blue",
+    "pending": "dim",
+    "skipped": "dim",
+}
+
+
+def status_text(status: str | None) -> Text:
+    return Text(status or "-", style=STATUS_STYLES.get(status or "", ""))
+
+
+def cell(value: Any, limit: int | None = None) -> Text:
+    """A table cell, never read as Rich markup; long values abbreviated with an ellipsis."""
+    if value is None or value == "":
+        return Text("-", style="dim")
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = " ".join(text.split()) if limit else text
+    if limit and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return Text(text)
+
+
+def when(value: str | None) -> str:
+    """An ISO timestamp, shortened for tables: date and time to the second."""
+    if not value:
+        return "-"
+    return value.replace("T", " ")[:19]
+
+
+FINAL_EXECUTION = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def stdin_text() -> str:
+    return sys.stdin.read()

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from collections.abc import Callable
-from enum import Enum
+from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any, NoReturn, TypeVar
 from urllib.parse import quote
 
 import httpx
 import typer
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 from rich.text import Text
 
 DEFAULT_URL = "http://127.0.0.1:8700"
@@ -30,23 +32,21 @@ EXIT_CONFLICT = 4
 EXIT_AUTH = 5
 
 
-class Output(str, Enum):
+class Output(StrEnum):
     table = "table"
     json = "json"
 
 
 UrlOpt = Annotated[
     str,
-    typer.Option(
-        "--url", envvar="STAVILY_URL", help="The orchestrator's base URL [env: STAVILY_URL]"
-    ),
+    typer.Option("--url", envvar="STAVILY_URL", help="The orchestrator's base URL"),
 ]
 TokenOpt = Annotated[
     str | None,
     typer.Option(
         "--token",
         envvar="STAVILY_TOKEN",
-        help="API token [env: STAVILY_TOKEN]",
+        help="API token",
         show_default=False,
     ),
 ]
@@ -195,8 +195,7 @@ class ApiClient:
                 return response.json()
             except ValueError:
                 raise CliError(
-                    f"unexpected answer from {self.url} (HTTP {response.status_code}): "
-                    "not JSON",
+                    f"unexpected answer from {self.url} (HTTP {response.status_code}): not JSON",
                     details=[response.text[:200]] if response.text else None,
                 ) from None
         raise self._error(response)
@@ -232,6 +231,33 @@ def _reason(exc: Exception) -> str:
 def console() -> Console:
     # Resolved per call: standard output may be swapped (tests, redirection).
     return Console(highlight=False)
+
+
+def table(*columns: str, wrap: tuple[str, ...] = ()) -> Table:
+    """A borderless table; only the columns named in `wrap` may wrap (they fold)."""
+    out = Table(box=None, pad_edge=False, header_style="bold")
+    for name in columns:
+        if name in wrap:
+            out.add_column(name, overflow="fold", min_width=min(len(name), 12))
+        else:
+            out.add_column(name, no_wrap=True)
+    return out
+
+
+def print_table(rendered: Table, wrapping_width: int = 24) -> None:
+    """Print at least wide enough that no fixed column is cut: a wide table wraps in the
+    terminal rather than losing ids; the columns that wrap get `wrapping_width` at least."""
+    out = console()
+    wide = out.options.update_width(100_000)
+    needed = 2 * max(0, len(rendered.columns) - 1)
+    for column in rendered.columns:
+        widths = [Measurement.get(out, wide, c).maximum for c in column.cells]
+        widths.append(len(str(column.header)))
+        natural = max(widths)
+        needed += natural if column.no_wrap else min(natural, wrapping_width)
+    if needed > out.width:
+        out = Console(highlight=False, width=needed)
+    out.print(rendered)
 
 
 def print_json(data: Any) -> None:
@@ -279,8 +305,21 @@ def when(value: str | None) -> str:
     return value.replace("T", " ")[:19]
 
 
+def took(start: str | None, end: str | None) -> str:
+    """How long from one ISO timestamp to another: `850ms`, `12.3s`, `4m05s`, `2h03m`."""
+    if not start or not end:
+        return "-"
+    try:
+        seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    except ValueError:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
 FINAL_EXECUTION = frozenset({"succeeded", "failed", "cancelled"})
-
-
-def stdin_text() -> str:
-    return sys.stdin.read()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -15,6 +17,7 @@ from stavily.cli.client import (
     DEFAULT_URL,
     FINAL_EXECUTION,
     ApiClient,
+    CliError,
     Output,
     OutputOpt,
     TokenOpt,
@@ -23,8 +26,11 @@ from stavily.cli.client import (
     console,
     handles_errors,
     print_json,
+    print_table,
     segment,
     status_text,
+    table,
+    took,
     when,
 )
 
@@ -52,36 +58,59 @@ def execution_header(execution: dict[str, Any]) -> Text:
     return text
 
 
-def steps_table(execution: dict[str, Any], *, results: bool = False) -> Table:
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    table.add_column("step", no_wrap=True)
-    table.add_column("stage")
-    if results:
-        table.add_column("plugin")
-    table.add_column("status")
-    table.add_column("attempts", justify="right")
-    table.add_column("agent", no_wrap=True)
-    if results:
-        table.add_column("result", overflow="fold")
-    table.add_column("error", overflow="fold")
+class AgentNames:
+    """Agent ids to names for display, fetched once and again when an unknown id shows up."""
+
+    def __init__(self, client: ApiClient) -> None:
+        self.client = client
+        self.names: dict[str, str] = {}
+        self.asked: set[str] = set()
+
+    def __call__(self, agent_id: str | None) -> str | None:
+        if agent_id is None:
+            return None
+        if agent_id not in self.names and agent_id not in self.asked:
+            self.asked.add(agent_id)
+            try:
+                agents = self.client.get("/agents")["agents"]
+            except CliError:
+                agents = []  # a name is a nicety: the id will do
+            self.names.update({a["id"]: a["name"] for a in agents})
+        return self.names.get(agent_id, agent_id)
+
+
+def steps_table(
+    execution: dict[str, Any], agent: Callable[[str | None], str | None], *, full: bool = False
+) -> Table:
+    """The steps; `full` adds plugin and result (abbreviated)."""
+    columns = ["step", "stage", "status", "attempts", "agent", "error"]
+    if full:
+        columns[2:2] = ["plugin"]
+        columns[-1:-1] = ["result"]
+    out = table(*columns, wrap=("error",))
     for step in execution["steps"]:
-        row: list[RenderableType] = [cell(step["name"]), cell(step["stage"])]
-        if results:
-            row.append(cell(step.get("plugin")))
-        row += [
-            status_text(step["status"]),
-            cell(str(step["attempts"])),
-            cell(step.get("agent_id")),
-        ]
-        if results:
-            row.append(cell(step.get("result"), limit=60))
-        row.append(cell(step.get("error"), limit=80))
-        table.add_row(*row)
-    return table
+        values: dict[str, RenderableType] = {
+            "step": cell(step["name"]),
+            "stage": cell(step["stage"]),
+            "plugin": cell(step.get("plugin")),
+            "status": status_text(step["status"]),
+            "attempts": cell(str(step["attempts"])),
+            "agent": cell(agent(step.get("agent_id"))),
+            "result": cell(step.get("result"), limit=48),
+            "error": cell(step.get("error"), limit=100),
+        }
+        out.add_row(*(values[c] for c in columns))
+    return out
 
 
-def live_view(execution: dict[str, Any]) -> RenderableType:
-    parts: list[RenderableType] = [execution_header(execution), Text(""), steps_table(execution)]
+def live_view(
+    execution: dict[str, Any], agent: Callable[[str | None], str | None]
+) -> RenderableType:
+    parts: list[RenderableType] = [
+        execution_header(execution),
+        Text(""),
+        steps_table(execution, agent),
+    ]
     if execution.get("error"):
         parts += [Text(""), Text(f"error: {execution['error']}", style="red")]
     return Group(*parts)
@@ -102,11 +131,17 @@ def watch(
                 time.sleep(interval)
                 execution = fetch(client, execution_id)
             return execution
-        with Live(live_view(execution), console=console(), auto_refresh=False) as live:
-            while execution["status"] not in FINAL_EXECUTION:
-                time.sleep(interval)
-                execution = fetch(client, execution_id)
-                live.update(live_view(execution), refresh=True)
+        agent = AgentNames(client)
+        live = Live(live_view(execution, agent), console=console(), auto_refresh=False)
+        try:
+            with live:
+                while execution["status"] not in FINAL_EXECUTION:
+                    time.sleep(interval)
+                    execution = fetch(client, execution_id)
+                    live.update(live_view(execution, agent), refresh=True)
+        finally:
+            if not live.console.is_terminal:
+                live.console.line()  # Live leaves its last line open when not on a terminal
         return execution
     except KeyboardInterrupt:
         typer.echo(
@@ -158,20 +193,18 @@ def list_executions(
     if not items:
         console().print("no executions", style="dim")
         return
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("id", "workflow", "version", "status", "created", "finished", "error"):
-        table.add_column(column, no_wrap=column in ("id", "created", "finished"))
+    rows = table("id", "workflow", "v", "status", "created", "took", "error", wrap=("error",))
     for e in items:
-        table.add_row(
+        rows.add_row(
             cell(e["id"]),
             cell(e["workflow"]),
             cell(str(e["workflow_version"])),
             status_text(e["status"]),
             cell(when(e["created_at"])),
-            cell(when(e["finished_at"])),
+            cell(took(e["created_at"], e.get("finished_at"))),
             cell(e.get("error"), limit=60),
         )
-    console().print(table)
+    print_table(rows)
 
 
 @app.command("show")
@@ -185,9 +218,10 @@ def show(
     """An execution and its steps: status, attempts, agent, result (abbreviated), error."""
     with ApiClient(url, token) as client:
         execution = fetch(client, execution_id)
-    if output is Output.json:
-        print_json(execution)
-        return
+        if output is Output.json:
+            print_json(execution)
+            return
+        steps = steps_table(execution, AgentNames(client), full=True)
     out = console()
     out.print(execution_header(execution))
     facts = Table.grid(padding=(0, 2))
@@ -197,14 +231,17 @@ def show(
     trigger = execution.get("trigger") or {}
     facts.add_row("trigger", cell(trigger.get("type") if isinstance(trigger, dict) else trigger))
     facts.add_row("created", cell(f"{when(execution['created_at'])} by {execution['created_by']}"))
-    facts.add_row("finished", cell(when(execution.get("finished_at"))))
+    finished = execution.get("finished_at")
+    if finished:
+        finished = f"{when(finished)} (took {took(execution['created_at'], finished)})"
+    facts.add_row("finished", cell(finished))
     if execution.get("deadline_at"):
         facts.add_row("deadline", cell(when(execution["deadline_at"])))
     if execution.get("error"):
         facts.add_row("error", Text(execution["error"], style="red"))
     out.print(facts)
     out.print()
-    out.print(steps_table(execution, results=True))
+    print_table(steps)
 
 
 @app.command("cancel")
@@ -261,11 +298,12 @@ def logs(
     """Every attempt of every step, in order, with what its agent logged."""
     with ApiClient(url, token) as client:
         data = client.get(f"/executions/{segment(execution_id)}/logs")
-    if output is Output.json:
-        print_json(data)
-        return
+        if output is Output.json:
+            print_json(data)
+            return
+        agent = AgentNames(client)
+        attempts = [{**a, "agent": agent(a.get("agent_id"))} for a in data["logs"]]
     out = console()
-    attempts = data["logs"]
     if not attempts:
         out.print("no attempts yet", style="dim")
         return
@@ -276,10 +314,12 @@ def logs(
         header.append(str(attempt["step"]), style="bold")
         header.append(f"  attempt {attempt['attempt']}  ")
         header.append_text(status_text(attempt["status"]))
-        header.append(f"  agent {attempt.get('agent_id') or '-'}")
-        header.append(f"  {when(attempt.get('started_at'))}", style="dim")
-        out.print(header)
+        header.append(f"  agent {attempt['agent'] or '-'}")
+        if attempt.get("started_at"):
+            header.append(f"  {when(attempt['started_at'])}", style="dim")
+        out.print(header, soft_wrap=True)
         for entry in attempt.get("log") or []:
-            out.print(Text("  ").append_text(cell(entry)))
+            line = entry if isinstance(entry, str) else json.dumps(entry, default=str)
+            out.print(Text(f"  {line}"), soft_wrap=True)
         if attempt.get("error"):
-            out.print(Text(f"  error: {attempt['error']}", style="red"))
+            out.print(Text(f"  error: {attempt['error']}", style="red"), soft_wrap=True)

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from stavily import __version__
+from stavily.cli.executions import app as execution_app
+from stavily.cli.workflows import app as workflow_app
 
 app = typer.Typer(
     help="Stavily Orchestrator: the central server of the Stavily automation platform.",
@@ -19,6 +21,8 @@ db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 agent_app = typer.Typer(help="The reference agent.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(agent_app, name="agent")
+app.add_typer(workflow_app, name="workflow")
+app.add_typer(execution_app, name="execution")
 
 
 def _settings(**overrides: Any) -> Any:

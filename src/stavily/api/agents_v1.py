@@ -135,7 +135,7 @@ async def result(
     next: bool = Query(default=False, description="Piggyback the next instruction."),
 ) -> JSONResponse:
     digest = hashlib.sha256(await request.body()).hexdigest()
-    await state.engine.result(agent, instruction_id, report.model_dump(), digest)
+    await state.engine.result(agent, instruction_id, report.model_dump(exclude_unset=True), digest)
     next_instruction = None
     if next:
         claimed = await state.engine.claim(agent, 1)

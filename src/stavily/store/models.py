@@ -145,6 +145,8 @@ executions = sa.Table(
     sa.Column("deadline_at", UTCDateTime()),
     sa.Column("concurrency_limit", sa.Integer),
     sa.Column("reruns", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("open_steps", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("failed_step", sa.String(200)),
     sa.Index("ix_executions_org_created", "organization_id", "created_at"),
     sa.Index("ix_executions_workflow_status", "workflow_id", "status"),
     sa.Index("ix_executions_status_deadline", "status", "deadline_at"),
@@ -175,6 +177,10 @@ step_runs = sa.Table(
     sa.Column("parent_id", sa.String(40)),
     sa.Column("item_index", sa.Integer),
     sa.Column("next_attempt_at", UTCDateTime()),
+    # how many dependencies (or, for a running fan-out, items) are still open
+    sa.Column("waiting", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("dependents", sa.JSON),
+    sa.Index("ix_step_runs_parent", "parent_id", "status"),
     sa.UniqueConstraint("execution_id", "name", name="uq_step_runs_execution_name"),
 )
 

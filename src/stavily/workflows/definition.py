@@ -531,6 +531,7 @@ def plan(definition: WorkflowDefinition) -> list[dict[str, Any]]:
                     "name": step.name,
                     "position": len(steps),
                     "depends_on": depends_on,
+                    "waiting": len(depends_on),
                     "spec": {
                         "plugin_id": step.plugin.id,
                         "plugin_version": step.plugin.version,
@@ -546,10 +547,27 @@ def plan(definition: WorkflowDefinition) -> list[dict[str, Any]]:
                         "parallel": step.parallelism,
                         "run_on": (step.run_on or "success") if stage_name == "outputs" else None,
                         "secrets": secrets,
+                        "reads": _reads(step),
                     },
                 }
             )
+    for step_plan in steps:
+        step_plan["dependents"] = [s["name"] for s in steps if step_plan["name"] in s["depends_on"]]
     return steps
+
+
+def _reads(step: Step) -> list[str] | None:
+    """The steps whose results the step's templates read; None when that cannot be told."""
+    from stavily.workflows.templating import references
+
+    names: set[str] = set()
+    for value in (step.config, as_expression(step.when) if step.when else None, step.for_each):
+        for _, _, roots, attrs in references(value, ""):
+            if "steps" in roots:
+                if not attrs.get("steps"):
+                    return None  # `steps` used as a whole: give it every step
+                names |= attrs["steps"]
+    return sorted(names)
 
 
 def workflow_schema() -> dict[str, Any]:

@@ -33,6 +33,7 @@ from stavily.workflows.orchestration import (
     ERROR,
     TIMEOUT,
     Progression,
+    load_step,
     load_steps,
     mask_secrets,
     reveal_secrets,
@@ -154,7 +155,7 @@ class Engine:
             progression._audit(
                 "execution.started", "execution", execution_id, reason="a concurrency slot opened"
             )
-            await progression.advance(await load_steps(conn, execution_id))
+            await progression.begin(await load_steps(conn, execution_id))
             started.append(progression)
         return started
 
@@ -218,7 +219,10 @@ class Engine:
                     definition.concurrency.limit if definition.concurrency else None
                 ),
                 "reruns": 0,
+                "failed_step": None,
             }
+            planned = plan(definition)
+            execution["open_steps"] = len(planned)
             await conn.execute(executions.insert().values(**execution))
             steps = [
                 {
@@ -231,7 +235,7 @@ class Engine:
                     "item_index": None,
                     **step,
                 }
-                for step in plan(definition)
+                for step in planned
             ]
             await conn.execute(step_runs.insert(), steps)
             progression = self._progression(conn, execution, actor, now)
@@ -243,7 +247,7 @@ class Engine:
                 version=workflow["version"],
                 trigger=trigger.get("type"),
             )
-            await progression.advance(steps)
+            await progression.begin(steps)
             done = [progression]
             await self._settle(conn, done)
         self._wake(done)
@@ -459,7 +463,7 @@ class Engine:
                 result_digest=digest,
                 error_message=error,
                 error_details=report.get("error_details"),
-                execution_log=report.get("execution_log", row.execution_log),
+                execution_log=report.get("execution_log") or row.execution_log,
                 started_at=sa.func.coalesce(instructions.c.started_at, now),
             )
             progression = None
@@ -472,11 +476,10 @@ class Engine:
                     execution_id=row.execution_id,
                     attempt=row.attempt,
                 )
-                steps = await load_steps(conn, execution["id"])
-                step = next(s for s in steps if s["id"] == row.step_run_id)
+                step = await load_step(conn, row.step_run_id)
                 if step["instruction_id"] == row.id and step["status"] == "running":
                     if final == "completed":
-                        await progression._step(
+                        await progression.step_ended(
                             step,
                             "succeeded",
                             output=step_output(report),
@@ -485,7 +488,6 @@ class Engine:
                         )
                     else:
                         await progression.retry_or_fail(step, row, ERROR, error or "failed")
-                    await progression.advance(steps)
                 done.append(progression)
             await self._settle(conn, done)
         self._wake(done)
@@ -588,15 +590,13 @@ class Engine:
                     attempt=row.attempt,
                     reason=message,
                 )
-                steps = await load_steps(conn, execution["id"])
-                step = next(s for s in steps if s["id"] == row.step_run_id)
+                step = await load_step(conn, row.step_run_id)
                 if (
                     execution["status"] == "running"
                     and step["instruction_id"] == row.id
                     and step["status"] == "running"
                 ):
                     await progression.retry_or_fail(step, row, cause, message)
-                    await progression.advance(steps)
                 done.append(progression)
             await self._settle(conn, done)
         self._wake(done)
@@ -711,7 +711,7 @@ class Engine:
             progression._audit(
                 "execution.rerun", "execution", execution_id, rerun=execution["reruns"]
             )
-            await progression.advance(steps)
+            await progression.resume()
             done = [progression]
             await self._settle(conn, done)
         self._wake(done)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import deque
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -143,7 +144,14 @@ def mask_secrets(value: Any, refs: dict[str, Any]) -> Any:
 
 
 class Progression:
-    """Advances one execution inside the caller's transaction."""
+    """Advances one execution inside the caller's transaction, one event at a time.
+
+    Nothing here reloads the whole execution: each step row counts how many of its
+    dependencies are still open (`waiting`) and names its `dependents`; the execution
+    counts its open steps. A step ending decrements its dependents' counters, and those
+    reaching zero are ready. So a report costs work in proportion to the steps it
+    touches, not to the size of the workflow.
+    """
 
     def __init__(
         self,
@@ -161,10 +169,9 @@ class Progression:
         self.entries: list[dict[str, Any]] = []
         self.new_instructions: list[dict[str, Any]] = []
         self.wake_after: list[float] = []  # delays of retries queued for later
-
-    @property
-    def queued_work(self) -> bool:
-        return bool(self.new_instructions)
+        self._ready: deque[dict[str, Any]] = deque()
+        self._ended: set[str] = set()  # steps that reached a final state in this transaction
+        self._counters_dirty = False
 
     def _audit(self, action: str, subject_type: str, subject_id: str, **details: Any) -> None:
         self.entries.append(
@@ -183,7 +190,7 @@ class Progression:
         await set_status(self.conn, step_runs, states.STEP, step["id"], new, **values)
         step["status"] = new
         step.update(values)
-        if new in ("succeeded", "failed", "skipped", "cancelled"):
+        if new in states.FINAL_STEP:
             self._audit(
                 f"step.{new}",
                 "step_run",
@@ -193,10 +200,211 @@ class Progression:
                 **({"error": values["error"]} if values.get("error") else {}),
             )
 
-    # -- the context a step's templates see --------------------------------------------------
+    # -- entry points --------------------------------------------------------------------------
 
-    def context(self, steps: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, Any]:
+    async def begin(self, steps: list[dict[str, Any]]) -> None:
+        """A new (or promoted) execution: queue every step that waits on nothing."""
+        if self.execution["status"] != "running":
+            return
+        self._ready.extend(
+            s
+            for s in steps
+            if s["parent_id"] is None and s["waiting"] == 0 and s["status"] == "pending"
+        )
+        await self._drain()
+
+    async def step_ended(self, step: dict[str, Any], new: str, **values: Any) -> None:
+        """A step (or a fan-out item) reached a final state: move everything it unblocks."""
+        await self._final(step, new, **values)
+        await self._drain()
+
+    async def retry_or_fail(
+        self, step: dict[str, Any], previous: Any, cause: str, error: str
+    ) -> None:
+        """A failed attempt: queue the next one after its backoff, or fail the step."""
+        spec = step["spec"]
+        if may_retry(spec, step["attempts"], cause, self.agent_lost_budget):
+            delay = retry_delay(spec.get("retry") or {}, step["attempts"])
+            step["error"] = error
+            await self.conn.execute(
+                step_runs.update().where(step_runs.c.id == step["id"]).values(error=error)
+            )
+            refs = (previous.context or {}).get("secrets", {})
+            await self._queue_attempt(step, previous.input_data, refs, delay)
+            return
+        await self.step_ended(step, "failed", error=error, finished_at=self.now)
+
+    async def resume(self) -> None:
+        """A rerun: recount what every step waits on, then continue from there."""
+        steps = await load_steps(self.conn, self.execution["id"])
+        top = [s for s in steps if s["parent_id"] is None]
+        final = {s["name"] for s in top if s["status"] in states.FINAL_STEP}
+        for step in top:
+            if step["status"] == "running":  # a fan-out resuming its items
+                waiting = sum(
+                    1 for k in steps if k["parent_id"] == step["id"] and k["status"] != "succeeded"
+                )
+            else:
+                waiting = sum(1 for d in step["depends_on"] if d not in final)
+            if waiting != step["waiting"]:
+                step["waiting"] = waiting
+                await self.conn.execute(
+                    step_runs.update().where(step_runs.c.id == step["id"]).values(waiting=waiting)
+                )
+        self.execution["open_steps"] = len(top) - len(final)
+        self.execution["failed_step"] = None
+        self._counters_dirty = True
+        for parent in top:
+            if parent["status"] == "running":
+                await self._feed(parent, parent["spec"].get("parallel", 1))
+        await self.begin(top)
+
+    # -- the event loop of one transaction -----------------------------------------------------
+
+    async def _final(self, step: dict[str, Any], new: str, **values: Any) -> None:
+        await self._step(step, new, **values)
+        self._ended.add(step["id"])
+        if step["parent_id"] is not None:
+            await self._item_ended(step)
+            return
+        self.execution["open_steps"] -= 1
+        self._counters_dirty = True
+        if (
+            new == "failed"
+            and step["stage"] == "actions"
+            and step["spec"]["on_failure"] != "continue"
+            and not self.execution.get("failed_step")
+        ):
+            self.execution["failed_step"] = step["name"]
+            await self._wind_down()
+        if step.get("dependents"):
+            released = await self.conn.execute(
+                step_runs.update()
+                .where(
+                    step_runs.c.execution_id == self.execution["id"],
+                    step_runs.c.parent_id.is_(None),
+                    step_runs.c.name.in_(step["dependents"]),
+                )
+                .values(waiting=step_runs.c.waiting - 1)
+                .returning(*step_runs.c)
+            )
+            ready = [dict(r) for r in released.mappings() if r["waiting"] == 0]
+            self._ready.extend(
+                sorted((r for r in ready if r["status"] == "pending"), key=lambda r: r["position"])
+            )
+        if self.execution["open_steps"] == 0 and self.execution["status"] == "running":
+            failed = self.execution.get("failed_step")
+            error = None
+            if failed:
+                reason = await self.conn.scalar(
+                    sa.select(step_runs.c.error).where(
+                        step_runs.c.execution_id == self.execution["id"],
+                        step_runs.c.name == failed,
+                    )
+                )
+                error = f"step '{failed}' failed: {reason}"
+            await self._save_counters()
+            await self.finish("failed" if failed else "succeeded", error)
+
+    async def _drain(self) -> None:
+        while self._ready and self.execution["status"] == "running":
+            step = self._ready.popleft()
+            if step["id"] not in self._ended:  # a wind-down may have ended it already
+                await self._start_step(step)
+        await self._save_counters()
+
+    async def _save_counters(self) -> None:
+        if self._counters_dirty:
+            await self.conn.execute(
+                executions.update()
+                .where(executions.c.id == self.execution["id"])
+                .values(
+                    open_steps=self.execution["open_steps"],
+                    failed_step=self.execution.get("failed_step"),
+                )
+            )
+            self._counters_dirty = False
+
+    async def _wind_down(self) -> None:
+        """An action failed: nothing more of the actions runs."""
+        rows = await self.conn.execute(
+            sa.select(step_runs)
+            .where(
+                step_runs.c.execution_id == self.execution["id"],
+                step_runs.c.stage == "actions",
+                step_runs.c.status.in_(("pending", "queued", "running")),
+            )
+            .order_by(step_runs.c.position, step_runs.c.item_index)
+        )
+        stopped = [dict(r) for r in rows.mappings()]
+        await self.conn.execute(
+            instructions.update()
+            .where(
+                instructions.c.step_run_id.in_([s["id"] for s in stopped]),
+                instructions.c.status.in_(("queued", *ACTIVE_INSTRUCTION)),
+            )
+            .values(status="cancelled", finished_at=self.now)
+        )
+        for step in stopped:  # items first (sorted by position, items after their parent)
+            if step["parent_id"] is not None:
+                await self._step(step, "cancelled", finished_at=self.now)
+        for step in stopped:
+            if step["parent_id"] is None:
+                new = "skipped" if step["status"] == "pending" else "cancelled"
+                await self._final(step, new, finished_at=self.now)
+
+    async def _start_step(self, step: dict[str, Any]) -> None:
+        spec = step["spec"]
+        if step["stage"] == "actions" and self.execution.get("failed_step"):
+            await self._final(step, "skipped", finished_at=self.now)
+            return
+        if step["stage"] == "outputs":
+            outcome = "failure" if self.execution.get("failed_step") else "success"
+            if spec.get("run_on", "success") not in ("always", outcome):
+                await self._final(step, "skipped", finished_at=self.now)
+                return
+        try:
+            context = await self.context(spec)
+            if spec.get("when") and not render(spec["when"], context):
+                await self._final(step, "skipped", finished_at=self.now)
+                return
+            if spec.get("for_each") is not None:
+                items = render(spec["for_each"], context)
+                if not isinstance(items, list):
+                    raise TemplateProblem(
+                        f"for_each must give a list, it gave {type(items).__name__}"
+                    )
+                await self._fan_out(step, items)
+                return
+            await self.queue(step, context)
+        except TemplateProblem as exc:
+            await self._final(step, "failed", error=str(exc), finished_at=self.now)
+
+    # -- the context a step's templates see ----------------------------------------------------
+
+    async def context(self, spec: dict[str, Any]) -> dict[str, Any]:
         execution = self.execution
+        reads = spec.get("reads")
+        query = sa.select(
+            step_runs.c.name,
+            step_runs.c.status,
+            step_runs.c.output,
+            step_runs.c.error,
+            step_runs.c.attempts,
+        ).where(step_runs.c.execution_id == execution["id"], step_runs.c.parent_id.is_(None))
+        steps: dict[str, Any] = {}
+        if reads is None or reads:
+            if reads is not None:  # only what the templates name; None: unknown, all
+                query = query.where(step_runs.c.name.in_(reads))
+            steps = {
+                r.name: {
+                    "status": r.status,
+                    "result": r.output,
+                    "error": r.error,
+                    "attempts": r.attempts,
+                }
+                for r in await self.conn.execute(query)
+            }
         return {
             "inputs": execution["inputs"],
             "variables": execution.get("variables") or {},
@@ -206,130 +414,16 @@ class Progression:
                 "workflow": execution["workflow_name"],
                 "version": execution["workflow_version"],
             },
-            "steps": {
-                s["name"]: {
-                    "status": s["status"],
-                    "result": s.get("output"),
-                    "error": s.get("error"),
-                    "attempts": s["attempts"],
-                }
-                for s in steps
-                if s["parent_id"] is None
-            },
+            "steps": steps,
             "secrets": {name: SECRET_MARK.format(name) for name in spec.get("secrets") or {}},
             "item": spec.get("item"),
         }
 
-    # -- advancing -----------------------------------------------------------------------------
+    # -- fan-out -------------------------------------------------------------------------------
 
-    async def advance(self, steps: list[dict[str, Any]]) -> None:
-        if self.execution["status"] != "running":
-            return
-        top = [s for s in steps if s["parent_id"] is None]
-        by_name = {s["name"]: s for s in top}
-        children: dict[str, list[dict[str, Any]]] = {}
-        for s in steps:
-            if s["parent_id"] is not None:
-                children.setdefault(s["parent_id"], []).append(s)
-        changed = True
-        while changed:
-            changed = await self._close_fan_outs(top, children)
-            failing = self._failing(top)
-            if failing:
-                changed |= await self._wind_down(top)
-            for step in top:
-                if step["status"] != "pending":
-                    continue
-                if not all(by_name[d]["status"] in states.FINAL_STEP for d in step["depends_on"]):
-                    continue
-                await self._ready(step, steps, children, failing)
-                changed = True
-            changed |= await self._feed_fan_outs(top, steps, children)
-        if all(s["status"] in states.FINAL_STEP for s in top):
-            failed = self._failing(top)
-            await self.finish(
-                "failed" if failed else "succeeded",
-                f"step '{failed['name']}' failed: {failed['error']}" if failed else None,
-            )
-
-    @staticmethod
-    def _failing(top: list[dict[str, Any]]) -> dict[str, Any] | None:
-        for s in top:
-            if (
-                s["stage"] == "actions"
-                and s["status"] == "failed"
-                and s["spec"]["on_failure"] != "continue"
-            ):
-                return s
-        return None
-
-    async def _wind_down(self, top: list[dict[str, Any]]) -> bool:
-        """An action failed: nothing more of the actions runs."""
-        changed = False
-        for s in top:
-            if s["stage"] != "actions":
-                continue
-            if s["status"] in ("queued", "running"):
-                await self._cancel_step(s)
-                changed = True
-            elif s["status"] == "pending":
-                await self._step(s, "skipped", finished_at=self.now)
-                changed = True
-        return changed
-
-    async def _cancel_step(self, step: dict[str, Any]) -> None:
-        await self.conn.execute(
-            instructions.update()
-            .where(
-                instructions.c.step_run_id == step["id"],
-                instructions.c.status.in_(("queued", *ACTIVE_INSTRUCTION)),
-            )
-            .values(status="cancelled", finished_at=self.now)
-        )
-        await self._step(step, "cancelled", finished_at=self.now)
-
-    async def _ready(
-        self,
-        step: dict[str, Any],
-        steps: list[dict[str, Any]],
-        children: dict[str, list[dict[str, Any]]],
-        failing: dict[str, Any] | None,
-    ) -> None:
-        spec = step["spec"]
-        if step["stage"] == "actions" and failing:
-            await self._step(step, "skipped", finished_at=self.now)
-            return
-        if step["stage"] == "outputs":
-            outcome = "failure" if failing else "success"
-            if spec.get("run_on", "success") not in ("always", outcome):
-                await self._step(step, "skipped", finished_at=self.now)
-                return
-        context = self.context(steps, spec)
-        try:
-            if spec.get("when") and not render(spec["when"], context):
-                await self._step(step, "skipped", finished_at=self.now)
-                return
-            if spec.get("for_each") is not None:
-                items = render(spec["for_each"], context)
-                if not isinstance(items, list):
-                    raise TemplateProblem(
-                        f"for_each must give a list, it gave {type(items).__name__}"
-                    )
-                await self._fan_out(step, items, steps, children)
-                return
-            await self.queue(step, context)
-        except TemplateProblem as exc:
-            await self._step(step, "failed", error=str(exc), finished_at=self.now)
-
-    async def _fan_out(
-        self,
-        step: dict[str, Any],
-        items: list[Any],
-        steps: list[dict[str, Any]],
-        children: dict[str, list[dict[str, Any]]],
-    ) -> None:
+    async def _fan_out(self, step: dict[str, Any], items: list[Any]) -> None:
         if not items:
-            await self._step(
+            await self._final(
                 step, "succeeded", output=[], started_at=self.now, finished_at=self.now
             )
             return
@@ -343,81 +437,105 @@ class Progression:
                 "name": f"{step['name']}[{i}]",
                 "position": step["position"],
                 "depends_on": [],
+                "dependents": [],
+                "waiting": 0,
                 "spec": {**spec, "item": item},
                 "status": "pending",
                 "attempts": 0,
                 "parent_id": step["id"],
                 "item_index": i,
-                "agent_id": None,
-                "instruction_id": None,
-                "output": None,
-                "error": None,
-                "started_at": None,
-                "finished_at": None,
-                "next_attempt_at": None,
             }
             for i, item in enumerate(items)
         ]
         await self.conn.execute(step_runs.insert(), kids)
-        steps.extend(kids)
-        children[step["id"]] = kids
-        await self._step(step, "running", started_at=self.now)
+        # The parent waits on its items.
+        await self._step(step, "running", started_at=self.now, waiting=len(kids))
+        await self._feed(step, spec.get("parallel", 1))
 
-    async def _feed_fan_outs(
-        self,
-        top: list[dict[str, Any]],
-        steps: list[dict[str, Any]],
-        children: dict[str, list[dict[str, Any]]],
-    ) -> bool:
-        changed = False
-        for parent in top:
-            if parent["status"] != "running" or parent["id"] not in children:
-                continue
-            kids = children[parent["id"]]
-            busy = sum(1 for k in kids if k["status"] in ("queued", "running"))
-            for kid in kids:
-                if busy >= parent["spec"].get("parallel", 1):
-                    break
-                if kid["status"] == "pending":
-                    try:
-                        await self.queue(kid, self.context(steps, kid["spec"]))
-                    except TemplateProblem as exc:
-                        await self._step(kid, "failed", error=str(exc), finished_at=self.now)
-                    busy += 1
-                    changed = True
-        return changed
+    async def _feed(self, parent: dict[str, Any], slots: int) -> None:
+        """Queue up to `slots` more pending items of a fan-out, in item order."""
+        busy = await self.conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(step_runs)
+            .where(
+                step_runs.c.parent_id == parent["id"],
+                step_runs.c.status.in_(("queued", "running")),
+            )
+        )
+        free = min(slots, parent["spec"].get("parallel", 1) - int(busy or 0))
+        while free > 0:
+            row = (
+                (
+                    await self.conn.execute(
+                        sa.select(step_runs)
+                        .where(
+                            step_runs.c.parent_id == parent["id"], step_runs.c.status == "pending"
+                        )
+                        .order_by(step_runs.c.item_index)
+                        .limit(1)
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:
+                break
+            kid = dict(row)
+            try:
+                await self.queue(kid, await self.context(kid["spec"]))
+                free -= 1
+            except TemplateProblem as exc:
+                await self._step(kid, "failed", error=str(exc), finished_at=self.now)
+                parent = await self._count_down(kid)
+        if parent["waiting"] == 0:
+            await self._close_fan_out(parent)
 
-    async def _close_fan_outs(
-        self, top: list[dict[str, Any]], children: dict[str, list[dict[str, Any]]]
-    ) -> bool:
-        changed = False
-        for parent in top:
-            kids = children.get(parent["id"])
-            if parent["status"] != "running" or not kids:
-                continue
-            if not all(k["status"] in states.FINAL_STEP for k in kids):
-                continue
-            failed = [k for k in kids if k["status"] != "succeeded"]
-            ordered = sorted(kids, key=lambda k: k["item_index"])
-            if failed:
-                first = min(failed, key=lambda k: k["item_index"])
-                await self._step(
-                    parent,
-                    "failed",
-                    finished_at=self.now,
-                    output=[k.get("output") for k in ordered],
-                    error=f"{len(failed)} of {len(kids)} items failed; "
-                    f"{first['name']}: {first.get('error') or first['status']}",
+    async def _count_down(self, kid: dict[str, Any]) -> dict[str, Any]:
+        row = (
+            (
+                await self.conn.execute(
+                    step_runs.update()
+                    .where(step_runs.c.id == kid["parent_id"])
+                    .values(waiting=step_runs.c.waiting - 1)
+                    .returning(*step_runs.c)
                 )
-            else:
-                await self._step(
-                    parent,
-                    "succeeded",
-                    finished_at=self.now,
-                    output=[k.get("output") for k in ordered],
-                )
-            changed = True
-        return changed
+            )
+            .mappings()
+            .one()
+        )
+        return dict(row)
+
+    async def _item_ended(self, kid: dict[str, Any]) -> None:
+        parent = await self._count_down(kid)
+        if parent["status"] != "running":
+            return  # the fan-out is being cancelled
+        if parent["waiting"] > 0:
+            await self._feed(parent, 1)
+        else:
+            await self._close_fan_out(parent)
+
+    async def _close_fan_out(self, parent: dict[str, Any]) -> None:
+        """Every item ended: the step succeeds with their results, or fails."""
+        rows = await self.conn.execute(
+            sa.select(step_runs.c.name, step_runs.c.status, step_runs.c.output, step_runs.c.error)
+            .where(step_runs.c.parent_id == parent["id"])
+            .order_by(step_runs.c.item_index)
+        )
+        kids = rows.all()
+        outputs = [k.output for k in kids]
+        failed = [k for k in kids if k.status != "succeeded"]
+        if failed:
+            first = failed[0]
+            await self._final(
+                parent,
+                "failed",
+                finished_at=self.now,
+                output=outputs,
+                error=f"{len(failed)} of {len(kids)} items failed; "
+                f"{first.name}: {first.error or first.status}",
+            )
+        else:
+            await self._final(parent, "succeeded", finished_at=self.now, output=outputs)
 
     # -- queueing ------------------------------------------------------------------------------
 
@@ -510,22 +628,6 @@ class Progression:
             **({"delay_seconds": round(delay, 3)} if delay else {}),
         )
 
-    async def retry_or_fail(
-        self, step: dict[str, Any], previous: Any, cause: str, error: str
-    ) -> None:
-        """A failed attempt: queue the next one after its backoff, or fail the step."""
-        spec = step["spec"]
-        if may_retry(spec, step["attempts"], cause, self.agent_lost_budget):
-            delay = retry_delay(spec.get("retry") or {}, step["attempts"])
-            step["error"] = error
-            await self.conn.execute(
-                step_runs.update().where(step_runs.c.id == step["id"]).values(error=error)
-            )
-            refs = (previous.context or {}).get("secrets", {})
-            await self._queue_attempt(step, previous.input_data, refs, delay)
-            return
-        await self._step(step, "failed", error=error, finished_at=self.now)
-
     # -- ending --------------------------------------------------------------------------------
 
     async def finish(self, final: str, error: str | None) -> None:
@@ -578,3 +680,8 @@ async def load_steps(conn: AsyncConnection, execution_id: str) -> list[dict[str,
         .order_by(step_runs.c.position, step_runs.c.item_index)
     )
     return [dict(r) for r in rows.mappings()]
+
+
+async def load_step(conn: AsyncConnection, step_id: str) -> dict[str, Any]:
+    row = (await conn.execute(sa.select(step_runs).where(step_runs.c.id == step_id))).mappings()
+    return dict(row.one())

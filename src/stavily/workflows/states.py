@@ -23,7 +23,7 @@ STEP: dict[str, frozenset[str]] = {
     "succeeded": frozenset(),
     "failed": frozenset({"pending", "running"}),  # rerun (a fan-out resumes its items)
     "skipped": frozenset({"pending"}),  # rerun
-    "cancelled": frozenset({"pending"}),  # rerun
+    "cancelled": frozenset({"pending", "running"}),  # rerun
 }
 
 INSTRUCTION: dict[str, frozenset[str]] = {

@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     max_agent_lost_attempts: int = Field(
         default=3, description="Attempts before a step whose agents keep vanishing fails."
     )
-    credential_cache_seconds: float = 2.0
+    credential_cache_seconds: float = Field(
+        default=5.0, description="How long a checked credential is trusted without a lookup."
+    )
     log_level: str = "info"
 
     @cached_property

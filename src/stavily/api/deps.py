@@ -25,8 +25,13 @@ class State:
     organization_id: str
 
 
-def get_state(request: Request) -> State:
+def state_of(request: Request) -> State:
     return request.app.state.stavily  # type: ignore[no-any-return]
+
+
+async def get_state(request: Request) -> State:
+    # async: a plain function dependency would cost a thread-pool hop on every request
+    return state_of(request)
 
 
 def bearer(request: Request) -> str | None:
@@ -40,12 +45,12 @@ def bearer(request: Request) -> str | None:
 
 
 async def current_principal(request: Request) -> Principal:
-    state = get_state(request)
+    state = state_of(request)
     return await authenticate_token(state.db, bearer(request), state.token_cache)
 
 
 async def current_agent(request: Request, agent_id: str) -> AgentIdentity:
-    state = get_state(request)
+    state = state_of(request)
     agent = await authenticate_agent(state.db, bearer(request), agent_id, state.agent_cache)
     # Any authenticated request is a sign of life (official agents are silent while busy).
     state.heartbeats.record(agent.id, "online")

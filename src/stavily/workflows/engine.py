@@ -270,13 +270,7 @@ class Engine:
             if free <= 0:
                 return []
             candidates_query = (
-                sa.select(
-                    instructions.c.id,
-                    instructions.c.selector,
-                    instructions.c.timeout_seconds,
-                    instructions.c.step_run_id,
-                    instructions.c.execution_id,
-                )
+                sa.select(instructions.c.id, instructions.c.selector)
                 .where(
                     instructions.c.status == "queued",
                     instructions.c.organization_id == agent.organization_id,
@@ -293,10 +287,25 @@ class Engine:
                 .order_by(instructions.c.id)
                 .limit(max(32, free * 4))
             )
-            candidates = (
-                await conn.execute(self.db.for_update(candidates_query, skip_locked=True))
-            ).all()
-            chosen = [c for c in candidates if eligible(agent, c.selector)][:free]
+            candidates = (await conn.execute(candidates_query)).all()
+            eligible_ids = [c.id for c in candidates if eligible(agent, c.selector)]
+            if not eligible_ids:
+                return []
+            # Lock exactly the rows this agent takes; rows another claim holds are skipped,
+            # not waited for, and rows not taken stay free for the others.
+            lock = (
+                sa.select(
+                    instructions.c.id,
+                    instructions.c.timeout_seconds,
+                    instructions.c.step_run_id,
+                    instructions.c.execution_id,
+                )
+                .where(instructions.c.id.in_(eligible_ids), instructions.c.status == "queued")
+                .order_by(instructions.c.id)
+                .limit(free)
+            )
+            chosen = (await conn.execute(self.db.for_update(lock, skip_locked=True))).all()
+            more_left = len(eligible_ids) > len(chosen)
             payloads, entries = [], []
             for candidate in chosen:
                 lease = now + timedelta(
@@ -339,6 +348,8 @@ class Engine:
                     )
                 )
             await audit.append(conn, entries)
+        if more_left:
+            self.signal.notify()  # other waiting agents may take what this one left
         return payloads
 
     async def poll(

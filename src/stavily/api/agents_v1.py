@@ -16,6 +16,7 @@ from stavily.errors import InvalidInput
 
 router = APIRouter(prefix="/agents/v1", tags=["agents"])
 
+_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 HEARTBEAT_STATUSES = {"online", "offline", "idle", "busy", "running", "healthy"}
 
 
@@ -42,8 +43,8 @@ class Heartbeat(BaseModel):
 
     timestamp: datetime | None = None
     status: str = Field(default="online", max_length=50)
-    version: str | None = Field(default=None, max_length=100)
-    hostname: str | None = Field(default=None, max_length=255)
+    version: str | None = Field(default=None, max_length=100, pattern=_PRINTABLE)
+    hostname: str | None = Field(default=None, max_length=255, pattern=_PRINTABLE)
     running: list[str] | None = Field(
         default=None, max_length=1000, description="Ids of the instructions the agent runs."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -13,4 +14,9 @@ class JSONResponse(Response):
 
     def render(self, content: Any) -> bytes:
         # SQLAlchemy row keys are str subclasses, which orjson accepts only with this option.
-        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
+        try:
+            return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
+        except (TypeError, orjson.JSONEncodeError):
+            # What orjson cannot write (integers past 64 bits, lone surrogates, very deep
+            # nesting) the standard library can, as valid (escaped) JSON.
+            return json.dumps(content, ensure_ascii=True, default=str).encode()

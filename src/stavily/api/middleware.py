@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
+import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,6 +31,11 @@ class EdgeMiddleware:
         if "//" in path:
             path = _SLASHES.sub("/", path)
             scope = {**scope, "path": path, "raw_path": path.encode()}
+        if "\x00" in path or b"\x00" in unquote_to_bytes(scope.get("query_string", b"")):
+            await error_response(422, "invalid_input", "the URL holds a NUL character")(
+                scope, receive, send
+            )
+            return
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
@@ -49,6 +56,43 @@ class EdgeMiddleware:
                     raise HTTPException(413, self._message())
             return message
 
+        if _is_json(scope) and scope["method"] in ("POST", "PUT", "PATCH"):
+            # Read the body here, refuse JSON the strict parser refuses (NaN, Infinity,
+            # lone surrogates, nesting past 1024) with 422, and replay it to the app.
+            body = b""
+            more = True
+            try:
+                while more:
+                    message = await limited()
+                    if message["type"] != "http.request":
+                        break
+                    body += message.get("body", b"")
+                    more = message.get("more_body", False)
+            except HTTPException:
+                await self._too_large(scope, receive, send)
+                return
+            if body:
+                try:
+                    orjson.loads(body)
+                except orjson.JSONDecodeError as exc:
+                    await error_response(
+                        422,
+                        "invalid_input",
+                        "the body is not valid JSON",
+                        [{"path": "(root)", "message": str(exc)}],
+                    )(scope, receive, send)
+                    return
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send)
+            return
         await self.app(scope, limited, send)
 
     def _message(self) -> str:
@@ -57,3 +101,10 @@ class EdgeMiddleware:
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> Any:
         response = error_response(413, "payload_too_large", self._message())
         await response(scope, receive, send)
+
+
+def _is_json(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return b"json" in value.lower()
+    return False

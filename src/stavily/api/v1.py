@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from stavily import audit
 from stavily.api.deps import AppState, CurrentPrincipal
 from stavily.api.json import JSONResponse
-from stavily.errors import InvalidInput
 from stavily.fleet import create_agent, get_agent, list_agents
 from stavily.fleet.agents import agent_view
 from stavily.workflows import service as workflows
@@ -63,20 +62,22 @@ async def create_agent_route(
 
 @router.get("/agents", tags=["agents"])
 async def list_agents_route(principal: CurrentPrincipal, state: AppState) -> JSONResponse:
+    # Heartbeats not yet written are newer than any row: take them before reading rows,
+    # so a flush finishing during the read cannot leave us with neither.
+    pending = state.heartbeats.snapshot()
     async with state.db.read() as conn:
         rows = await list_agents(conn, principal.organization_id)
-    return JSONResponse(
-        {"agents": [agent_view(r, state.heartbeats.pending(r["id"])) for r in rows]}
-    )
+    return JSONResponse({"agents": [agent_view(r, pending.get(r["id"])) for r in rows]})
 
 
 @router.get("/agents/{agent_id}", tags=["agents"])
 async def get_agent_route(
     agent_id: str, principal: CurrentPrincipal, state: AppState
 ) -> JSONResponse:
+    pending = state.heartbeats.pending(agent_id)  # before the row: see list_agents_route
     async with state.db.read() as conn:
         row = await get_agent(conn, principal.organization_id, agent_id)
-    return JSONResponse(agent_view(row, state.heartbeats.pending(row["id"])))
+    return JSONResponse(agent_view(row, pending))
 
 
 _DEFINITION_BODY = {
@@ -93,11 +94,8 @@ _DEFINITION_BODY = {
 
 async def _definition(request: Request) -> tuple[str, WorkflowDefinition]:
     raw = await request.body()
-    try:
-        source = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidInput("the workflow must be UTF-8 text") from None
-    return source, validate(parse_source(source, request.headers.get("content-type")))
+    data = parse_source(raw, request.headers.get("content-type"))
+    return raw.decode("utf-8"), validate(data)
 
 
 @router.get("/schemas/workflow", tags=["workflows"])

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
+import re2  # type: ignore[import-untyped]
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -164,8 +164,9 @@ async def authenticate_agent(
 
 
 @lru_cache(maxsize=4096)
-def _regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+def _regex(pattern: str) -> Any:
+    # RE2 matches in linear time: no workflow's pattern can stall the claim path.
+    return re2.compile(pattern)
 
 
 def _labels_match(have: dict[str, str], want: dict[str, str]) -> bool:
@@ -199,6 +200,7 @@ class HeartbeatBuffer:
     def __init__(self, lease_grace: int) -> None:
         self.lease_grace = lease_grace
         self._pending: dict[str, dict[str, Any]] = {}
+        self._flushing: dict[str, dict[str, Any]] = {}
 
     def record(self, agent_id: str, status: str, at: datetime | None = None, **facts: Any) -> None:
         entry = self._pending.setdefault(agent_id, {})
@@ -207,12 +209,18 @@ class HeartbeatBuffer:
         entry["last_heartbeat_at"] = at or utcnow()
 
     def pending(self, agent_id: str) -> dict[str, Any] | None:
-        return self._pending.get(agent_id)
+        # A batch being written is still the truth until its transaction commits.
+        beat = self._pending.get(agent_id) or self._flushing.get(agent_id)
+        return dict(beat) if beat else None
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return {**self._flushing, **{k: dict(v) for k, v in self._pending.items()}}
 
     async def flush(self, db: Database) -> int:
         if not self._pending:
             return 0
         batch, self._pending = self._pending, {}
+        self._flushing = batch
         try:
             await self._write(db, batch)
         except BaseException:
@@ -220,6 +228,8 @@ class HeartbeatBuffer:
             for agent_id, beat in batch.items():
                 self._pending.setdefault(agent_id, beat)
             raise
+        finally:
+            self._flushing = {}
         return len(batch)
 
     async def _write(self, db: Database, batch: dict[str, dict[str, Any]]) -> None:

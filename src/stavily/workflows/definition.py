@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 import re
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
+import re2  # type: ignore[import-untyped]
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stavily.errors import InvalidInput
 
@@ -39,6 +50,18 @@ def parse_duration(value: str | int | float) -> float:
     return seconds
 
 
+def _duration_value(value: Any) -> Any:
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError("a duration is a string such as '30s', '2m' or '1h', or seconds")
+        parse_duration(value)
+    return value
+
+
+# One check, one message: `timeout: yes` is refused, not read as one second.
+Duration = Annotated[str | int | float, BeforeValidator(_duration_value)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
@@ -55,9 +78,9 @@ class Pool(_Strict):
     def _compiles(cls, value: str | None) -> str | None:
         if value is not None:
             try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression: {exc}") from None
+                re2.compile(value)  # the engine matches with RE2: linear time, no backtracking
+            except re2.error as exc:
+                raise ValueError(f"invalid regular expression (RE2 syntax): {exc}") from None
         return value
 
 
@@ -73,10 +96,10 @@ RETRYABLE = ("error", "timeout", "agent_lost")
 class ErrorHandling(_Strict):
     on_failure: Literal["fail", "stop", "continue"] = "fail"
     max_retries: int = Field(default=0, ge=0, le=100)
-    retry_delay: str | int | None = None
+    retry_delay: Duration | None = None
     # ours: how the delay grows, its ceiling, jitter, and which failures retry at all
     backoff: Literal["fixed", "exponential"] = "fixed"
-    max_delay: str | int | None = None
+    max_delay: Duration | None = None
     jitter: bool = False
     retry_on: list[Literal["error", "timeout", "agent_lost"]] = Field(
         default_factory=lambda: list(RETRYABLE)
@@ -84,7 +107,7 @@ class ErrorHandling(_Strict):
 
     @field_validator("retry_delay", "max_delay")
     @classmethod
-    def _duration(cls, value: str | int | None) -> str | int | None:
+    def _duration(cls, value: Any) -> Any:
         if value is not None:
             parse_duration(value)
         return value
@@ -127,7 +150,7 @@ class Step(_Strict):
     agents: AgentSelection | None = None
     depends_on: list[str] = Field(default_factory=list)
     config: dict[str, Any] = Field(default_factory=dict)
-    timeout: str | int | None = None
+    timeout: Duration | None = None
     error_handling: ErrorHandling = Field(default_factory=ErrorHandling)
     # ours, all optional
     when: str | None = Field(default=None, description="Run only when this expression holds.")
@@ -143,7 +166,7 @@ class Step(_Strict):
 
     @field_validator("timeout")
     @classmethod
-    def _timeout(cls, value: str | int | None) -> str | int | None:
+    def _timeout(cls, value: Any) -> Any:
         if value is not None:
             seconds = parse_duration(value)
             if not 1 <= seconds <= MAX_TIMEOUT_SECONDS:
@@ -233,12 +256,12 @@ class WorkflowDefinition(_Strict):
     metadata: dict[str, Any] = Field(default_factory=dict)
     # ours, all optional
     inputs: dict[str, InputSpec] | None = None
-    timeout: str | int | None = Field(default=None, description="Whole-execution timeout.")
+    timeout: Duration | None = Field(default=None, description="Whole-execution timeout.")
     concurrency: Concurrency | None = None
 
     @field_validator("timeout")
     @classmethod
-    def _timeout(cls, value: str | int | None) -> str | int | None:
+    def _timeout(cls, value: Any) -> Any:
         if value is not None and parse_duration(value) < 1:
             raise ValueError("an execution timeout is at least 1s")
         return value
@@ -281,28 +304,83 @@ class WorkflowDefinition(_Strict):
 STAGES = ("triggers", "actions", "outputs")
 
 
-def _path(loc: tuple[int | str, ...]) -> str:
+def _path(loc: tuple[int | str, ...], data: Any = None, missing: bool = False) -> str:
+    """`actions.steps[2].timeout`: the location in the document. Parts that are not in the
+    document (pydantic's names for the members of a union) are left out."""
     out = ""
-    for part in loc:
-        if isinstance(part, int):
+    node = data
+    for n, part in enumerate(loc):
+        last = n == len(loc) - 1
+        if isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node):
             out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
+            node = node[part]
+        elif isinstance(part, str) and isinstance(node, dict) and part in node:
+            out += f".{part}" if out else part
+            node = node[part]
+        elif data is None or (missing and last):
+            out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+            node = None
     return out or "(root)"
+
+
+MAX_NODES = 100_000
+MAX_DEPTH = 64
 
 
 def parse_source(source: str | bytes, content_type: str | None = None) -> Any:
     """YAML or JSON text -> data. JSON is YAML, but JSON errors read better as JSON."""
-    text = source.decode("utf-8", errors="strict") if isinstance(source, bytes) else source
+    if isinstance(source, bytes):
+        try:
+            source = source.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(
+                "the workflow is not UTF-8 text", [{"path": "(root)", "message": str(exc)}]
+            ) from None
+    if "\x00" in source:
+        raise InvalidInput(
+            "invalid workflow text", [{"path": "(root)", "message": "it holds a NUL character"}]
+        )
     try:
         if content_type and "json" in content_type:
-            return json.loads(text)
-        return yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            data = json.loads(source, parse_constant=_no_constant)
+        else:
+            data = yaml.safe_load(source)
+    except (json.JSONDecodeError, yaml.YAMLError, ValueError, RecursionError) as exc:
+        message = (
+            "nested too deeply" if isinstance(exc, RecursionError) else str(exc).replace("\n", " ")
+        )
         raise InvalidInput(
-            "the workflow is not valid YAML or JSON",
-            [{"path": "(root)", "message": str(exc).replace("\n", " ")}],
+            "the workflow is not valid YAML or JSON", [{"path": "(root)", "message": message}]
         ) from None
+    _check_size(data)
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _check_size(data: Any) -> None:
+    """Refuse what would explode when stored: YAML aliases expanding without bound, very
+    deep nesting, and numbers JSON cannot carry (NaN, infinities)."""
+    budget = MAX_NODES
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        budget -= 1
+        if budget < 0 or depth > MAX_DEPTH:
+            what = f"more than {MAX_NODES} values" if budget < 0 else "nested too deeply"
+            raise InvalidInput("the workflow is too large", [{"path": "(root)", "message": what}])
+        if isinstance(node, float) and not math.isfinite(node):
+            raise InvalidInput(
+                "invalid workflow",
+                [{"path": "(root)", "message": f"{node} is not a number JSON can hold"}],
+            )
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+            stack.extend((k, depth + 1) for k in node if not isinstance(k, str))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def validate(data: Any) -> WorkflowDefinition:
@@ -316,11 +394,23 @@ def validate(data: Any) -> WorkflowDefinition:
         definition = WorkflowDefinition.model_validate(data)
     except ValidationError as exc:
         problems = [
-            {"path": _path(err["loc"]), "message": err["msg"].removeprefix("Value error, ")}
+            {
+                "path": _path(err["loc"], data, err["type"] == "missing"),
+                "message": err["msg"].removeprefix("Value error, "),
+            }
             for err in exc.errors(include_url=False)
         ]
+        for problem in _graph_problems(_raw_shapes(data)):
+            if problem not in problems:
+                problems.append(problem)
         raise InvalidInput("invalid workflow definition", problems) from None
-    problems = _graph_problems(definition)
+    problems = _graph_problems(_shapes(definition))
+    if not definition.actions.steps:
+        problems.append(
+            {"path": "actions.steps", "message": "a workflow needs at least one action"}
+        )
+    if not problems:
+        problems = _template_problems(definition)
     if problems:
         raise InvalidInput("invalid workflow definition", problems)
     return definition
@@ -331,12 +421,57 @@ def _stage_steps(definition: WorkflowDefinition, stage_name: str) -> list[Step]:
     return stage.steps if stage else []
 
 
-def _graph_problems(definition: WorkflowDefinition) -> list[dict[str, str]]:
+@dataclass
+class _Shape:
+    """What the dependency checks need of a step, from the model or from raw data."""
+
+    index: int
+    name: str
+    depends_on: list[str]
+    run_on: Any = None
+    parallel: Any = None
+    for_each: Any = None
+
+
+def _shapes(definition: WorkflowDefinition) -> dict[str, list[_Shape]]:
+    return {
+        stage: [
+            _Shape(i, s.name, list(s.depends_on), s.run_on, s.parallel, s.for_each)
+            for i, s in enumerate(_stage_steps(definition, stage))
+        ]
+        for stage in STAGES
+    }
+
+
+def _raw_shapes(data: dict[str, Any]) -> dict[str, list[_Shape]]:
+    """The same from a document that failed validation, taking what can be read."""
+    shapes: dict[str, list[_Shape]] = {stage: [] for stage in STAGES}
+    for stage in STAGES:
+        section = data.get(stage)
+        steps = section.get("steps") if isinstance(section, dict) else None
+        for i, step in enumerate(steps if isinstance(steps, list) else []):
+            if not isinstance(step, dict) or not isinstance(step.get("name"), str):
+                continue
+            deps = step.get("depends_on")
+            shapes[stage].append(
+                _Shape(
+                    i,
+                    step["name"],
+                    [d for d in deps if isinstance(d, str)] if isinstance(deps, list) else [],
+                    step.get("run_on"),
+                    step.get("parallel"),
+                    step.get("for_each"),
+                )
+            )
+    return shapes
+
+
+def _graph_problems(shapes: dict[str, list[_Shape]]) -> list[dict[str, str]]:
     problems: list[dict[str, str]] = []
     seen: dict[str, str] = {}
     for stage_name in STAGES:
-        for i, step in enumerate(_stage_steps(definition, stage_name)):
-            where = f"{stage_name}.steps[{i}]"
+        for step in shapes[stage_name]:
+            where = f"{stage_name}.steps[{step.index}]"
             if step.name in seen:
                 problems.append(
                     {
@@ -352,20 +487,14 @@ def _graph_problems(definition: WorkflowDefinition) -> list[dict[str, str]]:
                 problems.append(
                     {"path": f"{where}.parallel", "message": "parallel goes with for_each"}
                 )
-    if not definition.actions.steps:
-        message = "a workflow needs at least one action"
-        problems.append({"path": "actions.steps", "message": message})
     # What each stage's steps may depend on: their own stage; outputs may also name actions.
-    allowed = {
-        "triggers": {s.name for s in _stage_steps(definition, "triggers")},
-        "actions": {s.name for s in definition.actions.steps},
-    }
-    allowed["outputs"] = allowed["actions"] | {s.name for s in _stage_steps(definition, "outputs")}
+    allowed = {stage: {s.name for s in shapes[stage]} for stage in ("triggers", "actions")}
+    allowed["outputs"] = allowed["actions"] | {s.name for s in shapes["outputs"]}
     for stage_name in STAGES:
-        steps = _stage_steps(definition, stage_name)
-        for i, step in enumerate(steps):
+        steps = shapes[stage_name]
+        for step in steps:
             for j, dep in enumerate(step.depends_on):
-                where = f"{stage_name}.steps[{i}].depends_on[{j}]"
+                where = f"{stage_name}.steps[{step.index}].depends_on[{j}]"
                 if dep == step.name:
                     problems.append({"path": where, "message": "a step cannot depend on itself"})
                 elif dep not in allowed[stage_name]:
@@ -380,16 +509,14 @@ def _graph_problems(definition: WorkflowDefinition) -> list[dict[str, str]]:
                 }
             )
             stuck = _downstream(graph, set(cycle))
-            for i, step in enumerate(steps):
+            for step in steps:
                 if step.name in stuck - set(cycle):
                     problems.append(
                         {
-                            "path": f"{stage_name}.steps[{i}]",
+                            "path": f"{stage_name}.steps[{step.index}]",
                             "message": f"unreachable: '{step.name}' waits on a dependency cycle",
                         }
                     )
-    if not problems:
-        problems += _template_problems(definition)
     return problems
 
 

@@ -462,7 +462,10 @@ class Engine:
             report = mask_secrets(report, (row.context or {}).get("secrets") or {})
             error = None
             if final == "failed":
-                error = str(report.get("error_message") or "the plugin failed")
+                # PostgreSQL text cannot hold NUL; an agent's message may.
+                error = str(report.get("error_message") or "the plugin failed").replace(
+                    "\x00", "\ufffd"
+                )
             await set_status(
                 conn,
                 instructions,

@@ -16,7 +16,7 @@ from stavily.api.json import JSONResponse
 from stavily.api.middleware import EdgeMiddleware
 from stavily.config import Settings
 from stavily.fleet import HeartbeatBuffer
-from stavily.security import CredentialCache, bootstrap
+from stavily.security import CredentialCache, agent_tokens, bootstrap
 from stavily.services.loops import LoopService
 from stavily.store import migrate
 from stavily.store.db import Database
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             agent_cache=CredentialCache(settings.credential_cache_seconds),
             token_cache=CredentialCache(settings.credential_cache_seconds),
             organization_id=organization_id,
+            jwt_key=await agent_tokens.signing_key(db),
         )
         flusher = LoopService(
             "heartbeat-flusher", settings.heartbeat_flush_interval, lambda: heartbeats.flush(db)

@@ -23,6 +23,7 @@ class State:
     agent_cache: CredentialCache[AgentIdentity]
     token_cache: CredentialCache[Principal]
     organization_id: str
+    jwt_key: str
 
 
 def state_of(request: Request) -> State:
@@ -51,7 +52,9 @@ async def current_principal(request: Request) -> Principal:
 
 async def current_agent(request: Request, agent_id: str) -> AgentIdentity:
     state = state_of(request)
-    agent = await authenticate_agent(state.db, bearer(request), agent_id, state.agent_cache)
+    agent = await authenticate_agent(
+        state.db, bearer(request), agent_id, state.agent_cache, state.jwt_key
+    )
     # Any authenticated request is a sign of life (official agents are silent while busy).
     state.heartbeats.record(agent.id, "online")
     return agent

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from stavily import audit
 from stavily.errors import Conflict, Forbidden, NotFound, Unauthorized
 from stavily.ids import new_id
+from stavily.security import agent_tokens
 from stavily.security.credentials import CredentialCache, digest, generate
 from stavily.store.db import Database
 from stavily.store.models import agents, instructions
@@ -32,10 +33,44 @@ class AgentIdentity:
     labels: dict[str, str]
     capacity: int
     status: str
+    admin_state: str = "active"
+    revoked: bool = False
+    credential_issued_at: float = 0.0  # JWTs issued before this are no longer valid
 
     @property
     def actor(self) -> str:
         return f"agent:{self.id}"
+
+
+_IDENTITY_COLUMNS = (
+    agents.c.id,
+    agents.c.organization_id,
+    agents.c.name,
+    agents.c.type,
+    agents.c.labels,
+    agents.c.capacity,
+    agents.c.status,
+    agents.c.admin_state,
+    agents.c.revoked_at,
+    agents.c.credential_issued_at,
+    agents.c.created_at,
+)
+
+
+def _identity(row: Any) -> AgentIdentity:
+    issued = row.credential_issued_at or row.created_at
+    return AgentIdentity(
+        row.id,
+        row.organization_id,
+        row.name,
+        row.type,
+        row.labels,
+        row.capacity,
+        row.status,
+        row.admin_state,
+        row.revoked_at is not None,
+        issued.timestamp(),
+    )
 
 
 async def create_agent(
@@ -68,6 +103,8 @@ async def create_agent(
         "status": "offline",
         "credential_hash": digest(credential),
         "created_at": now,
+        "credential_issued_at": now,
+        "admin_state": "active",
     }
     await conn.execute(agents.insert().values(**row))
     await audit.append(
@@ -131,34 +168,36 @@ async def authenticate_agent(
     credential: str | None,
     path_agent_id: str,
     cache: CredentialCache[AgentIdentity],
+    jwt_key: str | None = None,
 ) -> AgentIdentity:
-    """401 for no or unknown credential, 403 for another agent's path or a disabled agent."""
+    """The agent behind a credential: its API key, or a JWT the orchestrator issued.
+
+    401 for no, unknown or expired credential; 403 for another agent's path, or an agent
+    that is revoked or disabled.
+    """
     if not credential:
         raise Unauthorized("missing bearer credential")
-    key = digest(credential)
+    claims = None
+    if jwt_key and agent_tokens.looks_like_jwt(credential):
+        claims = agent_tokens.verify(jwt_key, credential)
+        key, where = f"agent:{claims['sub']}", agents.c.id == str(claims["sub"])
+    else:
+        key, where = digest(credential), agents.c.credential_hash == digest(credential)
     identity = cache.get(key)
     if identity is None:
         async with db.read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(
-                        agents.c.id,
-                        agents.c.organization_id,
-                        agents.c.name,
-                        agents.c.type,
-                        agents.c.labels,
-                        agents.c.capacity,
-                        agents.c.status,
-                    ).where(agents.c.credential_hash == key)
-                )
-            ).first()
+            row = (await conn.execute(sa.select(*_IDENTITY_COLUMNS).where(where))).first()
         if row is None:
             raise Unauthorized("unknown agent credential")
-        identity = AgentIdentity(*row)
+        identity = _identity(row)
         cache.put(key, identity)
+    if claims is not None and claims["iat"] < int(identity.credential_issued_at):
+        raise Unauthorized("this token was issued before the agent's credential was replaced")
     if identity.id != path_agent_id:
         raise Forbidden("this credential does not belong to that agent")
-    if identity.status == "disabled":
+    if identity.revoked:
+        raise Forbidden("this agent's credential is revoked")
+    if identity.admin_state == "disabled":
         raise Forbidden("this agent is disabled")
     return identity
 

@@ -90,7 +90,42 @@ agents = sa.Table(
     sa.Column("hostname", sa.String(255)),
     sa.Column("last_heartbeat_at", UTCDateTime()),
     _created(),
+    # what operators decide: active | draining (finish, take nothing new) | disabled
+    sa.Column("admin_state", sa.String(20), nullable=False, server_default="active"),
+    sa.Column("os", sa.String(100)),
+    # the last heartbeat's system figures: cpu, memory, disk, load, running
+    sa.Column("facts", sa.JSON),
+    sa.Column("revoked_at", UTCDateTime()),
+    sa.Column("credential_issued_at", UTCDateTime()),
+    sa.Column("enrollment_token_id", sa.String(40)),
     sa.UniqueConstraint("organization_id", "name", name="uq_agents_org_name"),
+)
+
+# Keys the orchestrator itself holds, shared by every replica (the agent JWT signing key).
+server_keys = sa.Table(
+    "server_keys",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("value", sa.String(200), nullable=False),
+    _created(),
+)
+
+enrollment_tokens = sa.Table(
+    "enrollment_tokens",
+    metadata,
+    _id(),
+    _org(),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("agent_type", sa.String(20), nullable=False),
+    sa.Column("labels", sa.JSON, nullable=False),
+    sa.Column("capacity", sa.Integer, nullable=False),
+    sa.Column("max_uses", sa.Integer),  # None: unlimited until it expires
+    sa.Column("uses", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("expires_at", UTCDateTime()),
+    sa.Column("created_by", sa.String(100), nullable=False),
+    _created(),
+    sa.Column("revoked_at", UTCDateTime()),
 )
 
 workflows = sa.Table(
@@ -218,6 +253,9 @@ instructions = sa.Table(
     sa.Column("error_details", sa.JSON),
     # a retry waits until then before any agent may take it
     sa.Column("available_at", UTCDateTime()),
+    # routing: the agent the strategy chose; others may take it once prefer_until passes
+    sa.Column("preferred_agent_id", sa.String(40)),
+    sa.Column("prefer_until", UTCDateTime()),
     sa.Index("ix_instructions_claim", "status", "organization_id", "agent_type", "id"),
     sa.Index("ix_instructions_lease", "status", "lease_expires_at"),
     sa.Index("ix_instructions_agent", "agent_id", "status"),

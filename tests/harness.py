@@ -145,7 +145,8 @@ def serve(database_url: str, data_dir: Path, **overrides: Any) -> Iterator[Orche
         port=port,
         heartbeat_flush_interval=0.05,
         reaper_interval=0.2,
-        **overrides,
+        # tests hammer the API on purpose; rate limits have tests of their own
+        **{"heartbeat_rate_limit": "1000/second", "agent_rate_limit": "10000/second", **overrides},
     )
     config = uvicorn.Config(
         create_app(settings),

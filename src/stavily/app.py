@@ -8,9 +8,12 @@ from contextlib import asynccontextmanager
 
 import structlog
 from fastapi import FastAPI
+from limits import parse as parse_limit
+from limits.storage import MemoryStorage
+from limits.strategies import SlidingWindowCounterRateLimiter
 
 from stavily import __version__
-from stavily.api import agents_v1, errors, v1
+from stavily.api import agents_v1, errors, fleet, v1
 from stavily.api.deps import State
 from stavily.api.json import JSONResponse
 from stavily.api.middleware import EdgeMiddleware
@@ -40,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 file=sys.stderr,
                 flush=True,
             )
-        heartbeats = HeartbeatBuffer(settings.lease_grace)
+        heartbeats = HeartbeatBuffer(settings)
         engine = Engine(db, settings, WorkSignal())
         app.state.stavily = State(
             settings=settings,
@@ -51,6 +54,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             token_cache=CredentialCache(settings.credential_cache_seconds),
             organization_id=organization_id,
             jwt_key=await agent_tokens.signing_key(db),
+            # In memory: per replica. Redis storage would share them (limits supports it).
+            limiter=SlidingWindowCounterRateLimiter(MemoryStorage()),
+            agent_limit=parse_limit(settings.agent_rate_limit),
+            heartbeat_limit=parse_limit(settings.heartbeat_rate_limit),
         )
         flusher = LoopService(
             "heartbeat-flusher", settings.heartbeat_flush_interval, lambda: heartbeats.flush(db)
@@ -79,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes)
     app.include_router(agents_v1.router)
     app.include_router(v1.router)
+    app.include_router(fleet.public)
+    app.include_router(fleet.private)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> JSONResponse:

@@ -25,17 +25,51 @@ class Settings(BaseSettings):
     max_body_bytes: int = 1024 * 1024
     poll_interval: int = Field(default=10, description="next_poll_interval told to agents.")
     max_poll_wait: int = Field(default=30, description="Longest long poll (?wait=) in seconds.")
-    heartbeat_interval: int = Field(default=30, description="Expected agent heartbeat period.")
-    offline_after_missed: int = Field(default=3, description="Missed heartbeats before offline.")
+    heartbeat_interval: int = Field(
+        default=30, description="Heartbeat period assumed for agents that do not say theirs."
+    )
+    degraded_after_missed: float = Field(
+        default=1.2, description="Heartbeat intervals of silence before an agent is degraded."
+    )
+    offline_after_missed: float = Field(
+        default=1.5,
+        description="Heartbeat intervals of silence before an agent is offline and its work "
+        "goes elsewhere (for agents that heartbeat while busy; others keep their leases).",
+    )
+    degraded_cpu_percent: float = Field(default=95, description="CPU use that degrades an agent.")
+    degraded_memory_percent: float = Field(default=95, description="Memory use that degrades.")
+    degraded_disk_percent: float = Field(default=95, description="Disk use that degrades.")
+    heartbeat_rate_limit: str = Field(
+        default="5/second", description="Heartbeats one agent may send (limits notation)."
+    )
+    agent_rate_limit: str = Field(
+        default="50/second", description="Agent API requests one agent may send."
+    )
     heartbeat_flush_interval: float = Field(
         default=0.5, description="Heartbeats are coalesced in memory and written this often."
     )
     lease_grace: int = Field(
         default=60, description="Seconds added to a step's timeout to form its lease."
     )
-    reaper_interval: float = Field(default=2.0, description="How often leases are checked.")
+    reaper_interval: float = Field(
+        default=1.0, description="How often leases, liveness and deadlines are checked."
+    )
     max_agent_lost_attempts: int = Field(
         default=3, description="Attempts before a step whose agents keep vanishing fails."
+    )
+    routing_prefer_seconds: float = Field(
+        default=2.0, description="How long a step waits for the agent its strategy chose."
+    )
+    routing_sticky_seconds: float = Field(
+        default=30.0, description="How long a sticky step waits for its execution's agent."
+    )
+    unroutable_after: float = Field(
+        default=600.0,
+        description="Seconds a queued step may wait with no eligible agent before it fails.",
+    )
+    unreported_grace: float = Field(
+        default=15.0,
+        description="Seconds after a hand-out before an agent's not reporting it counts.",
     )
     credential_cache_seconds: float = Field(
         default=5.0, description="How long a checked credential is trusted without a lookup."

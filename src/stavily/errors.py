@@ -53,3 +53,7 @@ class PayloadTooLarge(StavilyError):
 class RateLimited(StavilyError):
     status = 429
     code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message, {"retry_after": retry_after})
+        self.headers = {"Retry-After": str(retry_after)}

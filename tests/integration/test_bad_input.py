@@ -146,6 +146,7 @@ class World:
             "name": self.workflow,
             "execution_id": self.execution_id,
             "version": "1",
+            "token_id": unknown("token_id"),
         }[param]
 
     def ids(self, op: Operation, which: str) -> dict[str, str]:
@@ -250,6 +251,10 @@ def unknown(param: str) -> str:
 
 
 # Bodies: (label, content, content type).
+# Routes with no body to garble: with real ids and a valid token they do what they say
+# (cancel a run, revoke the agent...), so the sweeps send them only unknown ids.
+ACTIONS = ("/cancel", "/rerun", "/drain", "/disable", "/enable", "/revoke", "/credentials")
+
 BODIES: list[tuple[str, bytes, str | None]] = [
     ("no body", b"", None),
     ("empty json", b"", "application/json"),
@@ -380,7 +385,7 @@ def test_garbage_to_every_route_never_500(world: World, sweeper: Sweeper) -> Non
     for op in world.operations:
         for auth in AUTHS:
             for which in ("real", "unknown", "other agent"):
-                if which != "unknown" and op.path.endswith(("/cancel", "/rerun")):
+                if which != "unknown" and op.path.endswith(ACTIONS):
                     continue  # no body to garble: with a real id they do what they say
                 url = world.url(op, world.ids(op, which))
                 bodies = BODIES if op.has_body else BODIES[:4] + BODIES[-1:]
@@ -399,7 +404,7 @@ def test_garbage_to_every_route_never_500(world: World, sweeper: Sweeper) -> Non
 def test_garbage_query_strings_never_500(world: World, sweeper: Sweeper) -> None:
     junk = ["", "-1", "0", "1e999", "nan", "inf", "9" * 400, "名前", "%", "a" * 5000, "true"]
     for op in world.operations:
-        if op.path.endswith(("/cancel", "/rerun")):
+        if op.path.endswith(ACTIONS):
             continue  # no body or query to garble: with a real id they do what they say
         values = {p: world.real(p) for p in op.path_params}
         auth = "agent" if op.path.startswith("/agents/") else "admin"
@@ -508,9 +513,7 @@ BODY = st.one_of(
 @given(data=st.data())
 def test_fuzzed_requests_never_500(world: World, data: st.DataObject) -> None:
     op = data.draw(
-        st.sampled_from(
-            [o for o in world.operations if not o.path.endswith(("/cancel", "/rerun"))]
-        ),
+        st.sampled_from([o for o in world.operations if not o.path.endswith(ACTIONS)]),
         label="operation",
     )
     auth = data.draw(st.sampled_from(AUTHS), label="auth")

@@ -76,8 +76,13 @@ def test_plan_resolves_selection_hierarchy_and_output_order() -> None:
     steps = {s["name"]: s for s in plan(validate(parse_source(STAVILY_FILE)))}
     assert list(steps) == ["analyze-processes", "kill-high-cpu-processes", "notify"]
     # the step's own pools win over the stage's, which win over the workflow's
-    assert steps["analyze-processes"]["spec"]["selector"]["pools"][0]["agent_regex"] == "analysis-.*"
-    assert steps["kill-high-cpu-processes"]["spec"]["selector"]["pools"][0]["agent_regex"] == "actions-.*"
+    assert (
+        steps["analyze-processes"]["spec"]["selector"]["pools"][0]["agent_regex"] == "analysis-.*"
+    )
+    assert (
+        steps["kill-high-cpu-processes"]["spec"]["selector"]["pools"][0]["agent_regex"]
+        == "actions-.*"
+    )
     # outputs have no stage selection, so the workflow's applies, single agent included
     assert steps["notify"]["spec"]["selector"]["single_agent"] == "specific-agent-01"
     # outputs run after every action
@@ -149,7 +154,10 @@ actions:
         ("[1, 2]", "(root)"),
         ("name: x\nactions: {steps: []}", "actions.steps"),
         ("name: x", "actions"),
-        ("name: x\nactions: {steps: [{name: a, plugin: echo}]}\noutputs: {steps: [{name: o, plugin: echo, depends_on: [nope]}]}", "outputs.steps[0].depends_on[0]"),
+        (
+            "name: x\nactions: {steps: [{name: a, plugin: echo}]}\noutputs: {steps: [{name: o, plugin: echo, depends_on: [nope]}]}",
+            "outputs.steps[0].depends_on[0]",
+        ),
         ("name: [x\n", "(root)"),
     ],
 )
@@ -159,7 +167,15 @@ def test_malformed_documents(source: str, path: str) -> None:
 
 @pytest.mark.parametrize(
     "text, seconds",
-    [("30s", 30), ("2m", 120), ("1h", 3600), ("1.5d", 129600), ("250ms", 0.25), (45, 45), ("10", 10)],
+    [
+        ("30s", 30),
+        ("2m", 120),
+        ("1h", 3600),
+        ("1.5d", 129600),
+        ("250ms", 0.25),
+        (45, 45),
+        ("10", 10),
+    ],
 )
 def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == seconds

@@ -7,8 +7,13 @@ from stavily.ids import new_id
 from stavily.workflows.engine import step_output
 
 AGENT = AgentIdentity(
-    id="agt_1", organization_id="org_1", name="prod-web-1", type="action",
-    labels={"env": "prod", "zone": "a"}, capacity=1, status="online",
+    id="agt_1",
+    organization_id="org_1",
+    name="prod-web-1",
+    type="action",
+    labels={"env": "prod", "zone": "a"},
+    capacity=1,
+    status="online",
 )
 
 
@@ -32,7 +37,9 @@ def test_pools_match_whole_name_and_labels() -> None:
         AGENT,
         selector(pools=[{"agent_regex": "dev-.*"}, {"agent_regex": None, "labels": {"zone": "a"}}]),
     )
-    assert not eligible(AGENT, selector(pools=[{"agent_regex": "prod-.*", "labels": {"zone": "b"}}]))
+    assert not eligible(
+        AGENT, selector(pools=[{"agent_regex": "prod-.*", "labels": {"zone": "b"}}])
+    )
 
 
 def test_labels_must_all_match() -> None:

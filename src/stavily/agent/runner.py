@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import platform
 import signal
 import socket
@@ -202,6 +204,172 @@ class Agent:
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10)
+
+
+# -- credentials: given, kept in a file, or obtained by enrolling ---------------------------
+
+
+@dataclass(frozen=True)
+class Credentials:
+    url: str
+    agent_id: str
+    api_key: str
+
+    def __repr__(self) -> str:  # never print the key
+        return f"Credentials(url={self.url!r}, agent_id={self.agent_id!r})"
+
+
+class EnrollmentFailed(Exception):
+    """No usable credentials; `exit_code` follows the CLI's (2 input, 4 conflict, 5 auth)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def default_credentials_file(plugins_dir: Path | None) -> Path:
+    """Beside the plugins folder when one is given, else in the user's home."""
+    if plugins_dir is not None:
+        return plugins_dir.resolve().parent / "agent-credentials.json"
+    return Path.home() / ".stavily" / "agent.json"
+
+
+def read_credentials(path: Path) -> Credentials | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise EnrollmentFailed(f"cannot read the credentials file {path}: {exc}") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k), str) and data[k] for k in ("agent_id", "api_key", "url")
+    ):
+        raise EnrollmentFailed(
+            f"the credentials file {path} must hold agent_id, api_key and url", exit_code=2
+        )
+    if path.stat().st_mode & 0o077:
+        log.warning("the credentials file is readable by others", path=str(path))
+    return Credentials(data["url"], data["agent_id"], data["api_key"])
+
+
+def _open_private(path: Path) -> int:
+    """A new file only its owner may read (0600 from the start, never wider)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a leftover of an interrupted attempt
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+
+async def enroll_agent(
+    url: str, enrollment_token: str, name: str, labels: dict[str, str], path: Path
+) -> Credentials:
+    """Exchange the token at POST /agents/v1/register and keep the answer in `path`.
+
+    The file is opened before the exchange, so an agent that could not keep its key is
+    never created; network failures and 5xx are retried for a minute."""
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = _open_private(scratch)
+    except OSError as exc:
+        raise EnrollmentFailed(f"cannot write the credentials file {path}: {exc}") from None
+    body = {
+        "enrollment_token": enrollment_token.removeprefix("Bearer ").strip(),
+        "name": name,
+        "labels": labels,
+        "hostname": socket.gethostname(),
+        "version": __version__,
+        "os": platform.system().lower(),
+    }
+    try:
+        answer = await _register(url, body)
+        credentials = Credentials(url, answer["agent_id"], answer["api_key"])
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            fd = -1
+            json.dump(
+                {"agent_id": credentials.agent_id, "api_key": credentials.api_key, "url": url},
+                handle,
+                indent=2,
+            )
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(scratch, path)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            scratch.unlink()
+    log.info("enrolled", agent_id=credentials.agent_id, name=name, credentials_file=str(path))
+    return credentials
+
+
+async def _register(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + 60
+    delay = 0.5
+    headers = {"User-Agent": f"Stavily-Agent/{__version__} (stavily-python)"}
+    async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=30) as client:
+        while True:
+            try:
+                response = await client.post("/agents/v1/register", json=body)
+                if response.status_code == 201:
+                    return response.json()  # type: ignore[no-any-return]
+                if response.status_code < 500 and response.status_code != 429:
+                    raise EnrollmentFailed(
+                        f"enrollment refused (HTTP {response.status_code}): "
+                        + _error_message(response),
+                        {401: 5, 403: 5, 409: 4, 422: 2}.get(response.status_code, 1),
+                    )
+                problem = f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                problem = str(exc) or type(exc).__name__
+            if asyncio.get_running_loop().time() > deadline:
+                raise EnrollmentFailed(f"cannot enroll at {url}: {problem}")
+            log.warning("enrollment not done yet", error=problem)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10)
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
+
+
+async def resolve_credentials(
+    *,
+    url: str | None,
+    agent_id: str | None,
+    token: str | None,
+    enroll: str | None,
+    name: str | None,
+    labels: dict[str, str],
+    path: Path,
+) -> Credentials:
+    """--agent-id/--token when given; else the credentials file; else enroll with --enroll.
+
+    A file already there wins over --enroll, so a service started with the same command
+    every time enrolls once and then reuses its credentials."""
+    if agent_id or token:
+        if not (agent_id and token):
+            raise EnrollmentFailed("--agent-id and --token go together", exit_code=2)
+        if not url:
+            raise EnrollmentFailed("--url is required", exit_code=2)
+        return Credentials(url, agent_id, token)
+    stored = read_credentials(path)
+    if stored is not None:
+        if enroll:
+            log.info("already enrolled: using the credentials file", path=str(path))
+        return Credentials(url or stored.url, stored.agent_id, stored.api_key)
+    if enroll:
+        if not url:
+            raise EnrollmentFailed("--url is required to enroll", exit_code=2)
+        return await enroll_agent(url, enroll, name or socket.gethostname(), labels, path)
+    raise EnrollmentFailed(
+        f"no credentials: give --agent-id and --token, or --enroll TOKEN (no credentials "
+        f"file at {path})",
+        exit_code=2,
+    )
 
 
 async def run_agent(config: AgentConfig) -> int:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from stavily.api.deps import AppState, CurrentAgent
 from stavily.api.json import JSONResponse
-from stavily.errors import InvalidInput
+from stavily.errors import InvalidInput, RateLimited
 
 router = APIRouter(prefix="/agents/v1", tags=["agents"])
 
@@ -38,6 +38,27 @@ class ResultReport(BaseModel):
     execution_log: list[str] | None = Field(default=None, max_length=100_000)
 
 
+class SystemFigures(BaseModel):
+    """What a richer heartbeat says about the agent's machine; absurd figures are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpu_percent: float | None = Field(default=None, ge=0, le=100)
+    memory_percent: float | None = Field(default=None, ge=0, le=100)
+    disk_percent: float | None = Field(default=None, ge=0, le=100)
+    load: list[float] | float | None = None
+    memory_total_bytes: int | None = Field(default=None, ge=0, le=2**60)
+    cpu_count: int | None = Field(default=None, ge=1, le=100_000)
+
+    @field_validator("load")
+    @classmethod
+    def _load(cls, value: list[float] | float | None) -> list[float] | float | None:
+        values = value if isinstance(value, list) else [value] if value is not None else []
+        if len(values) > 3 or any(not 0 <= v <= 100_000 for v in values):
+            raise ValueError("load is up to three averages between 0 and 100000")
+        return value
+
+
 class Heartbeat(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -45,9 +66,17 @@ class Heartbeat(BaseModel):
     status: str = Field(default="online", max_length=50)
     version: str | None = Field(default=None, max_length=100, pattern=_PRINTABLE)
     hostname: str | None = Field(default=None, max_length=255, pattern=_PRINTABLE)
+    # our extensions
+    os: str | None = Field(default=None, max_length=100, pattern=_PRINTABLE)
+    labels: dict[str, str] | None = Field(default=None, max_length=64)
+    capacity: StrictInt | None = Field(default=None, ge=1, le=1000)
     running: list[str] | None = Field(
         default=None, max_length=1000, description="Ids of the instructions the agent runs."
     )
+    heartbeat_interval: float | None = Field(
+        default=None, ge=1, le=3600, description="Seconds until the agent's next heartbeat."
+    )
+    system: SystemFigures | None = None
 
     @field_validator("timestamp")
     @classmethod
@@ -88,13 +117,18 @@ async def poll(
     wait: float = Query(default=0, ge=0, le=300, description="Long poll: hold up to N seconds."),
     slots: int | None = Query(default=None, ge=1, le=100, description="Hand out up to N."),
 ) -> JSONResponse:
+    state.heartbeats.touch(agent.id)  # a valid request is a sign of life
+    if not request.query_params:
+        # An official agent polls only when it runs nothing: anything still leased to it
+        # was lost on the way (its poll answer, or its never-retried result) and goes back.
+        await state.engine.release_unreported(agent, [])
     wait = min(wait, state.settings.max_poll_wait)
     hung_up = asyncio.Event()
     watcher = asyncio.create_task(_watch_disconnect(request, hung_up)) if wait else None
 
     def wanted() -> bool:
         pending = state.heartbeats.pending(agent.id)
-        return not hung_up.is_set() and (pending is None or pending["status"] != "offline")
+        return not hung_up.is_set() and (pending is None or pending.get("status") != "offline")
 
     try:
         claimed = await state.engine.poll(agent, slots or 1, wait, wanted)
@@ -116,6 +150,7 @@ async def _watch_disconnect(request: Request, hung_up: asyncio.Event) -> None:
 async def progress(
     instruction_id: str, update: ProgressUpdate, agent: CurrentAgent, state: AppState
 ) -> JSONResponse:
+    state.heartbeats.touch(agent.id)
     fields = update.model_dump(
         include={"status", "execution_log", "max_retries"}, exclude_unset=True
     )
@@ -135,6 +170,7 @@ async def result(
     state: AppState,
     next: bool = Query(default=False, description="Piggyback the next instruction."),
 ) -> JSONResponse:
+    state.heartbeats.touch(agent.id)
     digest = hashlib.sha256(await request.body()).hexdigest()
     await state.engine.result(agent, instruction_id, report.model_dump(exclude_unset=True), digest)
     next_instruction = None
@@ -151,12 +187,31 @@ async def heartbeat(beat: Heartbeat, agent: CurrentAgent, state: AppState) -> JS
             f"'{beat.status}' is not a heartbeat status",
             [{"path": "status", "message": f"expected one of {sorted(HEARTBEAT_STATUSES)}"}],
         )
-    status = "offline" if beat.status == "offline" else "online"
-    state.heartbeats.record(agent.id, status, version=beat.version, hostname=beat.hostname)
-    if status == "offline":
+    if not state.limiter.hit(state.heartbeat_limit, "heartbeat", agent.id):
+        raise RateLimited("too many heartbeats from this agent", retry_after=1)
+    state.heartbeats.record(
+        agent.id,
+        "offline" if beat.status == "offline" else "online",
+        version=beat.version,
+        hostname=beat.hostname,
+        os=beat.os,
+        interval=beat.heartbeat_interval,
+        busy=beat.running is not None,
+        facts={
+            **(beat.system.model_dump(exclude_none=True) if beat.system else {}),
+            **({"labels": beat.labels} if beat.labels is not None else {}),
+            **({"capacity": beat.capacity} if beat.capacity is not None else {}),
+            **({"running": beat.running} if beat.running is not None else {}),
+        },
+    )
+    if beat.status == "offline":
         await state.engine.release_unstarted(agent)
     elif beat.running is not None:
         await state.engine.release_unreported(agent, beat.running)
-    return JSONResponse(
-        {"acknowledged": True, "next_heartbeat_interval": state.settings.heartbeat_interval}
-    )
+    answer: dict[str, Any] = {
+        "acknowledged": True,
+        "next_heartbeat_interval": state.settings.heartbeat_interval,
+    }
+    if agent.admin_state == "draining":
+        answer["commands"] = ["drain"]  # our agent stops polling; old agents ignore it
+    return JSONResponse(answer)

@@ -6,8 +6,11 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from limits import RateLimitItem
+from limits.strategies import RateLimiter
 
 from stavily.config import Settings
+from stavily.errors import RateLimited
 from stavily.fleet import AgentIdentity, HeartbeatBuffer, authenticate_agent
 from stavily.security import CredentialCache, Principal, authenticate_token
 from stavily.store.db import Database
@@ -24,6 +27,9 @@ class State:
     token_cache: CredentialCache[Principal]
     organization_id: str
     jwt_key: str
+    limiter: RateLimiter
+    agent_limit: RateLimitItem
+    heartbeat_limit: RateLimitItem
 
 
 def state_of(request: Request) -> State:
@@ -55,8 +61,8 @@ async def current_agent(request: Request, agent_id: str) -> AgentIdentity:
     agent = await authenticate_agent(
         state.db, bearer(request), agent_id, state.agent_cache, state.jwt_key
     )
-    # Any authenticated request is a sign of life (official agents are silent while busy).
-    state.heartbeats.record(agent.id, "online")
+    if not state.limiter.hit(state.agent_limit, "agent", agent.id):
+        raise RateLimited("too many requests from this agent", retry_after=1)
     return agent
 
 

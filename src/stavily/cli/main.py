@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from stavily import __version__
+from stavily.cli.agents import agent_app, enrollment_app, fleet_app
 from stavily.cli.executions import app as execution_app
 from stavily.cli.workflows import app as workflow_app
 
@@ -18,11 +19,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
-agent_app = typer.Typer(help="The reference agent.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(agent_app, name="agent")
 app.add_typer(workflow_app, name="workflow")
 app.add_typer(execution_app, name="execution")
+app.add_typer(enrollment_app, name="enrollment")
+app.add_typer(fleet_app, name="fleet")
 
 
 def _settings(**overrides: Any) -> Any:
@@ -103,27 +105,91 @@ def db_upgrade(database_url: DatabaseOpt = None, data_dir: DataDirOpt = None) ->
 
 @agent_app.command("run")
 def agent_run(
-    url: Annotated[str, typer.Option(help="The orchestrator's base URL", envvar="STAVILY_URL")],
-    agent_id: Annotated[str, typer.Option(help="This agent's id", envvar="STAVILY_AGENT_ID")],
+    url: Annotated[
+        str | None,
+        typer.Option(
+            help="The orchestrator's base URL (default: the credentials file's)",
+            envvar="STAVILY_URL",
+        ),
+    ] = None,
+    agent_id: Annotated[
+        str | None, typer.Option(help="This agent's id", envvar="STAVILY_AGENT_ID")
+    ] = None,
     token: Annotated[
-        str, typer.Option(help="This agent's credential", envvar="STAVILY_AGENT_TOKEN")
-    ],
+        str | None, typer.Option(help="This agent's credential", envvar="STAVILY_AGENT_TOKEN")
+    ] = None,
+    enroll: Annotated[
+        str | None,
+        typer.Option(
+            help="Enroll with this enrollment token when there are no credentials yet",
+            envvar="STAVILY_ENROLLMENT_TOKEN",
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="The agent's name, to enroll (default: the hostname)")
+    ] = None,
+    labels: Annotated[
+        list[str] | None,
+        typer.Option("--label", metavar="KEY=VALUE", help="A label to ask for when enrolling"),
+    ] = None,
+    credentials_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the id and key are kept (default: <plugins-dir>/../agent-credentials"
+            ".json with --plugins-dir, else ~/.stavily/agent.json)",
+            envvar="STAVILY_AGENT_CREDENTIALS",
+        ),
+    ] = None,
     plugins_dir: Annotated[
-        Path, typer.Option(help="Folder holding one folder per plugin id")
-    ] = Path("plugins"),
+        Path | None,
+        typer.Option(help="Folder holding one folder per plugin id (default: plugins)"),
+    ] = None,
     heartbeat_interval: Annotated[float, typer.Option(help="Seconds between heartbeats")] = 30,
     poll_wait: Annotated[float, typer.Option(help="Long-poll wait in seconds")] = 25,
 ) -> None:
-    """Run the reference agent: poll, run plugins, report, heartbeat."""
-    from stavily.agent.runner import AgentConfig, run_agent
+    """Run the reference agent: poll, run plugins, report, heartbeat.
+
+    Its credentials: --agent-id and --token; else the credentials file; else enrolling
+    with --enroll, which writes that file (mode 0600) for later starts.
+    """
+    from stavily.agent.runner import (
+        AgentConfig,
+        EnrollmentFailed,
+        default_credentials_file,
+        resolve_credentials,
+        run_agent,
+    )
+    from stavily.cli.agents import parse_labels
+    from stavily.cli.client import CliError, report
     from stavily.logging import configure
 
     configure("info")
+    try:
+        extra_labels = parse_labels(labels)
+    except CliError as error:
+        report(error)
+        raise typer.Exit(error.exit_code) from None
+    plugins = plugins_dir or Path("plugins")
+    try:
+        credentials = asyncio.run(
+            resolve_credentials(
+                url=url,
+                agent_id=agent_id,
+                token=token,
+                enroll=enroll,
+                name=name,
+                labels=extra_labels,
+                path=credentials_file or default_credentials_file(plugins_dir),
+            )
+        )
+    except EnrollmentFailed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
     config = AgentConfig(
-        url=url,
-        agent_id=agent_id,
-        token=token,
-        plugins_dir=plugins_dir,
+        url=credentials.url,
+        agent_id=credentials.agent_id,
+        token=credentials.api_key,
+        plugins_dir=plugins,
         heartbeat_interval=heartbeat_interval,
         poll_wait=poll_wait,
     )

@@ -9,9 +9,11 @@ from typing import Any
 
 import re2  # type: ignore[import-untyped]
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stavily import audit
+from stavily.config import Settings
 from stavily.errors import Conflict, Forbidden, NotFound, Unauthorized
 from stavily.ids import new_id
 from stavily.security import agent_tokens
@@ -106,7 +108,11 @@ async def create_agent(
         "credential_issued_at": now,
         "admin_state": "active",
     }
-    await conn.execute(agents.insert().values(**row))
+    try:
+        async with conn.begin_nested():
+            await conn.execute(agents.insert().values(**row))
+    except IntegrityError:  # the same name created at the same moment
+        raise Conflict(f"an agent named '{name}' already exists") from None
     await audit.append(
         conn,
         [
@@ -124,17 +130,38 @@ async def create_agent(
     return row, credential
 
 
+def shown_status(agent: Any) -> str:
+    """Revoked, else the operator's state unless active, else health."""
+    if agent.get("revoked_at"):
+        return "revoked"
+    if agent.get("admin_state", "active") != "active":
+        return str(agent["admin_state"])
+    return str(agent["status"])
+
+
 def agent_view(row: Any, pending: dict[str, Any] | None = None) -> dict[str, Any]:
-    """An agent as the private API shows it, with heartbeats not yet flushed applied."""
+    """An agent as the private API shows it, with heartbeats not yet flushed applied.
+
+    `status` is what an operator needs first: the operator's state when the agent is not
+    active (draining, disabled, revoked), else its health (online, degraded, offline).
+    """
     data = dict(row)
-    data.pop("credential_hash", None)
+    for key in ("credential_hash", "late_at", "dead_at"):
+        data.pop(key, None)
     if pending:
+        for key in ("status", "version", "hostname", "os"):
+            if pending.get(key) is not None:
+                data[key] = pending[key]
+        if pending.get("status") is None and data["status"] == "offline":
+            data["status"] = "online"  # any request from it shows it is alive (as flushed)
+        if pending.get("facts"):
+            data["facts"] = pending["facts"]
         data["last_heartbeat_at"] = max(
             filter(None, [data.get("last_heartbeat_at"), pending["last_heartbeat_at"]])
         )
-        if data["status"] != "disabled":
-            data["status"] = pending["status"]
-    for key in ("created_at", "last_heartbeat_at"):
+    data["health"] = data["status"]
+    data["status"] = shown_status(data)
+    for key in ("created_at", "last_heartbeat_at", "revoked_at", "credential_issued_at"):
         data[key] = isoformat(data.get(key))
     return data
 
@@ -208,8 +235,24 @@ def _regex(pattern: str) -> Any:
     return re2.compile(pattern)
 
 
-def _labels_match(have: dict[str, str], want: dict[str, str]) -> bool:
-    return all(have.get(key) == value for key, value in want.items())
+def _labels_match(have: dict[str, str], want: dict[str, Any]) -> bool:
+    """Every rule holds: a string equals, a list contains, an expression tests
+    `exists`, `in` or `not_in`."""
+    for key, rule in want.items():
+        value = have.get(key)
+        if isinstance(rule, str):
+            ok = value == rule
+        elif isinstance(rule, list):
+            ok = value in rule
+        else:
+            ok = (
+                ("exists" not in rule or (key in have) == rule["exists"])
+                and ("in" not in rule or value in rule["in"])
+                and ("not_in" not in rule or value not in rule["not_in"])
+            )
+        if not ok:
+            return False
+    return True
 
 
 def eligible(agent: AgentIdentity, selector: dict[str, Any]) -> bool:
@@ -232,20 +275,79 @@ def eligible(agent: AgentIdentity, selector: dict[str, Any]) -> bool:
 class HeartbeatBuffer:
     """Heartbeats land in memory and are written in one batch per flush interval.
 
-    Ten thousand agents beating every few seconds would otherwise be thousands of
-    transactions a second; a lost batch on a crash costs only a few seconds of liveness.
+    Ten thousand agents beating every five seconds would otherwise be two thousand
+    transactions a second; a lost batch on a crash costs only a moment of liveness.
+    Each beat sets the agent's health (degraded when its figures pass the limits) and
+    its deadlines: `late_at` (degraded from silence) and `dead_at` (offline).
     """
 
-    def __init__(self, lease_grace: int) -> None:
-        self.lease_grace = lease_grace
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self._pending: dict[str, dict[str, Any]] = {}
         self._flushing: dict[str, dict[str, Any]] = {}
+        self._intervals: dict[str, float] = {}
 
-    def record(self, agent_id: str, status: str, at: datetime | None = None, **facts: Any) -> None:
+    def _deadlines(self, agent_id: str, at: datetime) -> dict[str, Any]:
+        interval = self._intervals.get(agent_id, float(self.settings.heartbeat_interval))
+        return {
+            "late_at": at + timedelta(seconds=interval * self.settings.degraded_after_missed),
+            "dead_at": at + timedelta(seconds=interval * self.settings.offline_after_missed),
+        }
+
+    def health(self, facts: dict[str, Any]) -> tuple[str, str | None]:
+        limits = {
+            "cpu_percent": self.settings.degraded_cpu_percent,
+            "memory_percent": self.settings.degraded_memory_percent,
+            "disk_percent": self.settings.degraded_disk_percent,
+        }
+        for key, limit in limits.items():
+            if facts.get(key) is not None and facts[key] >= limit:
+                return "degraded", f"{key} {facts[key]:g} >= {limit:g}"
+        return "online", None
+
+    def record(
+        self,
+        agent_id: str,
+        status: str,
+        *,
+        version: str | None = None,
+        hostname: str | None = None,
+        os: str | None = None,
+        interval: float | None = None,
+        busy: bool = False,
+        facts: dict[str, Any] | None = None,
+    ) -> None:
+        """A heartbeat: `status` is "online" or "offline" as the agent says."""
+        now = utcnow()
+        if interval:
+            self._intervals[agent_id] = interval
         entry = self._pending.setdefault(agent_id, {})
-        entry.update({k: v for k, v in facts.items() if v is not None})
-        entry["status"] = status
-        entry["last_heartbeat_at"] = at or utcnow()
+        entry.update(
+            {
+                k: v
+                for k, v in (("version", version), ("hostname", hostname), ("os", os))
+                if v is not None
+            }
+        )
+        facts = dict(facts or {})
+        if status == "offline":
+            entry.update(status="offline", late_at=None, dead_at=None)
+        else:
+            entry["status"], reason = self.health(facts)
+            if reason:
+                facts["degraded_because"] = reason
+            entry.update(self._deadlines(agent_id, now))
+        if interval:
+            facts["heartbeat_interval"] = interval
+        entry.update(facts=facts, busy=busy, last_heartbeat_at=now, beat=True)
+
+    def touch(self, agent_id: str) -> None:
+        """Any other request from the agent: it is alive, its health is what it last said."""
+        now = utcnow()
+        entry = self._pending.setdefault(agent_id, {})
+        if entry.get("status") == "offline":
+            entry["status"] = "online"
+        entry.update(last_heartbeat_at=now, **self._deadlines(agent_id, now))
 
     def pending(self, agent_id: str) -> dict[str, Any] | None:
         # A batch being written is still the truth until its transaction commits.
@@ -272,32 +374,69 @@ class HeartbeatBuffer:
         return len(batch)
 
     async def _write(self, db: Database, batch: dict[str, dict[str, Any]]) -> None:
-        rows = [
-            {
+        beats, touches = [], []
+        for agent_id, beat in batch.items():
+            row = {
                 "b_id": agent_id,
-                "b_status": beat["status"],
                 "b_at": beat["last_heartbeat_at"],
-                "b_version": beat.get("version"),
-                "b_hostname": beat.get("hostname"),
+                "b_late": beat.get("late_at"),
+                "b_dead": beat.get("dead_at"),
             }
-            for agent_id, beat in batch.items()
-        ]
-        update_agents = (
-            agents.update()
-            .where(agents.c.id == sa.bindparam("b_id"), agents.c.status != "disabled")
-            .values(
-                status=sa.bindparam("b_status"),
-                last_heartbeat_at=sa.bindparam("b_at"),
-                version=sa.func.coalesce(sa.bindparam("b_version"), agents.c.version),
-                hostname=sa.func.coalesce(sa.bindparam("b_hostname"), agents.c.hostname),
-            )
-        )
-        alive = [agent_id for agent_id, beat in batch.items() if beat["status"] != "offline"]
-        extended = utcnow() + timedelta(seconds=self.lease_grace)
+            if beat.get("beat"):
+                beats.append(
+                    {
+                        **row,
+                        "b_status": beat["status"],
+                        "b_version": beat.get("version"),
+                        "b_hostname": beat.get("hostname"),
+                        "b_os": beat.get("os"),
+                        "b_facts": beat.get("facts") or None,
+                        "b_busy": bool(beat.get("busy")),
+                    }
+                )
+            else:
+                touches.append(row)
+        common = {
+            "last_heartbeat_at": sa.bindparam("b_at"),
+            "late_at": sa.bindparam("b_late"),
+            "dead_at": sa.bindparam("b_dead"),
+        }
+        by_id = agents.c.id == sa.bindparam("b_id")
+        alive = [a for a, beat in batch.items() if beat.get("status") != "offline"]
+        extended = utcnow() + timedelta(seconds=self.settings.lease_grace)
         async with db.write() as conn:
-            await conn.execute(update_agents, rows)
+            if beats:
+                await conn.execute(
+                    agents.update()
+                    .where(by_id)
+                    .values(
+                        **common,
+                        status=sa.bindparam("b_status"),
+                        version=sa.func.coalesce(sa.bindparam("b_version"), agents.c.version),
+                        hostname=sa.func.coalesce(sa.bindparam("b_hostname"), agents.c.hostname),
+                        os=sa.func.coalesce(sa.bindparam("b_os"), agents.c.os),
+                        facts=sa.func.coalesce(
+                            sa.bindparam("b_facts", type_=sa.JSON(none_as_null=True)),
+                            agents.c.facts,
+                        ),
+                        heartbeats_while_busy=sa.bindparam("b_busy"),
+                    ),
+                    beats,
+                )
+            if touches:
+                await conn.execute(
+                    agents.update()
+                    .where(by_id)
+                    .values(
+                        **common,
+                        status=sa.case(
+                            (agents.c.status == "offline", "online"), else_=agents.c.status
+                        ),
+                    ),
+                    touches,
+                )
             if alive:
-                # A heartbeat extends the lease of the agent's running instructions.
+                # A sign of life extends the lease of the agent's running instructions.
                 await conn.execute(
                     instructions.update()
                     .where(

@@ -98,7 +98,13 @@ agents = sa.Table(
     sa.Column("revoked_at", UTCDateTime()),
     sa.Column("credential_issued_at", UTCDateTime()),
     sa.Column("enrollment_token_id", sa.String(40)),
+    # liveness deadlines, set at each heartbeat from the agent's own interval
+    sa.Column("late_at", UTCDateTime()),
+    sa.Column("dead_at", UTCDateTime()),
+    # an agent that heartbeats while it runs work can be declared dead before its leases end
+    sa.Column("heartbeats_while_busy", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.UniqueConstraint("organization_id", "name", name="uq_agents_org_name"),
+    sa.Index("ix_agents_liveness", "status", "dead_at"),
 )
 
 # Keys the orchestrator itself holds, shared by every replica (the agent JWT signing key).

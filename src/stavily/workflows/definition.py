@@ -66,10 +66,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
+class LabelExpression(_Strict):
+    """A label rule beyond equality: `{exists: true}`, `{in: [a, b]}`, `{not_in: [c]}`."""
+
+    # `in` is a Python keyword: written `in`, held as `in_` (stored definitions have both)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    exists: bool | None = None
+    in_: list[str] | None = Field(default=None, alias="in")
+    not_in: list[str] | None = None
+
+
+# `env: prod` (equals), `zone: [a, b]` (one of), or an expression.
+LabelRule = str | list[str] | LabelExpression
+STRATEGIES = ("least_loaded", "round_robin", "sticky")
+
+
+def _label_rules(labels: dict[str, LabelRule]) -> dict[str, Any]:
+    return {
+        key: rule.model_dump(by_alias=True, exclude_none=True)
+        if isinstance(rule, LabelExpression)
+        else rule
+        for key, rule in labels.items()
+    }
+
+
 class Pool(_Strict):
     pool_name: str | None = None
     agent_regex: str | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, LabelRule] = Field(default_factory=dict)
     auto_install_plugins: bool = False
     on_plugin_missing: Literal["skip_agent", "fail", "install"] | None = None
 
@@ -87,7 +112,9 @@ class Pool(_Strict):
 class AgentSelection(_Strict):
     pools: list[Pool] = Field(default_factory=list)
     single_agent: str | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, LabelRule] = Field(default_factory=dict)
+    # ours: which eligible agent a step goes to first
+    strategy: Literal["least_loaded", "round_robin", "sticky"] | None = None
 
 
 RETRYABLE = ("error", "timeout", "agent_lost")
@@ -625,18 +652,26 @@ def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
 
 
 def _selector(*levels: AgentSelection | None) -> dict[str, Any]:
-    """The most specific selection wins: step over stage over workflow."""
+    """The most specific selection wins: step over stage over workflow. A strategy set at
+    any level applies unless a more specific level sets its own."""
+    strategy = next((lv.strategy for lv in levels if lv is not None and lv.strategy), None)
+    chosen = {"single_agent": None, "pools": [], "labels": {}}
     for level in levels:
         if level is not None and (level.single_agent or level.pools or level.labels):
-            return {
+            chosen = {
                 "single_agent": level.single_agent,
                 "pools": [
-                    {"pool_name": p.pool_name, "agent_regex": p.agent_regex, "labels": p.labels}
+                    {
+                        "pool_name": p.pool_name,
+                        "agent_regex": p.agent_regex,
+                        "labels": _label_rules(p.labels),
+                    }
                     for p in level.pools
                 ],
-                "labels": level.labels,
+                "labels": _label_rules(level.labels),
             }
-    return {"single_agent": None, "pools": [], "labels": {}}
+            break
+    return {**chosen, "strategy": strategy or "least_loaded"}
 
 
 def plan(definition: WorkflowDefinition) -> list[dict[str, Any]]:

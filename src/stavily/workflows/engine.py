@@ -10,6 +10,7 @@ one execution never advance it at the same time.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,6 +22,7 @@ from stavily import audit
 from stavily.config import Settings
 from stavily.errors import Conflict, Forbidden, InvalidInput, NotFound
 from stavily.fleet.agents import ACTIVE_INSTRUCTION, AgentIdentity, eligible
+from stavily.fleet.routing import Router
 from stavily.ids import new_id
 from stavily.store.db import Database
 from stavily.store.models import agents, executions, instructions, step_runs, workflows
@@ -32,6 +34,7 @@ from stavily.workflows.orchestration import (
     AGENT_LOST,
     ERROR,
     TIMEOUT,
+    UNROUTABLE,
     Progression,
     load_step,
     load_steps,
@@ -44,7 +47,6 @@ from stavily.workflows.views import execution_view, step_view
 COMPLETED = {"completed", "success", "succeeded"}
 FAILED = {"failed", "failure", "error", "timeout", "timed_out"}
 PROGRESS_STATUSES = {"executing", "running", "in_progress", "started"}
-UNREPORTED_GRACE = timedelta(seconds=15)
 
 
 def step_output(report: dict[str, Any]) -> Any:
@@ -81,13 +83,24 @@ class Engine:
         self.db = db
         self.settings = settings
         self.signal = signal
+        self.router = Router(settings.routing_prefer_seconds, settings.routing_sticky_seconds)
+        # agents in a long poll on this replica right now: routing chooses among them
+        self.waiting: Counter[str] = Counter()
 
     # -- plumbing ---------------------------------------------------------------------------
 
     def _progression(
         self, conn: AsyncConnection, execution: dict[str, Any], actor: str, now: datetime
     ) -> Progression:
-        return Progression(conn, execution, actor, now, self.settings.max_agent_lost_attempts)
+        return Progression(
+            conn,
+            execution,
+            actor,
+            now,
+            self.settings.max_agent_lost_attempts,
+            self.router,
+            set(self.waiting),
+        )
 
     async def _lock_execution(
         self, conn: AsyncConnection, execution_id: str, organization_id: str | None = None
@@ -256,6 +269,8 @@ class Engine:
     # -- agents take work -------------------------------------------------------------------
 
     async def claim(self, agent: AgentIdentity, slots: int) -> list[dict[str, Any]]:
+        if agent.admin_state != "active":
+            return []  # draining: it finishes what it has and takes nothing new
         now = utcnow()
         async with self.db.write() as conn:
             active = await conn.scalar(
@@ -282,6 +297,11 @@ class Engine:
                     sa.or_(
                         instructions.c.available_at.is_(None),
                         instructions.c.available_at <= now,
+                    ),
+                    sa.or_(
+                        instructions.c.preferred_agent_id.is_(None),
+                        instructions.c.preferred_agent_id == agent.id,
+                        instructions.c.prefer_until <= now,
                     ),
                 )
                 .order_by(instructions.c.id)
@@ -371,7 +391,14 @@ class Engine:
             remaining = (loop_deadline - utcnow()).total_seconds()
             if claimed or remaining <= 0:
                 return claimed
-            if not await self.signal.wait(event, remaining):
+            self.waiting[agent.id] += 1
+            try:
+                woken = await self.signal.wait(event, remaining)
+            finally:
+                self.waiting[agent.id] -= 1
+                if self.waiting[agent.id] <= 0:
+                    del self.waiting[agent.id]
+            if not woken:
                 return []
         return []
 
@@ -519,8 +546,8 @@ class Engine:
             None,
             now,
         )
-        async with self.db.write() as conn:
-            await self._mark_silent_agents_offline(conn, now)
+        await self.sweep_liveness()
+        await self.fail_unroutable()
         await self.enforce_deadlines()
         return count
 
@@ -532,23 +559,37 @@ class Engine:
             utcnow(),
         )
 
+    async def release_agent(self, agent_id: str, reason: str) -> int:
+        """An agent that may no longer report (disabled, revoked): its work goes elsewhere;
+        whatever it still sends gets 403."""
+        return await self._take_back(
+            sa.and_(
+                instructions.c.agent_id == agent_id,
+                instructions.c.status.in_(ACTIVE_INSTRUCTION),
+            ),
+            reason,
+            utcnow(),
+        )
+
     async def release_unreported(self, agent: AgentIdentity, running: list[str]) -> int:
         """An agent that lists what it runs hands back the rest: work leased to it that it
         never received (a poll answer lost, a restart). Only leases older than
-        UNREPORTED_GRACE count, so an answer still on its way is not taken back."""
+        `unreported_grace` count, so an answer still on its way is not taken back."""
         now = utcnow()
         unreported = sa.and_(
             instructions.c.agent_id == agent.id,
             instructions.c.status.in_(ACTIVE_INSTRUCTION),
             instructions.c.id.not_in(running),
-            instructions.c.leased_at < now - UNREPORTED_GRACE,
+            instructions.c.leased_at < now - timedelta(seconds=self.settings.unreported_grace),
         )
         async with self.db.read() as conn:  # the common answer, "none", costs no write
             if not await conn.scalar(sa.select(instructions.c.id).where(unreported).limit(1)):
                 return 0
         return await self._take_back(unreported, "agent does not report running it", now)
 
-    async def _take_back(self, condition: Any, reason: str | None, now: datetime) -> int:
+    async def _take_back(
+        self, condition: Any, reason: str | None, now: datetime, cause: str = AGENT_LOST
+    ) -> int:
         """Retire each matching attempt (a late result for it gets 409) and retry the step
         or fail it. Without a reason, the lease ran out: a step that had started overran
         its timeout; one that never started lost its agent."""
@@ -583,7 +624,7 @@ class Engine:
                         else "agent lost: the instruction was never started"
                     )
                 else:
-                    cause, message = AGENT_LOST, f"agent lost: {reason}"
+                    message = reason if cause == UNROUTABLE else f"agent lost: {reason}"
                 await set_status(
                     conn,
                     instructions,
@@ -608,7 +649,7 @@ class Engine:
                 if (
                     execution["status"] == "running"
                     and step["instruction_id"] == row.id
-                    and step["status"] == "running"
+                    and step["status"] in ("queued", "running")
                 ):
                     await progression.retry_or_fail(step, row, cause, message)
                 done.append(progression)
@@ -616,24 +657,125 @@ class Engine:
         self._wake(done)
         return len(expired)
 
-    async def _mark_silent_agents_offline(self, conn: AsyncConnection, now: datetime) -> None:
-        # An agent running a plugin may be silent until its lease ends (official agents
-        # send no heartbeats while executing), so only agents with no live lease qualify.
-        silent_since = now - timedelta(
-            seconds=self.settings.heartbeat_interval * self.settings.offline_after_missed
-        )
-        live_lease = sa.exists().where(
-            instructions.c.agent_id == agents.c.id,
-            instructions.c.status.in_(ACTIVE_INSTRUCTION),
-        )
-        await conn.execute(
-            agents.update()
-            .where(
-                agents.c.status == "online",
-                agents.c.last_heartbeat_at < silent_since,
-                ~live_lease,
+    async def sweep_liveness(self) -> list[str]:
+        """Agents silent past their deadlines: degraded when late, offline when dead.
+
+        An agent that heartbeats while it works and goes silent is dead: its work goes
+        elsewhere now. One that does not (the official agents run a plugin in silence) is
+        left its leases; only their expiry takes the work back.
+        """
+        now = utcnow()
+        async with self.db.write() as conn:
+            await conn.execute(
+                agents.update()
+                .where(agents.c.status == "online", agents.c.late_at < now)
+                .values(status="degraded")
             )
-            .values(status="offline")
+            silent = (
+                await conn.execute(
+                    sa.select(agents.c.id, agents.c.organization_id, agents.c.heartbeats_while_busy)
+                    .where(agents.c.status.in_(("online", "degraded")), agents.c.dead_at < now)
+                    .limit(1000)
+                )
+            ).all()
+            busy = set(
+                (
+                    await conn.execute(
+                        sa.select(instructions.c.agent_id).where(
+                            instructions.c.agent_id.in_([a.id for a in silent]),
+                            instructions.c.status.in_(ACTIVE_INSTRUCTION),
+                        )
+                    )
+                ).scalars()
+            )
+            dead = [a for a in silent if a.heartbeats_while_busy or a.id not in busy]
+            if dead:
+                await conn.execute(
+                    agents.update()
+                    .where(agents.c.id.in_([a.id for a in dead]))
+                    .values(status="offline")
+                )
+                await audit.append(
+                    conn,
+                    [
+                        audit.entry(
+                            a.organization_id,
+                            "system",
+                            "agent.offline",
+                            "agent",
+                            a.id,
+                            {"reason": "missed heartbeats"},
+                            at=now,
+                        )
+                        for a in dead
+                    ],
+                )
+        if dead:
+            await self._take_back(
+                sa.and_(
+                    instructions.c.agent_id.in_([a.id for a in dead]),
+                    instructions.c.status.in_(ACTIVE_INSTRUCTION),
+                ),
+                "agent offline: missed heartbeats",
+                utcnow(),
+            )
+        return [a.id for a in dead]
+
+    async def fail_unroutable(self) -> int:
+        """Steps queued longer than `unroutable_after` with no eligible agent at all fail."""
+        now = utcnow()
+        cutoff = now - timedelta(seconds=self.settings.unroutable_after)
+        async with self.db.read() as conn:
+            waiting = (
+                await conn.execute(
+                    sa.select(
+                        instructions.c.id,
+                        instructions.c.organization_id,
+                        instructions.c.agent_type,
+                        instructions.c.selector,
+                    )
+                    .where(instructions.c.status == "queued", instructions.c.created_at < cutoff)
+                    .limit(100)
+                )
+            ).all()
+            if not waiting:
+                return 0
+            fleet = (
+                await conn.execute(
+                    sa.select(
+                        agents.c.id,
+                        agents.c.organization_id,
+                        agents.c.name,
+                        agents.c.type,
+                        agents.c.labels,
+                        agents.c.capacity,
+                        agents.c.status,
+                    ).where(
+                        agents.c.admin_state == "active",
+                        agents.c.revoked_at.is_(None),
+                        agents.c.status != "offline",
+                    )
+                )
+            ).all()
+        identities = [AgentIdentity(*row) for row in fleet]
+        stranded = [
+            w.id
+            for w in waiting
+            if not any(
+                a.organization_id == w.organization_id
+                and a.type == w.agent_type
+                and eligible(a, w.selector)
+                for a in identities
+            )
+        ]
+        if not stranded:
+            return 0
+        waited = int(self.settings.unroutable_after)
+        return await self._take_back(
+            sa.and_(instructions.c.id.in_(stranded), instructions.c.status == "queued"),
+            f"no eligible agent for {waited}s",
+            now,
+            cause=UNROUTABLE,
         )
 
     async def enforce_deadlines(self) -> int:

@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stavily import audit
 from stavily.errors import StavilyError
+from stavily.fleet.routing import Router
 from stavily.ids import new_id
 from stavily.store.models import executions, instructions, step_runs
 from stavily.workflows import states
@@ -38,6 +39,7 @@ ACTIVE_INSTRUCTION = ("leased", "executing")
 SECRET_MARK = "\u2063secret:{}\u2063"
 # Where a step's failure came from, for `error_handling.retry_on`.
 ERROR, TIMEOUT, AGENT_LOST = "error", "timeout", "agent_lost"
+UNROUTABLE = "unroutable"  # no eligible agent ever came: never retried
 
 
 class IllegalTransition(StavilyError):
@@ -160,7 +162,11 @@ class Progression:
         actor: str,
         now: datetime,
         agent_lost_budget: int,
+        router: Router | None = None,
+        waiting: set[str] | None = None,
     ) -> None:
+        self.router = router
+        self.waiting = waiting or set()
         self.conn = conn
         self.execution = execution
         self.actor = actor
@@ -605,6 +611,23 @@ class Progression:
             "created_at": self.now,
             "available_at": available_at,
         }
+        if self.router is not None:
+            preference = await self.router.choose(
+                self.conn,
+                self.execution["organization_id"],
+                spec["agent_type"],
+                spec["selector"],
+                self.execution["id"],
+                self.now,
+                self.waiting,
+            )
+            if preference is not None:
+                instruction.update(
+                    preferred_agent_id=preference.agent_id,
+                    prefer_until=preference.until + timedelta(seconds=delay),
+                )
+                # when the preference lapses, the other waiting agents must look again
+                self.wake_after.append(delay + (preference.until - self.now).total_seconds())
         self.new_instructions.append(instruction)
         await self.conn.execute(instructions.insert().values(**instruction))
         await self._step(

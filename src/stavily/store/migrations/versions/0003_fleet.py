@@ -55,6 +55,14 @@ def upgrade() -> None:
             sa.Column("credential_issued_at", sa.DateTime(timezone=True), nullable=True)
         )
         batch.add_column(sa.Column("enrollment_token_id", sa.String(length=40), nullable=True))
+        batch.add_column(sa.Column("late_at", sa.DateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column("dead_at", sa.DateTime(timezone=True), nullable=True))
+        batch.add_column(
+            sa.Column(
+                "heartbeats_while_busy", sa.Boolean(), nullable=False, server_default=sa.false()
+            )
+        )
+        batch.create_index("ix_agents_liveness", ["status", "dead_at"])
     with op.batch_alter_table("instructions") as batch:
         batch.add_column(sa.Column("preferred_agent_id", sa.String(length=40), nullable=True))
         batch.add_column(sa.Column("prefer_until", sa.DateTime(timezone=True), nullable=True))
@@ -65,7 +73,11 @@ def downgrade() -> None:
         batch.drop_column("prefer_until")
         batch.drop_column("preferred_agent_id")
     with op.batch_alter_table("agents") as batch:
+        batch.drop_index("ix_agents_liveness")
         for column in (
+            "heartbeats_while_busy",
+            "dead_at",
+            "late_at",
             "enrollment_token_id",
             "credential_issued_at",
             "revoked_at",

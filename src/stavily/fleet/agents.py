@@ -44,7 +44,7 @@ class AgentIdentity:
         return f"agent:{self.id}"
 
 
-_IDENTITY_COLUMNS = (
+IDENTITY_COLUMNS = (
     agents.c.id,
     agents.c.organization_id,
     agents.c.name,
@@ -59,7 +59,7 @@ _IDENTITY_COLUMNS = (
 )
 
 
-def _identity(row: Any) -> AgentIdentity:
+def identity_of(row: Any) -> AgentIdentity:
     issued = row.credential_issued_at or row.created_at
     return AgentIdentity(
         row.id,
@@ -213,10 +213,10 @@ async def authenticate_agent(
     identity = cache.get(key)
     if identity is None:
         async with db.read() as conn:
-            row = (await conn.execute(sa.select(*_IDENTITY_COLUMNS).where(where))).first()
+            row = (await conn.execute(sa.select(*IDENTITY_COLUMNS).where(where))).first()
         if row is None:
             raise Unauthorized("unknown agent credential")
-        identity = _identity(row)
+        identity = identity_of(row)
         cache.put(key, identity)
     if claims is not None and claims["iat"] < int(identity.credential_issued_at):
         raise Unauthorized("this token was issued before the agent's credential was replaced")

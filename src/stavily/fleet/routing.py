@@ -47,6 +47,9 @@ class Router:
         now: datetime,
         waiting: set[str],
     ) -> Preference | None:
+        strategy = selector.get("strategy") or "least_loaded"
+        if strategy != "sticky" and len(waiting) < 2:
+            return None  # no choice to make: spare the query
         running = (
             sa.select(sa.func.count())
             .where(
@@ -88,7 +91,6 @@ class Router:
                 selector,
             )
         ]
-        strategy = selector.get("strategy") or "least_loaded"
         if strategy == "sticky" and len(candidates) > 1:
             last = await conn.scalar(
                 sa.select(step_runs.c.agent_id)

@@ -21,7 +21,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from stavily import audit
 from stavily.config import Settings
 from stavily.errors import Conflict, Forbidden, InvalidInput, NotFound
-from stavily.fleet.agents import ACTIVE_INSTRUCTION, AgentIdentity, eligible
+from stavily.fleet.agents import (
+    ACTIVE_INSTRUCTION,
+    IDENTITY_COLUMNS,
+    AgentIdentity,
+    eligible,
+    identity_of,
+)
 from stavily.fleet.routing import Router
 from stavily.ids import new_id
 from stavily.store.db import Database
@@ -740,24 +746,14 @@ class Engine:
             ).all()
             if not waiting:
                 return 0
-            fleet = (
-                await conn.execute(
-                    sa.select(
-                        agents.c.id,
-                        agents.c.organization_id,
-                        agents.c.name,
-                        agents.c.type,
-                        agents.c.labels,
-                        agents.c.capacity,
-                        agents.c.status,
-                    ).where(
-                        agents.c.admin_state == "active",
-                        agents.c.revoked_at.is_(None),
-                        agents.c.status != "offline",
-                    )
+            fleet = await conn.execute(
+                sa.select(*IDENTITY_COLUMNS).where(
+                    agents.c.admin_state == "active",
+                    agents.c.revoked_at.is_(None),
+                    agents.c.status != "offline",
                 )
-            ).all()
-        identities = [AgentIdentity(*row) for row in fleet]
+            )
+            identities = [identity_of(row) for row in fleet]
         stranded = [
             w.id
             for w in waiting

@@ -319,3 +319,30 @@ actions:
     assert done["status"] == "failed"
     assert done["steps"][0]["error"] == "no eligible agent for 1s"
     assert done["steps"][0]["attempts"] == 1  # not retried: no agent would come
+
+
+def test_a_poll_held_across_a_drain_hands_out_nothing(fleet: Orchestrator) -> None:
+    tag = uuid.uuid4().hex[:6]
+    agent = SimAgent(fleet, f"{tag}-held")
+    name = unique("held")
+    fleet.apply(
+        f"""
+name: {name}
+agents: {{pools: [{{agent_regex: "{tag}-.*"}}]}}
+actions:
+  steps:
+    - {{name: only, plugin: echo}}
+"""
+    )
+    got: dict[str, Any] = {}
+    poll = threading.Thread(target=lambda: got.__setitem__("answer", agent.poll(wait=3)))
+    poll.start()
+    time.sleep(0.5)  # the poll is waiting
+    assert fleet.api.post(f"/api/v1/agents/{agent.id}/drain").status_code == 200
+    execution = fleet.run(name)
+    poll.join()
+    assert got["answer"] is None
+    step = fleet.execution(execution["id"])["steps"][0]
+    assert (step["status"], step["agent_id"]) == ("queued", None)
+    assert fleet.api.post(f"/api/v1/agents/{agent.id}/enable").status_code == 200
+    assert agent.work() == ["only"]

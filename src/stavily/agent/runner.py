@@ -1,4 +1,5 @@
-"""The agent loop: heartbeats on one timer, long polls on another, one instruction at a time."""
+"""The agent loop: heartbeats on one timer; long polls and up to `capacity` instructions at
+once; results that bring the next instruction; drain on the server's word."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import structlog
 
 from stavily import __version__
 from stavily.agent.plugins import run_plugin
+from stavily.agent.system import SystemFigures
 
 log = structlog.get_logger("stavily.agent")
 # Answers after which a report is final: retrying cannot change them.
@@ -34,6 +36,7 @@ class AgentConfig:
     heartbeat_interval: float = 30
     poll_wait: float = 25
     result_retry_seconds: float = 600
+    capacity: int = 1
 
 
 def _now() -> str:
@@ -41,8 +44,18 @@ def _now() -> str:
 
 
 class Agent:
+    """Runs up to `capacity` instructions at once, each in its own task.
+
+    It polls (`?wait=&slots=<free slots>`) only while a slot is free, asks for the next
+    instruction with each result (`?next=1`) while it takes work, and heartbeats on its own
+    timer throughout: the ids it runs, its capacity and interval, its machine's figures.
+    A heartbeat answer carrying the "drain" command stops it taking work (it finishes what
+    runs and stays up, idle, heartbeating); an answer without it lets it take work again.
+    """
+
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        self.capacity = max(1, config.capacity)
         token = config.token.removeprefix("Bearer ").strip()
         self.client = httpx.AsyncClient(
             base_url=config.url.rstrip("/"),
@@ -53,21 +66,59 @@ class Agent:
                 "User-Agent": f"Stavily-Agent/{__version__} (stavily-python)",
             },
             timeout=httpx.Timeout(config.poll_wait + 15, connect=5),
+            # Polls, results and heartbeats may all be in flight at once.
+            limits=httpx.Limits(max_connections=max(100, self.capacity * 2 + 8)),
         )
         self.base = f"/agents/v1/{config.agent_id}"
+        self.system = SystemFigures(config.plugins_dir)
         self.stopping = asyncio.Event()
+        self.draining = False
+        # Set on stop and while draining: a held poll is abandoned, no new one starts.
+        self._hold = asyncio.Event()
+        # Set whenever a slot frees up or the agent's state changes.
+        self._changed = asyncio.Event()
+        # Instructions received and not yet reported, as the heartbeat lists them.
         self.running: set[str] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def free_slots(self) -> int:
+        return self.capacity - len(self.tasks)
+
+    @property
+    def taking_work(self) -> bool:
+        return not self.stopping.is_set() and not self.draining
 
     def stop(self) -> None:
         if not self.stopping.is_set():
-            log.info("stopping after the running instruction")
+            log.info("stopping after the running instructions", running=len(self.running))
             self.stopping.set()
+            self._hold.set()
+            self._changed.set()
+
+    def _set_draining(self, draining: bool) -> None:
+        if draining == self.draining or self.stopping.is_set():
+            return
+        self.draining = draining
+        if draining:
+            log.info(
+                "draining: finishing the running instructions and taking no new work",
+                running=len(self.running),
+            )
+            self._hold.set()
+        else:
+            log.info("drain lifted: taking work again")
+            self._hold.clear()
+        self._changed.set()
 
     async def run(self) -> int:
         beats = asyncio.create_task(self._heartbeat_loop())
         try:
-            await self._poll_loop()
+            await self._work_loop()
         finally:
+            # Every running instruction is finished and reported before going offline.
+            while self.tasks:
+                await asyncio.wait(set(self.tasks))
             beats.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beats
@@ -75,70 +126,163 @@ class Agent:
             await self.client.aclose()
         return 0
 
-    async def _heartbeat(self, status: str) -> None:
-        body = {
+    # -- heartbeats -----------------------------------------------------------------------
+
+    def _heartbeat_body(self, status: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
             "timestamp": _now(),
             "status": status,
             "version": __version__,
             "hostname": socket.gethostname(),
             "os": platform.system().lower(),
+            "capacity": min(self.capacity, 1000),
+            "running": sorted(self.running)[:1000],
         }
+        interval = self.config.heartbeat_interval
+        if interval <= 3600:  # the server's range is 1..3600; beating faster is no harm
+            body["heartbeat_interval"] = max(1.0, float(interval))
+        return body
+
+    async def _heartbeat(self, status: str) -> None:
+        body = self._heartbeat_body(status)
+        try:
+            # On the loop's thread: psutil measures cpu_percent between calls per thread.
+            figures = self.system.collect()
+        except Exception as exc:  # noqa: BLE001 - the figures are optional
+            log.warning("system figures failed", error=str(exc))
+            figures = {}
+        if figures:
+            body["system"] = figures
         try:
             response = await self.client.post(f"{self.base}/heartbeat", json=body, timeout=10)
-            if response.status_code not in (200, 204):
-                log.warning("heartbeat refused", status=response.status_code)
         except httpx.HTTPError as exc:
             log.warning("heartbeat failed", error=str(exc))
+            return
+        if response.status_code not in (200, 204):
+            log.warning("heartbeat refused", status=response.status_code, body=response.text[:300])
+            return
+        if status == "offline" or response.status_code == 204:
+            return
+        try:
+            answer = response.json()
+        except ValueError:
+            return
+        commands = answer.get("commands") if isinstance(answer, dict) else None
+        # Only an accepted answer changes the drain: a failed heartbeat says nothing.
+        self._set_draining(isinstance(commands, list) and "drain" in commands)
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await self._heartbeat("online")
             await asyncio.sleep(self.config.heartbeat_interval)
 
-    async def _sleep_unless_stopping(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+    # -- taking work ----------------------------------------------------------------------
 
-    async def _poll_loop(self) -> None:
+    async def _wait_changed(self) -> None:
+        await self._changed.wait()
+        self._changed.clear()
+
+    async def _sleep_unless_held(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hold.wait(), seconds)
+
+    async def _work_loop(self) -> None:
         failures = 0
         while not self.stopping.is_set():
+            if not self.taking_work or self.free_slots <= 0:
+                self._changed.clear()
+                if not self.taking_work or self.free_slots <= 0:
+                    await self._wait_changed()
+                continue
             poll = asyncio.create_task(
-                self.client.get(f"{self.base}/instructions", params={"wait": self.config.poll_wait})
+                self.client.get(
+                    f"{self.base}/instructions",
+                    params={"wait": self.config.poll_wait, "slots": min(self.free_slots, 100)},
+                )
             )
-            stop = asyncio.create_task(self.stopping.wait())
-            done, _ = await asyncio.wait({poll, stop}, return_when=asyncio.FIRST_COMPLETED)
+            held = asyncio.create_task(self._hold.wait())
+            asked_at = asyncio.get_running_loop().time()
+            done, _ = await asyncio.wait({poll, held}, return_when=asyncio.FIRST_COMPLETED)
             if poll not in done:
-                # Stopping mid-poll: the offline heartbeat hands back anything leased meanwhile.
+                # Stopping or draining mid-poll: hanging up tells the server not to lease
+                # anything on it; the offline heartbeat hands back anything leased meanwhile.
                 poll.cancel()
                 with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
                     await poll
-                return
-            stop.cancel()
+                continue
+            held.cancel()
             try:
                 response = poll.result()
             except httpx.HTTPError as exc:
                 failures += 1
                 log.warning("poll failed", error=str(exc))
-                await self._sleep_unless_stopping(min(30, 2 ** min(failures, 5)))
+                await self._sleep_unless_held(min(30, 2 ** min(failures, 5)))
                 continue
             if response.status_code != 200:
                 failures += 1
                 log.warning("poll refused", status=response.status_code, body=response.text[:300])
-                await self._sleep_unless_stopping(min(30, 2 ** min(failures, 5)))
+                await self._sleep_unless_held(min(30, 2 ** min(failures, 5)))
                 continue
             failures = 0
-            instruction = response.json().get("instruction")
-            if instruction:
-                await self.execute(instruction)
+            try:
+                answer = response.json()
+            except ValueError:
+                log.warning("poll answer is not JSON", body=response.text[:300])
+                continue
+            batch = answer.get("instructions")
+            if not isinstance(batch, list):
+                single = answer.get("instruction")
+                batch = [single] if single else []
+            for instruction in batch:
+                # Leased to this agent: it runs them even if stopping meanwhile.
+                self._start(instruction)
+            elapsed = asyncio.get_running_loop().time() - asked_at
+            quick = elapsed < max(self.config.poll_wait / 2, 0.5)
+            if not batch and quick:
+                # A server that does not hold polls open: poll at the pace it asks for.
+                pace = answer.get("next_poll_interval")
+                pace = pace if isinstance(pace, int | float) and pace > 0 else 1
+                await self._sleep_unless_held(min(float(pace), 5))
 
-    async def execute(self, instruction: dict[str, Any]) -> None:
+    def _start(self, instruction: Any) -> None:
+        if not self._accept(instruction):
+            return
+        task = asyncio.create_task(self._run_chain(instruction))
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _accept(self, instruction: Any) -> bool:
+        """Note a handed-out instruction as running; refuse a malformed or repeated one."""
+        if not isinstance(instruction, dict) or not isinstance(instruction.get("id"), str):
+            log.warning("ignoring a malformed instruction", instruction=str(instruction)[:300])
+            return False
+        if instruction["id"] in self.running:
+            log.warning("ignoring an instruction already running", instruction_id=instruction["id"])
+            return False
+        self.running.add(instruction["id"])
+        return True
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self._changed.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("instruction task failed", error=repr(task.exception()))
+
+    async def _run_chain(self, instruction: dict[str, Any]) -> None:
+        """One slot: the instruction, then each one piggybacked on a result."""
+        current: dict[str, Any] | None = instruction
+        while current is not None:
+            current = await self.execute(current)
+
+    async def execute(self, instruction: dict[str, Any]) -> dict[str, Any] | None:
+        """Run and report one instruction; return the next one piggybacked on its result."""
         self.running.add(instruction["id"])
         try:
-            await self._execute(instruction)
+            return await self._execute(instruction)
         finally:
             self.running.discard(instruction["id"])
 
-    async def _execute(self, instruction: dict[str, Any]) -> None:
+    async def _execute(self, instruction: dict[str, Any]) -> dict[str, Any] | None:
         instruction_id = instruction["id"]
         bound = log.bind(instruction_id=instruction_id, plugin_id=instruction.get("plugin_id"))
         execution_log = [f"[{_now()}] Instruction received", f"[{_now()}] Started plugin execution"]
@@ -175,17 +319,25 @@ class Agent:
                     "timestamp": _now(),
                 }
         bound.info("instruction finished", status=report["status"])
-        await self._report(instruction_id, report)
+        return await self._report(instruction_id, report)
 
-    async def _report(self, instruction_id: str, report: dict[str, Any]) -> None:
-        """Retry until the server gives a final answer: a result must not be lost."""
+    async def _report(self, instruction_id: str, report: dict[str, Any]) -> dict[str, Any] | None:
+        """Retry until the server gives a final answer: a result must not be lost.
+
+        While the agent takes work, the result asks for the next instruction (`?next=1`):
+        this slot is free again once the result is in. The one that comes back is returned,
+        already counted as running."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.result_retry_seconds
         delay = 0.5
         while True:
+            ask_next = self.taking_work
             try:
                 response = await self.client.post(
-                    f"{self.base}/instructions/{instruction_id}/result", json=report, timeout=30
+                    f"{self.base}/instructions/{instruction_id}/result",
+                    json=report,
+                    params={"next": 1} if ask_next else None,
+                    timeout=30,
                 )
                 if response.status_code in _FINAL_STATUSES:
                     if response.status_code != 200:
@@ -195,15 +347,31 @@ class Agent:
                             status=response.status_code,
                             body=response.text[:300],
                         )
-                    return
+                        return None
+                    return self._piggybacked(response) if ask_next else None
                 log.warning("result not accepted yet", status=response.status_code)
             except httpx.HTTPError as exc:
                 log.warning("result not delivered yet", error=str(exc))
             if loop.time() > deadline:
                 log.error("giving up on a result", instruction_id=instruction_id)
-                return
+                return None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10)
+
+    def _piggybacked(self, response: httpx.Response) -> dict[str, Any] | None:
+        try:
+            answer = response.json()
+        except ValueError:
+            return None
+        following = answer.get("next_instruction") if isinstance(answer, dict) else None
+        if not following or not self._accept(following):
+            return None
+        log.info(
+            "piggybacked",
+            instruction_id=following["id"],
+            plugin_id=following.get("plugin_id"),
+        )
+        return following  # type: ignore[no-any-return]
 
 
 # -- credentials: given, kept in a file, or obtained by enrolling ---------------------------

@@ -146,6 +146,15 @@ def agent_run(
     ] = None,
     heartbeat_interval: Annotated[float, typer.Option(help="Seconds between heartbeats")] = 30,
     poll_wait: Annotated[float, typer.Option(help="Long-poll wait in seconds")] = 25,
+    capacity: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=1000,
+            help="Instructions run at once (the server hands out no more than the agent's "
+            "capacity there)",
+        ),
+    ] = 1,
 ) -> None:
     """Run the reference agent: poll, run plugins, report, heartbeat.
 
@@ -192,6 +201,7 @@ def agent_run(
         plugins_dir=plugins,
         heartbeat_interval=heartbeat_interval,
         poll_wait=poll_wait,
+        capacity=capacity,
     )
     raise typer.Exit(asyncio.run(run_agent(config)))
 

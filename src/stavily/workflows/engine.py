@@ -279,15 +279,29 @@ class Engine:
             return []  # draining: it finishes what it has and takes nothing new
         now = utcnow()
         async with self.db.write() as conn:
-            active = await conn.scalar(
+            # Read now, not from the request's start: a long poll may outlive a drain,
+            # a disable or a revoke, and must then hand out nothing.
+            running = (
                 sa.select(sa.func.count())
-                .select_from(instructions)
                 .where(
                     instructions.c.agent_id == agent.id,
                     instructions.c.status.in_(ACTIVE_INSTRUCTION),
                 )
+                .scalar_subquery()
             )
-            free = min(slots, agent.capacity - int(active or 0))
+            current = (
+                await conn.execute(
+                    sa.select(
+                        agents.c.admin_state,
+                        agents.c.revoked_at,
+                        agents.c.capacity,
+                        running.label("running"),
+                    ).where(agents.c.id == agent.id)
+                )
+            ).first()
+            if current is None or current.admin_state != "active" or current.revoked_at:
+                return []
+            free = min(slots, current.capacity - int(current.running))
             if free <= 0:
                 return []
             candidates_query = (

@@ -21,9 +21,9 @@ end
 local mode = "healthz"
 local agents = {}
 local position = 0
-local non2xx = 0
-local responses = 0
-local last_bad_status = 0
+non2xx = 0  -- globals: wrk reads them with thread:get()
+responses = 0
+last_bad_status = 0
 local stamp_second = -1
 local stamp = ""
 

@@ -36,6 +36,14 @@ class Settings(BaseSettings):
         description="Heartbeat intervals of silence before an agent is offline and its work "
         "goes elsewhere (for agents that heartbeat while busy; others keep their leases).",
     )
+    mass_death_fraction: float = Field(
+        default=0.5,
+        description="When more than this share of live agents falls silent in one sweep, "
+        "their work is not taken back (the server or network is suspect).",
+    )
+    mass_death_min_agents: int = Field(
+        default=10, description="The mass-death guard applies from this many agents."
+    )
     degraded_cpu_percent: float = Field(default=95, description="CPU use that degrades an agent.")
     degraded_memory_percent: float = Field(default=95, description="Memory use that degrades.")
     degraded_disk_percent: float = Field(default=95, description="Disk use that degrades.")
@@ -72,7 +80,10 @@ class Settings(BaseSettings):
         description="Seconds after a hand-out before an agent's not reporting it counts.",
     )
     credential_cache_seconds: float = Field(
-        default=5.0, description="How long a checked credential is trusted without a lookup."
+        default=30.0,
+        description="How long a checked credential is trusted without a lookup (longer than "
+        "heartbeat intervals, so a heartbeat costs no read). Revocations apply at once on the "
+        "replica that made them, on others within this time.",
     )
     log_level: str = "info"
 

@@ -345,3 +345,32 @@ actions:
     step = fleet.execution(execution["id"])["steps"][0]
     # never handed out (on this short-fused server it then fails as unroutable)
     assert step["agent_id"] is None and step["status"] in ("queued", "failed")
+
+
+def test_when_most_of_the_fleet_falls_silent_at_once_no_work_is_taken_back(
+    backend: str, tmp_path: Any
+) -> None:
+    with fresh_database(backend, tmp_path) as url, serve(
+        url, tmp_path, mass_death_min_agents=3, lease_grace=30
+    ) as orch:
+        tag = uuid.uuid4().hex[:6]
+        crowd = [SimAgent(orch, f"{tag}-{i}") for i in range(4)]
+        name = unique("crowd")
+        orch.apply(
+            f"""
+name: {name}
+agents: {{pools: [{{agent_regex: "{tag}-.*"}}]}}
+actions:
+  steps:
+    - {{name: only, plugin: echo, timeout: 10m}}
+"""
+        )
+        execution = orch.run(name)
+        holder = next(a for a in crowd if (held := a.poll()) is not None)
+        for agent in crowd:
+            running = [held["id"]] if agent is holder else []
+            assert beat(agent, running=running, heartbeat_interval=1).status_code == 200
+        time.sleep(3)  # everyone silent past 1.5 intervals: the server, not them, is suspect
+        step = orch.execution(execution["id"])["steps"][0]
+        assert (step["status"], step["attempts"], step["agent_id"]) == ("running", 1, holder.id)
+        assert holder.report(held, output={}).status_code == 200

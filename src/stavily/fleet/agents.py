@@ -375,7 +375,8 @@ class HeartbeatBuffer:
 
     async def _write(self, db: Database, batch: dict[str, dict[str, Any]]) -> None:
         beats, touches = [], []
-        for agent_id, beat in batch.items():
+        # In id order, like every other multi-row update of agents: no lock-order deadlocks.
+        for agent_id, beat in sorted(batch.items()):
             row = {
                 "b_id": agent_id,
                 "b_at": beat["last_heartbeat_at"],
@@ -402,7 +403,7 @@ class HeartbeatBuffer:
             "dead_at": sa.bindparam("b_dead"),
         }
         by_id = agents.c.id == sa.bindparam("b_id")
-        alive = [a for a, beat in batch.items() if beat.get("status") != "offline"]
+        alive = sorted(a for a, beat in batch.items() if beat.get("status") != "offline")
         extended = utcnow() + timedelta(seconds=self.settings.lease_grace)
         async with db.write() as conn:
             if beats:

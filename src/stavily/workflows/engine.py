@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stavily import audit
@@ -49,6 +50,8 @@ from stavily.workflows.orchestration import (
     set_status,
 )
 from stavily.workflows.views import execution_view, step_view
+
+log = structlog.get_logger("stavily.engine")
 
 COMPLETED = {"completed", "success", "succeeded"}
 FAILED = {"failed", "failure", "error", "timeout", "timed_out"}
@@ -92,6 +95,7 @@ class Engine:
         self.router = Router(settings.routing_prefer_seconds, settings.routing_sticky_seconds)
         # agents in a long poll on this replica right now: routing chooses among them
         self.waiting: Counter[str] = Counter()
+        self._unreported_checked: dict[str, datetime] = {}
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -596,6 +600,10 @@ class Engine:
         never received (a poll answer lost, a restart). Only leases older than
         `unreported_grace` count, so an answer still on its way is not taken back."""
         now = utcnow()
+        checked = self._unreported_checked.get(agent.id)
+        if checked is not None and (now - checked).total_seconds() < self.settings.unreported_grace:
+            return 0  # at most one look per grace period: heartbeats stay free of reads
+        self._unreported_checked[agent.id] = now
         unreported = sa.and_(
             instructions.c.agent_id == agent.id,
             instructions.c.status.in_(ACTIVE_INSTRUCTION),
@@ -686,16 +694,34 @@ class Engine:
         """
         now = utcnow()
         async with self.db.write() as conn:
-            await conn.execute(
-                agents.update()
-                .where(agents.c.status == "online", agents.c.late_at < now)
-                .values(status="degraded")
+            # Rows are locked in id order, as the heartbeat flush does: no deadlocks.
+            late = (
+                (
+                    await conn.execute(
+                        self.db.for_update(
+                            sa.select(agents.c.id)
+                            .where(agents.c.status == "online", agents.c.late_at < now)
+                            .order_by(agents.c.id)
+                        )
+                    )
+                )
+                .scalars()
+                .all()
             )
+            if late:
+                await conn.execute(
+                    agents.update().where(agents.c.id.in_(late)).values(status="degraded")
+                )
             silent = (
                 await conn.execute(
-                    sa.select(agents.c.id, agents.c.organization_id, agents.c.heartbeats_while_busy)
-                    .where(agents.c.status.in_(("online", "degraded")), agents.c.dead_at < now)
-                    .limit(1000)
+                    self.db.for_update(
+                        sa.select(
+                            agents.c.id, agents.c.organization_id, agents.c.heartbeats_while_busy
+                        )
+                        .where(agents.c.status.in_(("online", "degraded")), agents.c.dead_at < now)
+                        .order_by(agents.c.id)
+                        .limit(1000)
+                    )
                 )
             ).all()
             busy = set(
@@ -709,6 +735,13 @@ class Engine:
                 ).scalars()
             )
             dead = [a for a in silent if a.heartbeats_while_busy or a.id not in busy]
+            if dead and await self._suspect_mass_death(conn, len(dead)):
+                log.warning(
+                    "too many agents silent at once: suspecting this server or the "
+                    "network, not the agents; their work stays",
+                    silent=len(dead),
+                )
+                dead = []
             if dead:
                 await conn.execute(
                     agents.update()
@@ -740,6 +773,19 @@ class Engine:
                 utcnow(),
             )
         return [a.id for a in dead]
+
+    async def _suspect_mass_death(self, conn: AsyncConnection, silent: int) -> bool:
+        """Half the live fleet falling silent in one sweep is more likely an overloaded
+        server or a cut network than dead agents: taking all their work back would make
+        things worse (the same guard as Kubernetes' unhealthy-zone threshold)."""
+        if silent < self.settings.mass_death_min_agents:
+            return False
+        live = await conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(agents)
+            .where(agents.c.status.in_(("online", "degraded")))
+        )
+        return silent > self.settings.mass_death_fraction * int(live or 0)
 
     async def fail_unroutable(self) -> int:
         """Steps queued longer than `unroutable_after` with no eligible agent at all fail."""

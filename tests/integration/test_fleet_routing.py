@@ -350,9 +350,10 @@ actions:
 def test_when_most_of_the_fleet_falls_silent_at_once_no_work_is_taken_back(
     backend: str, tmp_path: Any
 ) -> None:
-    with fresh_database(backend, tmp_path) as url, serve(
-        url, tmp_path, mass_death_min_agents=3, lease_grace=30
-    ) as orch:
+    with (
+        fresh_database(backend, tmp_path) as url,
+        serve(url, tmp_path, mass_death_min_agents=3, lease_grace=30) as orch,
+    ):
         tag = uuid.uuid4().hex[:6]
         crowd = [SimAgent(orch, f"{tag}-{i}") for i in range(4)]
         name = unique("crowd")

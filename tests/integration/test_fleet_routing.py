@@ -50,6 +50,23 @@ def fleet(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Or
         yield running
 
 
+def one_step(
+    orch: Orchestrator,
+    tag: str,
+    prefix: str,
+    step: str = "{name: only, plugin: echo}",
+    agents_extra: str = "",
+) -> str:
+    """Apply a one-step workflow for the agents named `<tag>-...`; returns its name."""
+    name = unique(prefix)
+    orch.apply(
+        f"name: {name}\n"
+        f'agents: {{pools: [{{agent_regex: "{tag}-.*"}}]{agents_extra}}}\n'
+        f"actions:\n  steps:\n    - {step}\n"
+    )
+    return name
+
+
 def agent_status(orch: Orchestrator, agent: SimAgent) -> dict[str, Any]:
     response = orch.api.get(f"/api/v1/agents/{agent.id}")
     assert response.status_code == 200, response.text
@@ -96,16 +113,7 @@ def test_least_loaded_waiting_agent_gets_the_work(fleet: Orchestrator) -> None:
     tag = uuid.uuid4().hex[:6]
     busy = SimAgent(fleet, f"{tag}-busy", capacity=2)
     idle = SimAgent(fleet, f"{tag}-idle", capacity=2)
-    name = unique("balance")
-    fleet.apply(
-        f"""
-name: {name}
-agents: {{pools: [{{agent_regex: "{tag}-.*"}}]}}
-actions:
-  steps:
-    - {{name: only, plugin: echo}}
-"""
-    )
+    name = one_step(fleet, tag, "balance")
     fleet.run(name)
     held = busy.poll()  # busy now runs one of its two slots
     assert held is not None
@@ -131,16 +139,7 @@ actions:
 def test_round_robin_takes_waiting_agents_in_turn(fleet: Orchestrator) -> None:
     tag = uuid.uuid4().hex[:6]
     agents = [SimAgent(fleet, f"{tag}-{i}") for i in range(3)]
-    name = unique("rr")
-    fleet.apply(
-        f"""
-name: {name}
-agents: {{pools: [{{agent_regex: "{tag}-.*"}}], strategy: round_robin}}
-actions:
-  steps:
-    - {{name: only, plugin: echo}}
-"""
-    )
+    name = one_step(fleet, tag, "rr", agents_extra=", strategy: round_robin")
     takers = []
     for _ in range(3):
         got: dict[str, Any] = {}
@@ -218,16 +217,7 @@ def test_a_dead_agent_that_heartbeats_while_busy_loses_its_work_to_another(
     tag = uuid.uuid4().hex[:6]
     dying = SimAgent(fleet, f"{tag}-dying")
     heir = SimAgent(fleet, f"{tag}-heir")
-    name = unique("dead")
-    fleet.apply(
-        f"""
-name: {name}
-agents: {{pools: [{{agent_regex: "{tag}-.*"}}]}}
-actions:
-  steps:
-    - {{name: only, plugin: echo, timeout: 10m}}
-"""
-    )
+    name = one_step(fleet, tag, "dead", step="{name: only, plugin: echo, timeout: 10m}")
     execution = fleet.run(name)
     instruction = dying.poll()
     assert instruction is not None
@@ -255,16 +245,7 @@ def test_an_official_agent_silent_while_executing_keeps_its_lease(fleet: Orchest
     tag = uuid.uuid4().hex[:6]
     official = SimAgent(fleet, f"{tag}-go")
     other = SimAgent(fleet, f"{tag}-other")
-    name = unique("silent")
-    fleet.apply(
-        f"""
-name: {name}
-agents: {{pools: [{{agent_regex: "{tag}-.*"}}]}}
-actions:
-  steps:
-    - {{name: only, plugin: echo, timeout: 10m}}
-"""
-    )
+    name = one_step(fleet, tag, "silent", step="{name: only, plugin: echo, timeout: 10m}")
     execution = fleet.run(name)
     assert beat(official, heartbeat_interval=1).status_code == 200  # no `running`: official
     instruction = official.poll()
@@ -282,16 +263,7 @@ def test_an_official_agent_polling_again_hands_back_what_it_never_got(
 ) -> None:
     tag = uuid.uuid4().hex[:6]
     agent = SimAgent(fleet, f"{tag}-go")
-    name = unique("lost")
-    fleet.apply(
-        f"""
-name: {name}
-agents: {{pools: [{{agent_regex: "{tag}-.*"}}]}}
-actions:
-  steps:
-    - {{name: only, plugin: echo, timeout: 10m}}
-"""
-    )
+    name = one_step(fleet, tag, "lost", step="{name: only, plugin: echo, timeout: 10m}")
     execution = fleet.run(name)
     lost = agent.poll()  # its answer "never arrived"
     assert lost is not None
@@ -324,16 +296,7 @@ actions:
 def test_a_poll_held_across_a_drain_hands_out_nothing(fleet: Orchestrator) -> None:
     tag = uuid.uuid4().hex[:6]
     agent = SimAgent(fleet, f"{tag}-held")
-    name = unique("held")
-    fleet.apply(
-        f"""
-name: {name}
-agents: {{pools: [{{agent_regex: "{tag}-.*"}}]}}
-actions:
-  steps:
-    - {{name: only, plugin: echo}}
-"""
-    )
+    name = one_step(fleet, tag, "held")
     got: dict[str, Any] = {}
     poll = threading.Thread(target=lambda: got.__setitem__("answer", agent.poll(wait=3)))
     poll.start()
@@ -356,16 +319,7 @@ def test_when_most_of_the_fleet_falls_silent_at_once_no_work_is_taken_back(
     ):
         tag = uuid.uuid4().hex[:6]
         crowd = [SimAgent(orch, f"{tag}-{i}") for i in range(4)]
-        name = unique("crowd")
-        orch.apply(
-            f"""
-name: {name}
-agents: {{pools: [{{agent_regex: "{tag}-.*"}}]}}
-actions:
-  steps:
-    - {{name: only, plugin: echo, timeout: 10m}}
-"""
-        )
+        name = one_step(orch, tag, "crowd", step="{name: only, plugin: echo, timeout: 10m}")
         execution = orch.run(name)
         holder = next(a for a in crowd if (held := a.poll()) is not None)
         for agent in crowd:

@@ -15,9 +15,6 @@ class StavilyError(Exception):
         self.message = message
         self.details = details
 
-    def to_body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
-
 
 class InvalidInput(StavilyError):
     status = 422

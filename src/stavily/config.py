@@ -41,6 +41,11 @@ class Settings(BaseSettings):
         description="When more than this share of live agents falls silent in one sweep, "
         "their work is not taken back (the server or network is suspect).",
     )
+    mass_death_hold: float = Field(
+        default=30.0,
+        description="How long the mass-death guard holds back; agents silent longer are "
+        "dead whatever their number.",
+    )
     mass_death_min_agents: int = Field(
         default=10, description="The mass-death guard applies from this many agents."
     )

@@ -329,3 +329,25 @@ def test_when_most_of_the_fleet_falls_silent_at_once_no_work_is_taken_back(
         step = orch.execution(execution["id"])["steps"][0]
         assert (step["status"], step["attempts"], step["agent_id"]) == ("running", 1, holder.id)
         assert holder.report(held, output={}).status_code == 200
+
+
+def test_the_mass_silence_guard_only_holds_back_for_a_while(backend: str, tmp_path: Any) -> None:
+    with (
+        fresh_database(backend, tmp_path) as url,
+        serve(url, tmp_path, mass_death_min_agents=3, mass_death_hold=1, lease_grace=30) as orch,
+    ):
+        tag = uuid.uuid4().hex[:6]
+        crowd = [SimAgent(orch, f"{tag}-{i}") for i in range(4)]
+        name = one_step(orch, tag, "hold", step="{name: only, plugin: echo, timeout: 10m}")
+        execution = orch.run(name)
+        holder = next(a for a in crowd if (held := a.poll()) is not None)
+        for agent in crowd:
+            running = [held["id"]] if agent is holder else []
+            assert beat(agent, running=running, heartbeat_interval=1).status_code == 200
+        # silent 1.5 s: held back; silent past that plus the 1 s hold: dead after all
+        step = until(
+            lambda: (s := orch.execution(execution["id"])["steps"][0])["attempts"] == 2 and s,
+            within=8,
+        )
+        assert step and step["status"] == "queued"
+        assert holder.report(held, output={}).status_code == 409

@@ -716,7 +716,10 @@ class Engine:
                 await conn.execute(
                     self.db.for_update(
                         sa.select(
-                            agents.c.id, agents.c.organization_id, agents.c.heartbeats_while_busy
+                            agents.c.id,
+                            agents.c.organization_id,
+                            agents.c.heartbeats_while_busy,
+                            agents.c.dead_at,
                         )
                         .where(agents.c.status.in_(("online", "degraded")), agents.c.dead_at < now)
                         .order_by(agents.c.id)
@@ -735,13 +738,17 @@ class Engine:
                 ).scalars()
             )
             dead = [a for a in silent if a.heartbeats_while_busy or a.id not in busy]
-            if dead and await self._suspect_mass_death(conn, len(dead)):
+            # Agents that fell silent just now, in numbers, are held back a while: see
+            # _suspect_mass_death. Those silent for longer are dead whatever the count.
+            held_until = now - timedelta(seconds=self.settings.mass_death_hold)
+            recent = [a for a in dead if a.dead_at > held_until]
+            if recent and await self._suspect_mass_death(conn, len(recent), now):
                 log.warning(
-                    "too many agents silent at once: suspecting this server or the "
-                    "network, not the agents; their work stays",
-                    silent=len(dead),
+                    "many agents fell silent at once: suspecting this server or the network, "
+                    "not the agents; their work stays for now",
+                    silent=len(recent),
                 )
-                dead = []
+                dead = [a for a in dead if a.dead_at <= held_until]
             if dead:
                 await conn.execute(
                     agents.update()
@@ -774,18 +781,18 @@ class Engine:
             )
         return [a.id for a in dead]
 
-    async def _suspect_mass_death(self, conn: AsyncConnection, silent: int) -> bool:
+    async def _suspect_mass_death(self, conn: AsyncConnection, silent: int, now: datetime) -> bool:
         """Half the live fleet falling silent in one sweep is more likely an overloaded
         server or a cut network than dead agents: taking all their work back would make
         things worse (the same guard as Kubernetes' unhealthy-zone threshold)."""
         if silent < self.settings.mass_death_min_agents:
             return False
-        live = await conn.scalar(
+        alive = await conn.scalar(
             sa.select(sa.func.count())
             .select_from(agents)
-            .where(agents.c.status.in_(("online", "degraded")))
+            .where(agents.c.status.in_(("online", "degraded")), agents.c.dead_at >= now)
         )
-        return silent > self.settings.mass_death_fraction * int(live or 0)
+        return silent > self.settings.mass_death_fraction * (silent + int(alive or 0))
 
     async def fail_unroutable(self) -> int:
         """Steps queued longer than `unroutable_after` with no eligible agent at all fail."""

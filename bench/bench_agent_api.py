@@ -169,7 +169,8 @@ async def _pg_execute(url: str, statement: str) -> None:
 def fresh_database(backend: str, tmp: Path, pg_url: str) -> Iterator[str]:
     """A new, empty database: a SQLite file, or a PostgreSQL database dropped afterwards."""
     if backend == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp / 'stavily.db'}"
+        # a file of its own each time: two tests sharing a folder must not share a database
+        yield f"sqlite+aiosqlite:///{tmp / f'stavily-{uuid.uuid4().hex[:8]}.db'}"
         return
     from sqlalchemy.engine import make_url
 

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         description="How long the mass-death guard holds back; agents silent longer are "
         "dead whatever their number.",
     )
+    mass_death_settle: float = Field(
+        default=1.0,
+        description="Seconds past its deadline before a silent agent is acted on, so a mass "
+        "silence can show itself first.",
+    )
     mass_death_min_agents: int = Field(
         default=10, description="The mass-death guard applies from this many agents."
     )

@@ -749,6 +749,11 @@ class Engine:
                     silent=len(recent),
                 )
                 dead = [a for a in dead if a.dead_at <= held_until]
+            else:
+                # A mass silence shows over a few sweeps, not in one: act on an agent only
+                # once it has been past its deadline for a moment.
+                settled = now - timedelta(seconds=self.settings.mass_death_settle)
+                dead = [a for a in dead if a.dead_at <= settled]
             if dead:
                 await conn.execute(
                     agents.update()

@@ -1006,17 +1006,8 @@ def verify(server: Server, execution_ids: list[str], handed_out: set[str]) -> di
     return {"ok": ok, "succeeded": len(succeeded), "checked": len(execution_ids), "lines": lines}
 
 
-def database_figures(database_url: str) -> dict[str, Any]:
-    """Counted in the database itself once the server has stopped (and flushed)."""
-    queries = {
-        "executions": "SELECT status, count(*) FROM executions GROUP BY status",
-        "instructions": "SELECT status, count(*) FROM instructions GROUP BY status",
-        "retried": "SELECT count(*) FROM instructions WHERE attempt > 1",
-        "leased": "SELECT count(*), count(DISTINCT subject_id) FROM audit_records "
-        "WHERE action = 'instruction.leased'",
-        "heartbeats": "SELECT count(*) FROM agents "
-        "WHERE name LIKE 'hb-%' AND last_heartbeat_at IS NOT NULL",
-    }
+def query_database(database_url: str, queries: dict[str, str]) -> dict[str, list[tuple[Any, ...]]]:
+    """Run read-only SQL straight on the benchmark's database (SQLite file or PostgreSQL)."""
     rows: dict[str, list[tuple[Any, ...]]] = {}
     if database_url.startswith("sqlite"):
         path = database_url.split("///", 1)[1]
@@ -1035,6 +1026,21 @@ def database_figures(database_url: str) -> dict[str, Any]:
                 await conn.close()
 
         asyncio.run(run())
+    return rows
+
+
+def database_figures(database_url: str) -> dict[str, Any]:
+    """Counted in the database itself once the server has stopped (and flushed)."""
+    queries = {
+        "executions": "SELECT status, count(*) FROM executions GROUP BY status",
+        "instructions": "SELECT status, count(*) FROM instructions GROUP BY status",
+        "retried": "SELECT count(*) FROM instructions WHERE attempt > 1",
+        "leased": "SELECT count(*), count(DISTINCT subject_id) FROM audit_records "
+        "WHERE action = 'instruction.leased'",
+        "heartbeats": "SELECT count(*) FROM agents "
+        "WHERE name LIKE 'hb-%' AND last_heartbeat_at IS NOT NULL",
+    }
+    rows = query_database(database_url, queries)
     return {
         "executions": dict(rows["executions"]),
         "instructions": dict(rows["instructions"]),

@@ -69,7 +69,6 @@ import os
 import resource
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -105,9 +104,9 @@ from bench.bench_agent_api import (  # noqa: E402
     ms,
     parallel,
     percentile,
-    pg_admin_dsn,
     print_profile,
     python_healthz_ceiling,
+    query_database,
     rfc3339_now,
     say,
     source_version,
@@ -838,24 +837,7 @@ def database_check(database_url: str, expected: dict[str, int]) -> dict[str, Any
     """Counted in the database once the server has stopped: per workflow, executions by
     status, steps by (status, attempts), instructions by status; no step with two
     instructions, no instruction leased twice."""
-    rows: dict[str, list[tuple[Any, ...]]] = {}
-    if database_url.startswith("sqlite"):
-        path = database_url.split("///", 1)[1]
-        with contextlib.closing(sqlite3.connect(path)) as conn:
-            for key, sql in DB_QUERIES.items():
-                rows[key] = [tuple(r) for r in conn.execute(sql).fetchall()]
-    else:
-        import asyncpg
-
-        async def run() -> None:
-            conn = await asyncpg.connect(pg_admin_dsn(database_url))
-            try:
-                for key, sql in DB_QUERIES.items():
-                    rows[key] = [tuple(r) for r in await conn.fetch(sql)]
-            finally:
-                await conn.close()
-
-        asyncio.run(run())
+    rows = query_database(database_url, DB_QUERIES)
     lines, ok = [], True
     for workflow, steps in expected.items():
         execs = {s: n for w, s, n in rows["executions"] if w == workflow}

@@ -23,7 +23,6 @@ from stavily.security import CredentialCache, agent_tokens, bootstrap
 from stavily.services.loops import LoopService
 from stavily.store import migrate
 from stavily.store.db import Database
-from stavily.store.signals import WorkSignal
 from stavily.workflows.engine import Engine
 
 log = structlog.get_logger("stavily")
@@ -44,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 flush=True,
             )
         heartbeats = HeartbeatBuffer(settings)
-        engine = Engine(db, settings, WorkSignal())
+        engine = Engine(db, settings)
         app.state.stavily = State(
             settings=settings,
             db=db,

@@ -61,7 +61,7 @@ class Settings(BaseSettings):
         default="5/second", description="Heartbeats one agent may send (limits notation)."
     )
     agent_rate_limit: str = Field(
-        default="50/second", description="Agent API requests one agent may send."
+        default="1000/second", description="Agent API requests one agent may send."
     )
     heartbeat_flush_interval: float = Field(
         default=0.5, description="Heartbeats are coalesced in memory and written this often."

@@ -27,7 +27,6 @@ from stavily.security import bootstrap
 from stavily.store import migrate
 from stavily.store.db import Database
 from stavily.store.models import instructions
-from stavily.store.signals import WorkSignal
 from stavily.timeutil import utcnow
 from stavily.workflows import service
 from stavily.workflows.definition import validate
@@ -42,7 +41,7 @@ class World:
     def __init__(self, url: str) -> None:
         self.loop = asyncio.new_event_loop()
         self.db = Database(url)
-        self.engine = Engine(self.db, Settings(database_url=url, lease_grace=0), WorkSignal())
+        self.engine = Engine(self.db, Settings(database_url=url, lease_grace=0))
         self.org, _ = self.run(self._setup())
 
     async def _setup(self) -> tuple[str, None]:

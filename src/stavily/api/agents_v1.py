@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 from stavily.api.deps import AppState, CurrentAgent
 from stavily.api.json import JSONResponse
 from stavily.errors import InvalidInput, RateLimited
+from stavily.fleet.waiters import Waiter
 
 router = APIRouter(prefix="/agents/v1", tags=["agents"])
 
@@ -123,27 +124,26 @@ async def poll(
         # was lost on the way (its poll answer, or its never-retried result) and goes back.
         await state.engine.release_unreported(agent, [])
     wait = min(wait, state.settings.max_poll_wait)
-    hung_up = asyncio.Event()
-    watcher = asyncio.create_task(_watch_disconnect(request, hung_up)) if wait else None
+    waiter = Waiter(agent)
+    watcher = asyncio.create_task(_watch_disconnect(request, waiter)) if wait else None
 
     def wanted() -> bool:
         pending = state.heartbeats.pending(agent.id)
-        return not hung_up.is_set() and (pending is None or pending.get("status") != "offline")
+        return not waiter.hung_up and (pending is None or pending.get("status") != "offline")
 
     try:
-        claimed = await state.engine.poll(agent, slots or 1, wait, wanted)
+        claimed = await state.engine.poll(agent, slots or 1, wait, wanted, waiter)
     finally:
         if watcher is not None:
             watcher.cancel()
     return JSONResponse(_poll_answer(claimed, state.settings.poll_interval, slots))
 
 
-async def _watch_disconnect(request: Request, hung_up: asyncio.Event) -> None:
+async def _watch_disconnect(request: Request, waiter: Waiter) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    hung_up.set()
-    state = request.app.state.stavily
-    state.engine.signal.notify()  # wake the poll so it sees the hang-up now
+    waiter.hung_up = True
+    waiter.wake()  # so the poll sees the hang-up now
 
 
 @router.put("/{agent_id}/instructions/{instruction_id}")

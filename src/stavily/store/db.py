@@ -12,6 +12,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from stavily.store.inline_sqlite import inline_creator
+
 
 class Database:
     """SQLite (WAL, one writer at a time in this process) or PostgreSQL, same code."""
@@ -30,8 +32,19 @@ class Database:
         else:
             kwargs.update(pool_size=20, max_overflow=20)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        # Writes: the same engine on PostgreSQL; on SQLite one connection that runs its
+        # statements on the loop's thread (see inline_sqlite: writes are serialized here).
+        self.write_engine = self.engine
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            if parsed.database and parsed.database != ":memory:":
+                self.write_engine = create_async_engine(
+                    url,
+                    async_creator=inline_creator(parsed.database, timeout=30),
+                    pool_size=1,
+                    max_overflow=0,
+                )
+                event.listen(self.write_engine.sync_engine, "connect", _sqlite_pragmas)
         # SQLite has one writer; queueing writers here avoids "database is locked" churn.
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
 
@@ -43,10 +56,10 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         if self._write_lock is None:
-            async with self.engine.begin() as conn:
+            async with self.write_engine.begin() as conn:
                 yield conn
             return
-        async with self._write_lock, self.engine.begin() as conn:
+        async with self._write_lock, self.write_engine.begin() as conn:
             yield conn
 
     def for_update(self, stmt: Any, *, skip_locked: bool = False) -> Any:
@@ -57,6 +70,8 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self.write_engine is not self.engine:
+            await self.write_engine.dispose()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

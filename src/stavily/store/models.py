@@ -262,7 +262,9 @@ instructions = sa.Table(
     # routing: the agent the strategy chose; others may take it once prefer_until passes
     sa.Column("preferred_agent_id", sa.String(40)),
     sa.Column("prefer_until", UTCDateTime()),
-    sa.Index("ix_instructions_claim", "status", "organization_id", "agent_type", "id"),
+    sa.Index(
+        "ix_instructions_claim", "status", "organization_id", "agent_type", "execution_id", "id"
+    ),
     sa.Index("ix_instructions_lease", "status", "lease_expires_at"),
     sa.Index("ix_instructions_agent", "agent_id", "status"),
     sa.Index("ix_instructions_execution", "execution_id", "status"),

@@ -10,7 +10,6 @@ one execution never advance it at the same time.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,10 +29,10 @@ from stavily.fleet.agents import (
     identity_of,
 )
 from stavily.fleet.routing import Router
+from stavily.fleet.waiters import Waiter, Waiters
 from stavily.ids import new_id
 from stavily.store.db import Database
 from stavily.store.models import agents, executions, instructions, step_runs, workflows
-from stavily.store.signals import WorkSignal
 from stavily.timeutil import isoformat, utcnow
 from stavily.workflows import service, states
 from stavily.workflows.definition import WorkflowDefinition, parse_duration, plan
@@ -56,6 +55,19 @@ log = structlog.get_logger("stavily.engine")
 COMPLETED = {"completed", "success", "succeeded"}
 FAILED = {"failed", "failure", "error", "timeout", "timed_out"}
 PROGRESS_STATUSES = {"executing", "running", "in_progress", "started"}
+# What a queued instruction's offer to the waiting agents needs (fleet.waiters.may_take).
+OFFER_COLUMNS = [
+    instructions.c[name]
+    for name in (
+        "id",
+        "organization_id",
+        "agent_type",
+        "target_agent_name",
+        "selector",
+        "preferred_agent_id",
+        "prefer_until",
+    )
+]
 
 
 def step_output(report: dict[str, Any]) -> Any:
@@ -88,13 +100,14 @@ def instruction_payload(row: Any) -> dict[str, Any]:
 
 
 class Engine:
-    def __init__(self, db: Database, settings: Settings, signal: WorkSignal) -> None:
+    def __init__(self, db: Database, settings: Settings) -> None:
         self.db = db
         self.settings = settings
-        self.signal = signal
         self.router = Router(settings.routing_prefer_seconds, settings.routing_sticky_seconds)
         # agents in a long poll on this replica right now: routing chooses among them
-        self.waiting: Counter[str] = Counter()
+        self.waiters = Waiters()
+        # queued instructions routed to one agent, until they are claimed or it lapses
+        self._preferred: dict[str, dict[str, Any]] = {}
         self._unreported_checked: dict[str, datetime] = {}
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -109,7 +122,7 @@ class Engine:
             now,
             self.settings.max_agent_lost_attempts,
             self.router,
-            set(self.waiting),
+            self.waiters.idle_agents(),
         )
 
     async def _lock_execution(
@@ -133,11 +146,25 @@ class Engine:
         await audit.append(conn, [e for p in done for e in p.entries])
 
     def _wake(self, done: list[Progression]) -> None:
-        if any(i["available_at"] is None for p in done for i in p.new_instructions):
-            self.signal.notify()
-        loop = asyncio.get_running_loop()
-        for delay in {d for p in done for d in p.wake_after}:
-            loop.call_later(delay, self.signal.notify)
+        """Offer what the transaction queued to the agents waiting for it: now, or when
+        its retry delay ends; and to every eligible agent once its routing lapses."""
+        now = utcnow()
+        ready = []
+        for item in (i for p in done for i in p.new_instructions):
+            if item["available_at"] is not None:
+                self.waiters.offer_later((item["available_at"] - now).total_seconds(), [item])
+            else:
+                ready.append(item)
+            if item.get("prefer_until") is not None:
+                self._preferred[item["id"]] = {**item, "preferred_agent_id": None}
+                lapse = (item["prefer_until"] - now).total_seconds()
+                asyncio.get_running_loop().call_later(lapse, self._lapse, item["id"])
+        self.waiters.offer(ready)
+
+    def _lapse(self, instruction_id: str) -> None:
+        item = self._preferred.pop(instruction_id, None)
+        if item is not None:  # not claimed here yet: any eligible agent may take it now
+            self.waiters.offer([item])
 
     async def _promote(
         self, conn: AsyncConnection, finished: dict[str, Any], actor: str, now: datetime
@@ -309,7 +336,7 @@ class Engine:
             if free <= 0:
                 return []
             candidates_query = (
-                sa.select(instructions.c.id, instructions.c.selector)
+                sa.select(*OFFER_COLUMNS)
                 .where(
                     instructions.c.status == "queued",
                     instructions.c.organization_id == agent.organization_id,
@@ -328,13 +355,15 @@ class Engine:
                         instructions.c.prefer_until <= now,
                     ),
                 )
-                .order_by(instructions.c.id)
+                # The oldest execution first: steps of runs under way before new runs.
+                .order_by(instructions.c.execution_id, instructions.c.id)
                 .limit(max(32, free * 4))
             )
-            candidates = (await conn.execute(candidates_query)).all()
-            eligible_ids = [c.id for c in candidates if eligible(agent, c.selector)]
-            if not eligible_ids:
+            candidates = (await conn.execute(candidates_query)).mappings().all()
+            fitting = [c for c in candidates if eligible(agent, c["selector"])]
+            if not fitting:
                 return []
+            eligible_ids = [c["id"] for c in fitting]
             # Lock exactly the rows this agent takes; rows another claim holds are skipped,
             # not waited for, and rows not taken stay free for the others.
             lock = (
@@ -345,11 +374,10 @@ class Engine:
                     instructions.c.execution_id,
                 )
                 .where(instructions.c.id.in_(eligible_ids), instructions.c.status == "queued")
-                .order_by(instructions.c.id)
+                .order_by(instructions.c.execution_id, instructions.c.id)
                 .limit(free)
             )
             chosen = (await conn.execute(self.db.for_update(lock, skip_locked=True))).all()
-            more_left = len(eligible_ids) > len(chosen)
             payloads, entries = [], []
             for candidate in chosen:
                 lease = now + timedelta(
@@ -392,8 +420,11 @@ class Engine:
                     )
                 )
             await audit.append(conn, entries)
-        if more_left:
-            self.signal.notify()  # other waiting agents may take what this one left
+        taken = {c.id for c in chosen}
+        for instruction_id in taken:
+            self._preferred.pop(instruction_id, None)
+        # other waiting agents may take what this one saw and left
+        self.waiters.offer(c for c in fitting if c["id"] not in taken)
         return payloads
 
     async def poll(
@@ -402,28 +433,22 @@ class Engine:
         slots: int,
         wait: float,
         wanted: Callable[[], bool] = lambda: True,
+        waiter: Waiter | None = None,
     ) -> list[dict[str, Any]]:
         """Claim now, or hold the poll open until work is queued or `wait` runs out.
 
         `wanted` is asked before every claim: a poll whose client hung up, or whose agent
         has since said it is going offline, must not lease work nobody will read.
         """
+        if wait <= 0:
+            return await self.claim(agent, slots) if wanted() else []
         loop_deadline = utcnow() + timedelta(seconds=wait)
-        while wanted():
-            event = self.signal.current()
-            claimed = await self.claim(agent, slots)
-            remaining = (loop_deadline - utcnow()).total_seconds()
-            if claimed or remaining <= 0:
-                return claimed
-            self.waiting[agent.id] += 1
-            try:
-                woken = await self.signal.wait(event, remaining)
-            finally:
-                self.waiting[agent.id] -= 1
-                if self.waiting[agent.id] <= 0:
-                    del self.waiting[agent.id]
-            if not woken:
-                return []
+        with self.waiters.register(waiter or Waiter(agent)) as registered:
+            while wanted():
+                claimed = await self.claim(agent, slots)
+                remaining = (loop_deadline - utcnow()).total_seconds()
+                if claimed or remaining <= 0 or not await registered.wait(remaining):
+                    return claimed
         return []
 
     async def _owned(self, conn: AsyncConnection, agent: AgentIdentity, instruction_id: str) -> Any:

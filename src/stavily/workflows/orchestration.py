@@ -174,7 +174,6 @@ class Progression:
         self.agent_lost_budget = agent_lost_budget
         self.entries: list[dict[str, Any]] = []
         self.new_instructions: list[dict[str, Any]] = []
-        self.wake_after: list[float] = []  # delays of retries queued for later
         self._ready: deque[dict[str, Any]] = deque()
         self._ended: set[str] = set()  # steps that reached a final state in this transaction
         self._counters_dirty = False
@@ -626,8 +625,6 @@ class Progression:
                     preferred_agent_id=preference.agent_id,
                     prefer_until=preference.until + timedelta(seconds=delay),
                 )
-                # when the preference lapses, the other waiting agents must look again
-                self.wake_after.append(delay + (preference.until - self.now).total_seconds())
         self.new_instructions.append(instruction)
         await self.conn.execute(instructions.insert().values(**instruction))
         await self._step(
@@ -638,8 +635,6 @@ class Progression:
             agent_id=None,
             next_attempt_at=available_at,
         )
-        if delay > 0:
-            self.wake_after.append(delay)
         self._audit(
             "step.queued",
             "step_run",

@@ -80,8 +80,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # `python bench/bench_engine.py` puts only bench/ on the path
@@ -113,6 +111,7 @@ from bench.bench_agent_api import (  # noqa: E402
     split,
     summarise_profile,
 )
+from bench.rawhttp import RawClient, Response, ceiling  # noqa: E402
 
 DEFAULT_PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 CHAIN_WORKFLOW = "bench-chain"
@@ -201,12 +200,9 @@ def result_body(instruction: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def agent_client(url: str, key: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        base_url=url,
-        headers={**AGENT_HEADERS, "Authorization": f"Bearer {key}"},
-        timeout=POLL_WAIT + 60,
-    )
+def agent_client(url: str, key: str) -> RawClient:
+    """The simulated agent's connection: bench/rawhttp.py, not httpx (see there why)."""
+    return RawClient(url, {**AGENT_HEADERS, "Authorization": f"Bearer {key}"})
 
 
 # -- client processes (module level so that they pickle) -------------------------------------
@@ -261,12 +257,12 @@ def engine_agents_proc(
     empty_polls = 0
     last_step = ABC_STEPS[-1]
 
-    def failed(kind: str, answer: httpx.Response) -> None:
+    def failed(kind: str, answer: Response) -> None:
         error_count[f"{kind} {answer.status_code}"] += 1
         if len(errors) < 20:
-            errors.append(f"{kind} {answer.request.url.path} -> {answer.status_code} {answer.text}")
+            errors.append(f"{kind} {answer.path} -> {answer.status_code} {answer.text}")
 
-    async def agent_loop(client: httpx.AsyncClient, agent_id: str, index: int) -> None:
+    async def agent_loop(client: RawClient, agent_id: str, index: int) -> None:
         nonlocal empty_polls
         base = f"/agents/v1/{agent_id}/instructions"
         while True:
@@ -510,6 +506,11 @@ def chain_test(
 ) -> None:
     apply_workflow(server.url, chain_source(options.chain_steps))
     agent = create_agents_proc(server.url, [f"chain-{uuid.uuid4().hex[:6]}"])[0]
+    floor = report["chain_client"] = asyncio.run(ceiling(server.url))
+    say(
+        f"  the simulated agent's own floor: GET /healthz one at a time on its connection: "
+        f"{floor['rate']:.0f}/s, p50 {ms(floor['p50'])} (client and server HTTP together)"
+    )
     for piggyback in modes:
         label = "piggyback: POST result?next=1" if piggyback else "poll ?wait=, PUT, POST result"
         say(f"  chain: {options.chain_steps} sequential no-op steps, one agent ({label}) ...")
@@ -1283,6 +1284,12 @@ def chain_rows(report: dict[str, Any], peer: dict[str, Any]) -> list[Row]:
             "",
         ),
         ("  of which waiting on the server, per step", ms(poll["request_time_per_step"]), "", ""),
+        (
+            "  agent's floor: GET /healthz p50, 1 at a time",
+            ms(report["chain_client"]["p50"]),
+            "",
+            "HTTP alone, no database: a step is 2-3 requests",
+        ),
         (
             f"  chain CPU %: {CPU_HEADER}",
             _cpu_cell(poll["cpu"]),

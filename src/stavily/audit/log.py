@@ -32,9 +32,12 @@ def entry(
     }
 
 
+_INSERT = audit_records.insert()
+
+
 async def append(conn: AsyncConnection, entries: list[dict[str, Any]]) -> None:
     if entries:
-        await conn.execute(audit_records.insert(), entries)
+        await conn.execute(_INSERT, entries)
 
 
 async def list_records(

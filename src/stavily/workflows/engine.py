@@ -34,13 +34,14 @@ from stavily.ids import new_id
 from stavily.store.db import Database
 from stavily.store.models import agents, executions, instructions, step_runs, workflows
 from stavily.timeutil import isoformat, utcnow
-from stavily.workflows import service, states
+from stavily.workflows import queries, service, states
 from stavily.workflows.definition import WorkflowDefinition, parse_duration, plan
 from stavily.workflows.orchestration import (
     AGENT_LOST,
     ERROR,
     TIMEOUT,
     UNROUTABLE,
+    IfUnset,
     Progression,
     load_step,
     load_steps,
@@ -55,19 +56,6 @@ log = structlog.get_logger("stavily.engine")
 COMPLETED = {"completed", "success", "succeeded"}
 FAILED = {"failed", "failure", "error", "timeout", "timed_out"}
 PROGRESS_STATUSES = {"executing", "running", "in_progress", "started"}
-# What a queued instruction's offer to the waiting agents needs (fleet.waiters.may_take).
-OFFER_COLUMNS = [
-    instructions.c[name]
-    for name in (
-        "id",
-        "organization_id",
-        "agent_type",
-        "target_agent_name",
-        "selector",
-        "preferred_agent_id",
-        "prefer_until",
-    )
-]
 
 
 def step_output(report: dict[str, Any]) -> Any:
@@ -128,11 +116,9 @@ class Engine:
     async def _lock_execution(
         self, conn: AsyncConnection, execution_id: str, organization_id: str | None = None
     ) -> dict[str, Any]:
-        query = sa.select(executions).where(executions.c.id == execution_id)
-        if organization_id is not None:
-            query = query.where(executions.c.organization_id == organization_id)
-        row = (await conn.execute(self.db.for_update(query))).mappings().first()
-        if row is None:
+        query = queries.EXECUTION if self.db.is_sqlite else queries.EXECUTION_LOCKED
+        row = (await conn.execute(query, {"id": execution_id})).mappings().first()
+        if row is None or organization_id not in (None, row["organization_id"]):
             raise NotFound(f"no execution '{execution_id}'")
         return dict(row)
 
@@ -312,72 +298,37 @@ class Engine:
         async with self.db.write() as conn:
             # Read now, not from the request's start: a long poll may outlive a drain,
             # a disable or a revoke, and must then hand out nothing.
-            running = (
-                sa.select(sa.func.count())
-                .where(
-                    instructions.c.agent_id == agent.id,
-                    instructions.c.status.in_(ACTIVE_INSTRUCTION),
-                )
-                .scalar_subquery()
-            )
-            current = (
-                await conn.execute(
-                    sa.select(
-                        agents.c.admin_state,
-                        agents.c.revoked_at,
-                        agents.c.capacity,
-                        running.label("running"),
-                    ).where(agents.c.id == agent.id)
-                )
-            ).first()
+            current = (await conn.execute(queries.AGENT_NOW, {"agent_id": agent.id})).first()
             if current is None or current.admin_state != "active" or current.revoked_at:
                 return []
             free = min(slots, current.capacity - int(current.running))
             if free <= 0:
                 return []
-            candidates_query = (
-                sa.select(*OFFER_COLUMNS)
-                .where(
-                    instructions.c.status == "queued",
-                    instructions.c.organization_id == agent.organization_id,
-                    instructions.c.agent_type == agent.type,
-                    sa.or_(
-                        instructions.c.target_agent_name.is_(None),
-                        instructions.c.target_agent_name == agent.name,
-                    ),
-                    sa.or_(
-                        instructions.c.available_at.is_(None),
-                        instructions.c.available_at <= now,
-                    ),
-                    sa.or_(
-                        instructions.c.preferred_agent_id.is_(None),
-                        instructions.c.preferred_agent_id == agent.id,
-                        instructions.c.prefer_until <= now,
-                    ),
+            candidates = (
+                await conn.execute(
+                    queries.CANDIDATES,
+                    {
+                        "organization_id": agent.organization_id,
+                        "agent_type": agent.type,
+                        "agent_name": agent.name,
+                        "agent_id": agent.id,
+                        "now": now,
+                        "limit": max(32, free * 4),
+                    },
                 )
-                # The oldest execution first: steps of runs under way before new runs.
-                .order_by(instructions.c.execution_id, instructions.c.id)
-                .limit(max(32, free * 4))
-            )
-            candidates = (await conn.execute(candidates_query)).mappings().all()
-            fitting = [c for c in candidates if eligible(agent, c["selector"])]
+            ).all()
+            fitting = [c for c in candidates if eligible(agent, c.selector)]
             if not fitting:
                 return []
-            eligible_ids = [c["id"] for c in fitting]
-            # Lock exactly the rows this agent takes; rows another claim holds are skipped,
-            # not waited for, and rows not taken stay free for the others.
-            lock = (
-                sa.select(
-                    instructions.c.id,
-                    instructions.c.timeout_seconds,
-                    instructions.c.step_run_id,
-                    instructions.c.execution_id,
+            chosen = fitting[:free]
+            if not self.db.is_sqlite:
+                # Lock exactly the rows this agent takes; rows another claim holds are
+                # skipped, not waited for, and rows not taken stay free for the others.
+                locked = await conn.execute(
+                    queries.LOCK_QUEUED, {"ids": [c.id for c in fitting], "limit": free}
                 )
-                .where(instructions.c.id.in_(eligible_ids), instructions.c.status == "queued")
-                .order_by(instructions.c.execution_id, instructions.c.id)
-                .limit(free)
-            )
-            chosen = (await conn.execute(self.db.for_update(lock, skip_locked=True))).all()
+                ids = set(locked.scalars())
+                chosen = [c for c in fitting if c.id in ids]
             payloads, entries = [], []
             for candidate in chosen:
                 lease = now + timedelta(
@@ -385,18 +336,15 @@ class Engine:
                 )
                 row = (
                     await conn.execute(
-                        instructions.update()
-                        .where(instructions.c.id == candidate.id)
-                        .values(
-                            status="leased",
-                            agent_id=agent.id,
-                            leased_at=now,
-                            lease_expires_at=lease,
-                        )
-                        .returning(*instructions.c)
+                        queries.LEASE,
+                        {
+                            "row_id": candidate.id,
+                            "v_agent_id": agent.id,
+                            "v_leased_at": now,
+                            "v_lease_expires_at": lease,
+                        },
                     )
-                ).first()
-                assert row is not None
+                ).one()
                 if candidate.step_run_id:
                     await set_status(
                         conn,
@@ -405,7 +353,7 @@ class Engine:
                         candidate.step_run_id,
                         "running",
                         agent_id=agent.id,
-                        started_at=sa.func.coalesce(step_runs.c.started_at, now),
+                        started_at=IfUnset(now),
                     )
                 payloads.append(instruction_payload(row))
                 entries.append(
@@ -424,7 +372,7 @@ class Engine:
         for instruction_id in taken:
             self._preferred.pop(instruction_id, None)
         # other waiting agents may take what this one saw and left
-        self.waiters.offer(c for c in fitting if c["id"] not in taken)
+        self.waiters.offer(c._mapping for c in fitting if c.id not in taken)
         return payloads
 
     async def poll(
@@ -452,11 +400,9 @@ class Engine:
         return []
 
     async def _owned(self, conn: AsyncConnection, agent: AgentIdentity, instruction_id: str) -> Any:
-        query = sa.select(instructions).where(
-            instructions.c.id == instruction_id,
-            instructions.c.organization_id == agent.organization_id,
-        )
-        row = (await conn.execute(self.db.for_update(query))).first()
+        query = queries.OWNED if self.db.is_sqlite else queries.OWNED_LOCKED
+        params = {"id": instruction_id, "organization_id": agent.organization_id}
+        row = (await conn.execute(query, params)).first()
         if row is None:
             raise NotFound(f"no instruction '{instruction_id}' for this agent")
         if row.agent_id != agent.id:
@@ -505,7 +451,8 @@ class Engine:
                     ],
                 )
             await conn.execute(
-                instructions.update().where(instructions.c.id == instruction_id).values(**values)
+                queries.update_by_id(instructions, values),
+                {"row_id": instruction_id, **{f"v_{k}": v for k, v in values.items()}},
             )
         return [key for key in ("status", "execution_log", "max_retries") if key in fields]
 
@@ -526,9 +473,7 @@ class Engine:
         done: list[Progression] = []
         async with self.db.write() as conn:
             # Lock order everywhere: the execution, then its instructions.
-            execution_id = await conn.scalar(
-                sa.select(instructions.c.execution_id).where(instructions.c.id == instruction_id)
-            )
+            execution_id = await conn.scalar(queries.INSTRUCTION_EXECUTION, {"id": instruction_id})
             execution = await self._lock_execution(conn, execution_id) if execution_id else None
             row = await self._owned(conn, agent, instruction_id)
             if row.status in ("completed", "failed") and row.result_digest == digest:
@@ -554,7 +499,7 @@ class Engine:
                 error_message=error,
                 error_details=report.get("error_details"),
                 execution_log=report.get("execution_log") or row.execution_log,
-                started_at=sa.func.coalesce(instructions.c.started_at, now),
+                started_at=IfUnset(now),
             )
             progression = None
             if execution is not None:

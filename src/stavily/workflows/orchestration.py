@@ -32,7 +32,7 @@ from stavily.errors import StavilyError
 from stavily.fleet.routing import Router
 from stavily.ids import new_id
 from stavily.store.models import executions, instructions, step_runs
-from stavily.workflows import states
+from stavily.workflows import queries, states
 from stavily.workflows.templating import TemplateProblem, render
 
 ACTIVE_INSTRUCTION = ("leased", "executing")
@@ -47,6 +47,40 @@ class IllegalTransition(StavilyError):
     code = "illegal_transition"
 
 
+class IfUnset:
+    """A value that `set_status` writes only where the column has none yet."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+_STATUS_UPDATES: dict[tuple[Any, ...], sa.Update] = {}
+
+
+def _status_update(
+    table: sa.Table, allowed: tuple[str, ...], new: str, columns: tuple[tuple[str, bool], ...]
+) -> sa.Update:
+    """Built once per shape and reused: building a statement costs more than running it."""
+    key = (table.name, allowed, new, columns)
+    statement = _STATUS_UPDATES.get(key)
+    if statement is None:
+        values: dict[str, Any] = {"status": sa.literal(new)}
+        for name, if_unset in columns:
+            value = queries.param(table.c[name], f"v_{name}")
+            values[name] = sa.func.coalesce(table.c[name], value) if if_unset else value
+        statement = _STATUS_UPDATES[key] = (
+            table.update()
+            .where(
+                table.c.id == queries.param(table.c.id, "row_id"),
+                queries.one_of(table.c.status, allowed),
+            )
+            .values(values)
+        )
+    return statement
+
+
 async def set_status(
     conn: AsyncConnection,
     table: sa.Table,
@@ -56,11 +90,13 @@ async def set_status(
     **values: Any,
 ) -> None:
     """The one way a status is written: only from a state that may lead to `new`."""
-    result = await conn.execute(
-        table.update()
-        .where(table.c.id == row_id, table.c.status.in_(states.allowed_from(rules, new)))
-        .values(status=new, **values)
-    )
+    columns = tuple((name, isinstance(value, IfUnset)) for name, value in values.items())
+    statement = _status_update(table, states.allowed_from(rules, new), new, columns)
+    params = {
+        f"v_{name}": value.value if isinstance(value, IfUnset) else value
+        for name, value in values.items()
+    }
+    result = await conn.execute(statement, {"row_id": row_id, **params})
     if result.rowcount != 1:
         raise IllegalTransition(f"{table.name} {row_id} cannot become {new}")
 
@@ -321,12 +357,12 @@ class Progression:
     async def _save_counters(self) -> None:
         if self._counters_dirty:
             await self.conn.execute(
-                executions.update()
-                .where(executions.c.id == self.execution["id"])
-                .values(
-                    open_steps=self.execution["open_steps"],
-                    failed_step=self.execution.get("failed_step"),
-                )
+                queries.SAVE_COUNTERS,
+                {
+                    "row_id": self.execution["id"],
+                    "v_open_steps": self.execution["open_steps"],
+                    "v_failed_step": self.execution.get("failed_step"),
+                },
             )
             self._counters_dirty = False
 
@@ -626,7 +662,7 @@ class Progression:
                     prefer_until=preference.until + timedelta(seconds=delay),
                 )
         self.new_instructions.append(instruction)
-        await self.conn.execute(instructions.insert().values(**instruction))
+        await self.conn.execute(queries.INSERT_INSTRUCTION, instruction)
         await self._step(
             step,
             "queued",
@@ -701,5 +737,5 @@ async def load_steps(conn: AsyncConnection, execution_id: str) -> list[dict[str,
 
 
 async def load_step(conn: AsyncConnection, step_id: str) -> dict[str, Any]:
-    row = (await conn.execute(sa.select(step_runs).where(step_runs.c.id == step_id))).mappings()
+    row = (await conn.execute(queries.STEP, {"id": step_id})).mappings()
     return dict(row.one())

@@ -6,6 +6,8 @@ guarded by `WHERE status IN allowed_from(new)`, so an illegal move changes no ro
 
 from __future__ import annotations
 
+import functools
+
 EXECUTION: dict[str, frozenset[str]] = {
     "queued": frozenset({"running", "cancelled"}),  # waiting for a concurrency slot
     "running": frozenset({"succeeded", "failed", "cancelled"}),
@@ -42,9 +44,14 @@ FINAL_STEP = frozenset({"succeeded", "failed", "skipped", "cancelled"})
 FINAL_INSTRUCTION = frozenset(s for s, nxt in INSTRUCTION.items() if not nxt)
 
 
+@functools.cache
+def _allowed_from(table: tuple[tuple[str, frozenset[str]], ...], new: str) -> tuple[str, ...]:
+    return tuple(sorted(s for s, nxt in table if new in nxt))
+
+
 def allowed_from(table: dict[str, frozenset[str]], new: str) -> tuple[str, ...]:
     """The states from which `new` may be entered."""
-    return tuple(sorted(s for s, nxt in table.items() if new in nxt))
+    return _allowed_from(tuple(table.items()), new)
 
 
 def can(table: dict[str, frozenset[str]], old: str, new: str) -> bool:

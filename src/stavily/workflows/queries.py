@@ -1,0 +1,150 @@
+"""The statements of the engine's hot path, built once with bound parameters.
+
+Building a SQLAlchemy statement and computing its cache key costs more than running it
+on SQLite (about 250 against 80 microseconds for a one-row UPDATE, measured): the
+statements every step runs are made here once and executed with their parameters.
+Membership tests use one bound literal per value rather than an "expanding" parameter,
+which would be rendered anew on every execution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import sqlalchemy as sa
+
+from stavily.store.models import agents, executions, instructions, step_runs
+
+
+def param(column: sa.Column[Any], name: str | None = None) -> sa.BindParameter[Any]:
+    """A parameter of the column's type, named after it (UPDATEs need other names)."""
+    return sa.bindparam(name or column.name, type_=column.type)
+
+
+def values(table: sa.Table, columns: Iterable[str]) -> dict[str, sa.BindParameter[Any]]:
+    """SET clauses bound to `v_<column>` parameters."""
+    return {name: param(table.c[name], f"v_{name}") for name in columns}
+
+
+def one_of(column: sa.Column[Any], values: Iterable[str]) -> sa.ColumnElement[bool]:
+    return column.in_([sa.literal(v) for v in values])
+
+
+ACTIVE = ("leased", "executing")
+
+# What a queued instruction's offer to the waiting agents needs (fleet.waiters.may_take),
+# and what a claim needs to lease it.
+OFFER_COLUMNS = [
+    instructions.c[name]
+    for name in (
+        "id",
+        "organization_id",
+        "agent_type",
+        "target_agent_name",
+        "selector",
+        "preferred_agent_id",
+        "prefer_until",
+        "execution_id",
+        "step_run_id",
+        "timeout_seconds",
+    )
+]
+
+# The agent as it is now (a long poll may outlive a drain, a disable or a revoke), with
+# the number of instructions it holds.
+AGENT_NOW = sa.select(
+    agents.c.admin_state,
+    agents.c.revoked_at,
+    agents.c.capacity,
+    sa.select(sa.func.count())
+    .where(
+        instructions.c.agent_id == param(agents.c.id, "agent_id"),
+        one_of(instructions.c.status, ACTIVE),
+    )
+    .scalar_subquery()
+    .label("running"),
+).where(agents.c.id == param(agents.c.id, "agent_id"))
+
+_now = param(instructions.c.created_at, "now")
+CANDIDATES = (
+    sa.select(*OFFER_COLUMNS)
+    .where(
+        instructions.c.status == sa.literal("queued"),
+        instructions.c.organization_id == param(instructions.c.organization_id),
+        instructions.c.agent_type == param(instructions.c.agent_type),
+        sa.or_(
+            instructions.c.target_agent_name.is_(None),
+            instructions.c.target_agent_name == param(agents.c.name, "agent_name"),
+        ),
+        sa.or_(instructions.c.available_at.is_(None), instructions.c.available_at <= _now),
+        sa.or_(
+            instructions.c.preferred_agent_id.is_(None),
+            instructions.c.preferred_agent_id == param(agents.c.id, "agent_id"),
+            instructions.c.prefer_until <= _now,
+        ),
+    )
+    # The oldest execution first: steps of runs under way go before new runs.
+    .order_by(instructions.c.execution_id, instructions.c.id)
+    .limit(sa.bindparam("limit", type_=sa.Integer))
+)
+
+# PostgreSQL: lock exactly the rows a claim takes; rows another claim holds are skipped.
+LOCK_QUEUED = (
+    sa.select(instructions.c.id)
+    .where(
+        instructions.c.id.in_(sa.bindparam("ids", expanding=True)),
+        instructions.c.status == sa.literal("queued"),
+    )
+    .order_by(instructions.c.execution_id, instructions.c.id)
+    .limit(sa.bindparam("limit", type_=sa.Integer))
+    .with_for_update(skip_locked=True)
+)
+
+LEASE = (
+    instructions.update()
+    .where(instructions.c.id == param(instructions.c.id, "row_id"))
+    .values(
+        status=sa.literal("leased"),
+        **values(instructions, ("agent_id", "leased_at", "lease_expires_at")),
+    )
+    .returning(*instructions.c)
+)
+
+INSTRUCTION_EXECUTION = sa.select(instructions.c.execution_id).where(
+    instructions.c.id == param(instructions.c.id)
+)
+
+OWNED = sa.select(instructions).where(
+    instructions.c.id == param(instructions.c.id),
+    instructions.c.organization_id == param(instructions.c.organization_id),
+)
+OWNED_LOCKED = OWNED.with_for_update()
+
+EXECUTION = sa.select(executions).where(executions.c.id == param(executions.c.id))
+EXECUTION_LOCKED = EXECUTION.with_for_update()
+
+STEP = sa.select(step_runs).where(step_runs.c.id == param(step_runs.c.id))
+
+SAVE_COUNTERS = (
+    executions.update()
+    .where(executions.c.id == param(executions.c.id, "row_id"))
+    .values(values(executions, ("open_steps", "failed_step")))
+)
+
+INSERT_INSTRUCTION = instructions.insert()
+
+_UPDATES: dict[tuple[str, tuple[str, ...]], sa.Update] = {}
+
+
+def update_by_id(table: sa.Table, columns: Iterable[str]) -> sa.Update:
+    """`UPDATE table SET columns... WHERE id = :row_id`, one statement per shape."""
+    key = (table.name, tuple(columns))
+    statement = _UPDATES.get(key)
+    if statement is None:
+        statement = _UPDATES[key] = (
+            table.update()
+            .where(table.c.id == sa.bindparam("row_id", type_=table.c.id.type))
+            .values(values(table, key[1]))
+        )
+    return statement

@@ -25,20 +25,18 @@ from stavily.timeutil import utcnow
 class Waiter:
     """One long poll: the agent it is for, and whether it was woken or hung up."""
 
-    __slots__ = ("_event", "agent", "hung_up", "idle")
+    __slots__ = ("_event", "agent", "hung_up", "idle", "woken")
 
     def __init__(self, agent: AgentIdentity) -> None:
         self.agent = agent
         self.hung_up = False
         self.idle = False  # in wait(), not looking for work right now
+        self.woken = False
         self._event = asyncio.Event()
 
     def wake(self) -> None:
+        self.woken = True
         self._event.set()
-
-    @property
-    def woken(self) -> bool:
-        return self._event.is_set()
 
     async def wait(self, timeout: float) -> bool:
         """Until woken or `timeout` seconds: whether it was woken."""
@@ -49,7 +47,7 @@ class Waiter:
                     await self._event.wait()
         finally:
             self.idle = False
-        woken = self._event.is_set()
+        woken, self.woken = self.woken, False
         self._event.clear()
         return woken
 
@@ -86,14 +84,17 @@ class Waiters:
     def offer(self, work: Iterable[dict[str, Any]]) -> None:
         """Queued instructions: wake one waiter that may take each, preferring the agent
         each was routed to. Waiters already woken will look anyway and are not counted."""
+        sleeping = [w for w in self._waiters if not w.woken]
         now = utcnow()
         for item in work:
+            if not sleeping:
+                return
             # While a preference holds, only the preferred agent may take the item.
-            chosen = next(
-                (w for w in self._waiters if not w.woken and may_take(w.agent, item, now)), None
-            )
-            if chosen is not None:
-                chosen.wake()
+            for i, waiter in enumerate(sleeping):
+                if may_take(waiter.agent, item, now):
+                    waiter.wake()
+                    del sleeping[i]
+                    break
 
     def offer_later(self, delay: float, work: list[dict[str, Any]]) -> None:
         asyncio.get_running_loop().call_later(max(delay, 0.0), self.offer, work)

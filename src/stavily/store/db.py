@@ -3,16 +3,43 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from stavily.store.inline_sqlite import inline_creator
+
+class InlineConnection:
+    """The calls our code makes on an AsyncConnection, run at once on a sync one.
+
+    SQLite writes go through this. With aiosqlite every statement is handed to a thread
+    and its answer awaited, and SQLAlchemy's async layer adds a greenlet per call: about
+    three times the cost of running a small statement on a local file. Writes are
+    serialized in this process anyway (SQLite has one writer), so nothing is gained by
+    waiting elsewhere meanwhile; in WAL mode readers never block the writer. Reads keep
+    the threaded connections, so a long read never holds up the event loop.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self.sync_connection = connection
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        return self.sync_connection.execute(statement, parameters)
+
+    async def scalar(self, statement: Any, parameters: Any = None) -> Any:
+        return self.sync_connection.scalar(statement, parameters)
+
+    async def run_sync(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(self.sync_connection, *args, **kwargs)
+
+    @asynccontextmanager
+    async def begin_nested(self) -> AsyncIterator[None]:
+        with self.sync_connection.begin_nested():
+            yield
 
 
 class Database:
@@ -24,27 +51,26 @@ class Database:
         self.dialect = parsed.get_backend_name()
         self.is_sqlite = self.dialect == "sqlite"
         kwargs: dict[str, Any] = {}
+        on_disk = self.is_sqlite and parsed.database not in (None, "", ":memory:")
+        if on_disk:
+            Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
         if self.is_sqlite:
-            if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             # Keep connections (each is a thread with its pragmas) instead of reopening them.
             kwargs.update(connect_args={"timeout": 30}, pool_size=10, max_overflow=20)
         else:
             kwargs.update(pool_size=20, max_overflow=20)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
-        # Writes: the same engine on PostgreSQL; on SQLite one connection that runs its
-        # statements on the loop's thread (see inline_sqlite: writes are serialized here).
-        self.write_engine = self.engine
+        self._sync_writer: Engine | None = None
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-            if parsed.database and parsed.database != ":memory:":
-                self.write_engine = create_async_engine(
-                    url,
-                    async_creator=inline_creator(parsed.database, timeout=30),
-                    pool_size=1,
-                    max_overflow=0,
-                )
-                event.listen(self.write_engine.sync_engine, "connect", _sqlite_pragmas)
+        if on_disk:
+            self._sync_writer = create_engine(
+                parsed.set(drivername="sqlite+pysqlite"),
+                connect_args={"timeout": 30, "check_same_thread": False},
+                pool_size=1,
+                max_overflow=0,
+            )
+            event.listen(self._sync_writer, "connect", _sqlite_pragmas)
         # SQLite has one writer; queueing writers here avoids "database is locked" churn.
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
 
@@ -56,10 +82,21 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         if self._write_lock is None:
-            async with self.write_engine.begin() as conn:
+            async with self.engine.begin() as conn:
                 yield conn
             return
-        async with self._write_lock, self.write_engine.begin() as conn:
+        async with self._write_lock:
+            if self._sync_writer is None:
+                async with self.engine.begin() as conn:
+                    yield conn
+                return
+            with self._sync_begin() as sync:
+                yield InlineConnection(sync)  # type: ignore[misc]
+
+    @contextmanager
+    def _sync_begin(self) -> Iterator[Connection]:
+        assert self._sync_writer is not None
+        with self._sync_writer.begin() as conn:
             yield conn
 
     def for_update(self, stmt: Any, *, skip_locked: bool = False) -> Any:
@@ -70,8 +107,8 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
-        if self.write_engine is not self.engine:
-            await self.write_engine.dispose()
+        if self._sync_writer is not None:
+            self._sync_writer.dispose()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

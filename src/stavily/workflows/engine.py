@@ -97,6 +97,7 @@ class Engine:
         # queued instructions routed to one agent, until they are claimed or it lapses
         self._preferred: dict[str, dict[str, Any]] = {}
         self._unreported_checked: dict[str, datetime] = {}
+        self._plans: dict[str, tuple[WorkflowDefinition, list[dict[str, Any]]]] = {}
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -197,6 +198,19 @@ class Engine:
 
     # -- starting ---------------------------------------------------------------------------
 
+    def _plan(self, workflow: dict[str, Any]) -> tuple[WorkflowDefinition, list[dict[str, Any]]]:
+        """The version's definition and the steps a run of it has. Versions never change,
+        so each is validated and planned once (a few hundred kept), not on every run."""
+        version_id = workflow["version_id"]
+        cached = self._plans.get(version_id)
+        if cached is None:
+            definition = WorkflowDefinition.model_validate(workflow["definition"])
+            cached = (definition, plan(definition))
+            if len(self._plans) >= 256:
+                del self._plans[next(iter(self._plans))]
+            self._plans[version_id] = cached
+        return cached
+
     async def start(
         self,
         organization_id: str,
@@ -208,7 +222,7 @@ class Engine:
         now = utcnow()
         async with self.db.write() as conn:
             workflow = await service.get(conn, organization_id, workflow_name)
-            definition = WorkflowDefinition.model_validate(workflow["definition"])
+            definition, planned = self._plan(workflow)
             inputs = definition.resolve_inputs(inputs)
             status = "running"
             if definition.concurrency is not None:
@@ -257,9 +271,8 @@ class Engine:
                 "reruns": 0,
                 "failed_step": None,
             }
-            planned = plan(definition)
             execution["open_steps"] = len(planned)
-            await conn.execute(executions.insert().values(**execution))
+            await conn.execute(queries.INSERT_EXECUTION, execution)
             steps = [
                 {
                     "id": new_id("stp"),
@@ -273,7 +286,7 @@ class Engine:
                 }
                 for step in planned
             ]
-            await conn.execute(step_runs.insert(), steps)
+            await conn.execute(queries.INSERT_STEPS, steps)
             progression = self._progression(conn, execution, actor, now)
             progression._audit(
                 "execution.started" if status == "running" else "execution.queued",

@@ -133,6 +133,8 @@ SAVE_COUNTERS = (
 )
 
 INSERT_INSTRUCTION = instructions.insert()
+INSERT_EXECUTION = executions.insert()
+INSERT_STEPS = step_runs.insert()
 
 _UPDATES: dict[tuple[str, tuple[str, ...]], sa.Update] = {}
 

@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stavily.store.models import audit_records
+from stavily.store.prebuilt import prebuilt
 from stavily.timeutil import isoformat, utcnow
 
 
@@ -32,7 +33,7 @@ def entry(
     }
 
 
-_INSERT = audit_records.insert()
+_INSERT = prebuilt(audit_records.insert())
 
 
 async def append(conn: AsyncConnection, entries: list[dict[str, Any]]) -> None:

@@ -12,13 +12,16 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from stavily.store import prebuilt
+
 
 class InlineConnection:
     """The calls our code makes on an AsyncConnection, run at once on a sync one.
 
     SQLite writes go through this. With aiosqlite every statement is handed to a thread
     and its answer awaited, and SQLAlchemy's async layer adds a greenlet per call: about
-    three times the cost of running a small statement on a local file. Writes are
+    three times the cost of running a small statement on a local file. Statements marked
+    `prebuilt` skip SQLAlchemy's execution machinery too (see store.prebuilt). Writes are
     serialized in this process anyway (SQLite has one writer), so nothing is gained by
     waiting elsewhere meanwhile; in WAL mode readers never block the writer. Reads keep
     the threaded connections, so a long read never holds up the event loop.
@@ -28,9 +31,13 @@ class InlineConnection:
         self.sync_connection = connection
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        if prebuilt.is_prebuilt(statement) and prebuilt.uniform(parameters):
+            return prebuilt.run(self.sync_connection, statement, parameters)
         return self.sync_connection.execute(statement, parameters)
 
     async def scalar(self, statement: Any, parameters: Any = None) -> Any:
+        if prebuilt.is_prebuilt(statement):
+            return prebuilt.run(self.sync_connection, statement, parameters).scalar()
         return self.sync_connection.scalar(statement, parameters)
 
     async def run_sync(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

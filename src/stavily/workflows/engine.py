@@ -385,7 +385,7 @@ class Engine:
         for instruction_id in taken:
             self._preferred.pop(instruction_id, None)
         # other waiting agents may take what this one saw and left
-        self.waiters.offer(c._mapping for c in fitting if c.id not in taken)
+        self.waiters.offer(c._asdict() for c in fitting if c.id not in taken)
         return payloads
 
     async def poll(

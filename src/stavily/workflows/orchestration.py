@@ -32,6 +32,7 @@ from stavily.errors import StavilyError
 from stavily.fleet.routing import Router
 from stavily.ids import new_id
 from stavily.store.models import executions, instructions, step_runs
+from stavily.store.prebuilt import prebuilt
 from stavily.workflows import queries, states
 from stavily.workflows.templating import TemplateProblem, render
 
@@ -70,7 +71,7 @@ def _status_update(
         for name, if_unset in columns:
             value = queries.param(table.c[name], f"v_{name}")
             values[name] = sa.func.coalesce(table.c[name], value) if if_unset else value
-        statement = _STATUS_UPDATES[key] = (
+        statement = _STATUS_UPDATES[key] = prebuilt(
             table.update()
             .where(
                 table.c.id == queries.param(table.c.id, "row_id"),
@@ -320,14 +321,8 @@ class Progression:
             await self._wind_down()
         if step.get("dependents"):
             released = await self.conn.execute(
-                step_runs.update()
-                .where(
-                    step_runs.c.execution_id == self.execution["id"],
-                    step_runs.c.parent_id.is_(None),
-                    step_runs.c.name.in_(step["dependents"]),
-                )
-                .values(waiting=step_runs.c.waiting - 1)
-                .returning(*step_runs.c)
+                queries.RELEASE_DEPENDENTS,
+                {"b_execution_id": self.execution["id"], "names": step["dependents"]},
             )
             ready = [dict(r) for r in released.mappings() if r["waiting"] == 0]
             self._ready.extend(

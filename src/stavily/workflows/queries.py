@@ -15,6 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from stavily.store.models import agents, executions, instructions, step_runs
+from stavily.store.prebuilt import prebuilt
 
 
 def param(column: sa.Column[Any], name: str | None = None) -> sa.BindParameter[Any]:
@@ -136,6 +137,34 @@ INSERT_INSTRUCTION = instructions.insert()
 INSERT_EXECUTION = executions.insert()
 INSERT_STEPS = step_runs.insert()
 
+# A step ended: its dependents wait on one step fewer.
+RELEASE_DEPENDENTS = (
+    step_runs.update()
+    .where(
+        step_runs.c.execution_id == param(step_runs.c.execution_id, "b_execution_id"),
+        step_runs.c.parent_id.is_(None),
+        step_runs.c.name.in_(sa.bindparam("names", expanding=True, type_=sa.String)),
+    )
+    .values(waiting=step_runs.c.waiting - 1)
+    .returning(*step_runs.c)
+)
+
+for _statement in (
+    AGENT_NOW,
+    CANDIDATES,
+    LEASE,
+    INSTRUCTION_EXECUTION,
+    OWNED,
+    EXECUTION,
+    STEP,
+    SAVE_COUNTERS,
+    INSERT_INSTRUCTION,
+    INSERT_EXECUTION,
+    INSERT_STEPS,
+    RELEASE_DEPENDENTS,
+):
+    prebuilt(_statement)
+
 _UPDATES: dict[tuple[str, tuple[str, ...]], sa.Update] = {}
 
 
@@ -144,7 +173,7 @@ def update_by_id(table: sa.Table, columns: Iterable[str]) -> sa.Update:
     key = (table.name, tuple(columns))
     statement = _UPDATES.get(key)
     if statement is None:
-        statement = _UPDATES[key] = (
+        statement = _UPDATES[key] = prebuilt(
             table.update()
             .where(table.c.id == sa.bindparam("row_id", type_=table.c.id.type))
             .values(values(table, key[1]))

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-from stavily.api.deps import AppState, CurrentAgent
+from stavily.api.deps import CurrentAgent, state_of
 from stavily.api.json import JSONResponse
 from stavily.errors import InvalidInput, RateLimited
 from stavily.fleet.waiters import Waiter
@@ -114,10 +114,10 @@ def _poll_answer(claimed: list[dict[str, Any]], settings_interval: int, slots: i
 async def poll(
     request: Request,
     agent: CurrentAgent,
-    state: AppState,
     wait: float = Query(default=0, ge=0, le=300, description="Long poll: hold up to N seconds."),
     slots: int | None = Query(default=None, ge=1, le=100, description="Hand out up to N."),
 ) -> JSONResponse:
+    state = state_of(request)
     state.heartbeats.touch(agent.id)  # a valid request is a sign of life
     if not request.query_params:
         # An official agent polls only when it runs nothing: anything still leased to it
@@ -148,8 +148,9 @@ async def _watch_disconnect(request: Request, waiter: Waiter) -> None:
 
 @router.put("/{agent_id}/instructions/{instruction_id}")
 async def progress(
-    instruction_id: str, update: ProgressUpdate, agent: CurrentAgent, state: AppState
+    request: Request, instruction_id: str, update: ProgressUpdate, agent: CurrentAgent
 ) -> JSONResponse:
+    state = state_of(request)
     state.heartbeats.touch(agent.id)
     fields = update.model_dump(
         include={"status", "execution_log", "max_retries"}, exclude_unset=True
@@ -167,9 +168,9 @@ async def result(
     instruction_id: str,
     report: ResultReport,
     agent: CurrentAgent,
-    state: AppState,
     next: bool = Query(default=False, description="Piggyback the next instruction."),
 ) -> JSONResponse:
+    state = state_of(request)
     state.heartbeats.touch(agent.id)
     digest = hashlib.sha256(await request.body()).hexdigest()
     await state.engine.result(agent, instruction_id, report.model_dump(exclude_unset=True), digest)
@@ -181,7 +182,8 @@ async def result(
 
 
 @router.post("/{agent_id}/heartbeat")
-async def heartbeat(beat: Heartbeat, agent: CurrentAgent, state: AppState) -> JSONResponse:
+async def heartbeat(request: Request, beat: Heartbeat, agent: CurrentAgent) -> JSONResponse:
+    state = state_of(request)
     if beat.status not in HEARTBEAT_STATUSES:
         raise InvalidInput(
             f"'{beat.status}' is not a heartbeat status",

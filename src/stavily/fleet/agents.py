@@ -207,11 +207,15 @@ async def authenticate_agent(
     claims = None
     if jwt_key and agent_tokens.looks_like_jwt(credential):
         claims = agent_tokens.verify(jwt_key, credential)
-        key, where = f"agent:{claims['sub']}", agents.c.id == str(claims["sub"])
+        key = f"agent:{claims['sub']}"
     else:
-        key, where = digest(credential), agents.c.credential_hash == digest(credential)
+        key = digest(credential)
     identity = cache.get(key)
     if identity is None:
+        if claims is not None:
+            where = agents.c.id == str(claims["sub"])
+        else:
+            where = agents.c.credential_hash == key
         async with db.read() as conn:
             row = (await conn.execute(sa.select(*IDENTITY_COLUMNS).where(where))).first()
         if row is None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ class Database:
             kwargs.update(pool_size=20, max_overflow=20)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         self._sync_writer: Engine | None = None
+        self._writer: Connection | None = None  # kept open: no pool checkout and reset
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         if on_disk:
@@ -97,14 +98,10 @@ class Database:
                 async with self.engine.begin() as conn:
                     yield conn
                 return
-            with self._sync_begin() as sync:
-                yield InlineConnection(sync)  # type: ignore[misc]
-
-    @contextmanager
-    def _sync_begin(self) -> Iterator[Connection]:
-        assert self._sync_writer is not None
-        with self._sync_writer.begin() as conn:
-            yield conn
+            if self._writer is None or self._writer.invalidated:
+                self._writer = self._sync_writer.connect()
+            with self._writer.begin():
+                yield InlineConnection(self._writer)  # type: ignore[misc]
 
     def for_update(self, stmt: Any, *, skip_locked: bool = False) -> Any:
         """Row locks where the database has them; SQLite's single writer needs none."""
@@ -114,6 +111,9 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self._sync_writer is not None:
             self._sync_writer.dispose()
 

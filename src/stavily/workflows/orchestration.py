@@ -421,15 +421,15 @@ class Progression:
     async def context(self, spec: dict[str, Any]) -> dict[str, Any]:
         execution = self.execution
         reads = spec.get("reads")
-        query = sa.select(
-            step_runs.c.name,
-            step_runs.c.status,
-            step_runs.c.output,
-            step_runs.c.error,
-            step_runs.c.attempts,
-        ).where(step_runs.c.execution_id == execution["id"], step_runs.c.parent_id.is_(None))
         steps: dict[str, Any] = {}
         if reads is None or reads:
+            query = sa.select(
+                step_runs.c.name,
+                step_runs.c.status,
+                step_runs.c.output,
+                step_runs.c.error,
+                step_runs.c.attempts,
+            ).where(step_runs.c.execution_id == execution["id"], step_runs.c.parent_id.is_(None))
             if reads is not None:  # only what the templates name; None: unknown, all
                 query = query.where(step_runs.c.name.in_(reads))
             steps = {

@@ -65,6 +65,11 @@ from typing import Any
 import httpx
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # `python bench/bench_agent_api.py` puts only bench/ there
+    sys.path.insert(0, str(HERE.parent))
+
+from bench.rawhttp import RawClient  # noqa: E402
+
 LUA_SCRIPT = HERE / "wrk_agents.lua"
 DEFAULT_PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 ADMIN_TOKEN = "stv_bench_admin_" + uuid.uuid4().hex
@@ -342,10 +347,13 @@ def check_executions_proc(url: str, ids: list[str]) -> list[dict[str, Any]]:
 
 
 def healthz_proc(
-    url: str, tasks: int, duration: float, barrier: Any, queue: Any
+    url: str, tasks: int, duration: float, barrier: Any, queue: Any, raw: bool = False
 ) -> None:  # pragma: no cover - runs in a child process
     async def main() -> dict[str, Any]:
-        clients = [httpx.AsyncClient(base_url=url, timeout=30) for _ in range(tasks)]
+        clients: list[Any] = [
+            RawClient(url, {}) if raw else httpx.AsyncClient(base_url=url, timeout=30)
+            for _ in range(tasks)
+        ]
         for client in clients:
             await client.get("/healthz")  # open the connection before timing
         barrier.wait()
@@ -353,7 +361,7 @@ def healthz_proc(
         latencies: list[float] = []
         errors = 0
 
-        async def loop(client: httpx.AsyncClient) -> None:
+        async def loop(client: Any) -> None:
             nonlocal errors
             while time.monotonic() < end:
                 began = time.perf_counter()
@@ -645,12 +653,16 @@ def run_wrk(
     raise RuntimeError(f"wrk gave no figures:\n{done.stdout}\n{done.stderr}")
 
 
-def python_healthz_ceiling(url: str, procs: int, tasks: int, duration: float) -> dict[str, Any]:
+def python_healthz_ceiling(
+    url: str, procs: int, tasks: int, duration: float, raw: bool = False
+) -> dict[str, Any]:
+    """GET /healthz from `procs` processes over `tasks` connections: the load generator's
+    own ceiling, with httpx or (raw) the benchmarks' minimal client, bench/rawhttp.py."""
     barrier = MP.Barrier(procs + 1)
     queue = MP.Queue()
     per_proc = split(list(range(tasks)), procs)
     workers = [
-        MP.Process(target=healthz_proc, args=(url, len(chunk), duration, barrier, queue))
+        MP.Process(target=healthz_proc, args=(url, len(chunk), duration, barrier, queue, raw))
         for chunk in per_proc
     ]
     for worker in workers:

@@ -551,7 +551,7 @@ def throughput_test(server: Server, options: argparse.Namespace, report: dict[st
         f"connections on GET /healthz for {options.ceiling_duration:g} s ..."
     )
     ceiling = python_healthz_ceiling(
-        url, options.client_procs, len(agents), options.ceiling_duration
+        url, options.client_procs, len(agents), options.ceiling_duration, raw=True
     )
     report["ceiling"] = ceiling
     say(
@@ -1432,7 +1432,7 @@ def table_rows(report: dict[str, Any], peer: dict[str, Any]) -> list[Row]:
     if ceiling:
         rows.append(
             (
-                f"LOAD GENERATOR ceiling: GET /healthz/s, {ceiling['procs']} procs",
+                f"LOAD GENERATOR ceiling: GET /healthz/s, {ceiling['procs']} procs, rawhttp",
                 f"{ceiling['rate']:.0f}",
                 "",
                 "",

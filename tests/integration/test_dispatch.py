@@ -1,0 +1,126 @@
+"""Handing out work: runs under way before new runs, and one wake-up per queued step."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stavily.config import Settings
+from stavily.fleet import create_agent
+from stavily.fleet.agents import AgentIdentity
+from stavily.security import bootstrap
+from stavily.store import migrate
+from stavily.store.db import Database
+from stavily.workflows import service
+from stavily.workflows.definition import validate
+from stavily.workflows.engine import Engine
+from tests.harness import fresh_database
+
+TWO_STEPS = {
+    "name": "two",
+    "version": "1.0.0",
+    "actions": {
+        "steps": [
+            {"name": "a", "plugin": "noop"},
+            {"name": "b", "plugin": "noop", "depends_on": ["a"]},
+        ]
+    },
+}
+
+
+class World:
+    def __init__(self, url: str) -> None:
+        self.db = Database(url)
+        self.engine = Engine(self.db, Settings(database_url=url, routing_prefer_seconds=0))
+
+    async def setup(self, agents: int) -> None:
+        await migrate.upgrade(self.db)
+        self.org, _ = await bootstrap(self.db, "stv_dispatch_test_token_0123456789")
+        self.agents = []
+        async with self.db.write() as conn:
+            for _ in range(agents):
+                row, _ = await create_agent(
+                    conn,
+                    self.org,
+                    name=f"d-{uuid.uuid4().hex[:8]}",
+                    type="action",
+                    labels={},
+                    capacity=4,
+                    actor="test",
+                )
+                self.agents.append(
+                    AgentIdentity(row["id"], self.org, row["name"], "action", {}, 4, "online")
+                )
+            await service.apply(conn, self.org, validate(TWO_STEPS), "", "test")
+
+    async def start(self) -> str:
+        return await self.engine.start(self.org, "two", {}, "test", {"type": "manual"})
+
+    async def report(self, agent: AgentIdentity, instruction: dict[str, Any]) -> None:
+        report = {"status": "completed", "result": {"ok": True}}
+        await self.engine.result(agent, instruction["id"], report, uuid.uuid4().hex)
+
+
+@pytest.fixture
+def world(backend: str, tmp_path: Path) -> Iterator[World]:
+    with fresh_database(backend, tmp_path) as url:
+        made = World(url)
+        yield made
+        asyncio.run(made.db.dispose())
+
+
+def test_steps_of_older_runs_go_before_new_runs(world: World) -> None:
+    async def scenario() -> list[tuple[str, str]]:
+        await world.setup(agents=1)
+        agent = world.agents[0]
+        first = await world.start()
+        second = await world.start()
+        (a1,) = await world.engine.claim(agent, 1)
+        assert a1["context"]["execution_id"] == first
+        await world.report(agent, a1)  # queues first's b, after second's a
+        taken = []
+        for _ in range(3):
+            (instruction,) = await world.engine.claim(agent, 1)
+            context = instruction["context"]
+            taken.append((context["execution_id"], context["step"]))
+            await world.report(agent, instruction)
+        assert taken[0] == (first, "b")  # not (second, "a"), although queued earlier
+        assert taken[1:] == [(second, "a"), (second, "b")]
+        return taken
+
+    taken = asyncio.run(scenario())
+    assert [step for _, step in taken] == ["b", "a", "b"]
+
+
+def test_a_queued_step_wakes_one_waiting_agent_not_all(world: World) -> None:
+    async def scenario() -> None:
+        await world.setup(agents=3)
+        claims: list[str] = []
+        claim = world.engine.claim
+
+        async def counted(agent: AgentIdentity, slots: int) -> list[dict[str, Any]]:
+            claims.append(agent.id)
+            return await claim(agent, slots)
+
+        world.engine.claim = counted  # type: ignore[method-assign]
+        polls = [asyncio.create_task(world.engine.poll(a, 1, wait=3)) for a in world.agents]
+        for _ in range(500):
+            if len(world.engine.waiters.idle_agents()) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert len(claims) == 3  # each poll looked once, found nothing and waits
+        await world.start()
+        done, pending = await asyncio.wait(polls, timeout=1.5, return_when="FIRST_COMPLETED")
+        assert len(done) == 1 and len(done.pop().result()) == 1
+        await asyncio.sleep(0.2)
+        assert len(claims) == 4  # one more look: only the woken agent's
+        assert all(not p.done() for p in pending)  # the others still wait, undisturbed
+        for task in pending:
+            task.cancel()
+
+    asyncio.run(scenario())

@@ -178,11 +178,12 @@ def test_updates_returning_and_expanding_lists(db: Database) -> None:
             assert row.plugin_configuration == {"x": "ü ✓"} and row.input_data == {"x": 1.5}
             assert row.lease_expires_at.tzinfo is not None
             released = await conn.execute(
-                queries.RELEASE_DEPENDENTS, {"b_execution_id": "exe1", "names": ["b", "zz"]}
+                queries.RELEASE_DEPENDENTS["sqlite"],
+                {"b_execution_id": "exe1", "names": ["b", "zz"]},
             )
             assert [(r.name, r.waiting) for r in released] == [("b", 0)]
             none = await conn.execute(
-                queries.RELEASE_DEPENDENTS, {"b_execution_id": "exe1", "names": ["zz"]}
+                queries.RELEASE_DEPENDENTS["sqlite"], {"b_execution_id": "exe1", "names": ["zz"]}
             )
             assert none.all() == [] and none.rowcount == 0
 

@@ -29,6 +29,7 @@ class InlineConnection:
 
     def __init__(self, connection: Connection) -> None:
         self.sync_connection = connection
+        self.dialect = connection.dialect
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
         if prebuilt.is_prebuilt(statement) and prebuilt.uniform(parameters):
@@ -47,6 +48,46 @@ class InlineConnection:
     async def begin_nested(self) -> AsyncIterator[None]:
         with self.sync_connection.begin_nested():
             yield
+
+
+class DriverConnection:
+    """An AsyncConnection (PostgreSQL) whose prebuilt statements run on asyncpg itself,
+    in the transaction SQLAlchemy began (see store.prebuilt); everything else, and every
+    statement if the adapter is not the one that module knows, goes through SQLAlchemy."""
+
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._connection = connection
+        self._adapted: Any = None
+
+    def __getattr__(self, name: str) -> Any:  # run_sync, begin_nested, sync_connection...
+        return getattr(self._connection, name)
+
+    async def _fast(self, statement: Any, parameters: Any) -> Any:
+        dialect = self._connection.dialect
+        if not (
+            prebuilt.is_prebuilt(statement)
+            and prebuilt.uniform(parameters)
+            and not prebuilt.has_expanding(statement, dialect, parameters)
+        ):
+            return None
+        if self._adapted is None:
+            raw = await self._connection.get_raw_connection()
+            self._adapted = prebuilt.asyncpg_adapter(raw) or False
+        if not self._adapted:
+            return None
+        return await prebuilt.run_asyncpg(self._adapted, dialect, statement, parameters)
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        result = await self._fast(statement, parameters)
+        if result is None:
+            result = await self._connection.execute(statement, parameters)
+        return result
+
+    async def scalar(self, statement: Any, parameters: Any = None) -> Any:
+        result = await self._fast(statement, parameters)
+        if result is None:
+            return await self._connection.scalar(statement, parameters)
+        return result.scalar()
 
 
 class Database:
@@ -91,7 +132,7 @@ class Database:
     async def write(self) -> AsyncIterator[AsyncConnection]:
         if self._write_lock is None:
             async with self.engine.begin() as conn:
-                yield conn
+                yield DriverConnection(conn)  # type: ignore[misc]
             return
         async with self._write_lock:
             if self._sync_writer is None:

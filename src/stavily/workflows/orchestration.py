@@ -321,7 +321,7 @@ class Progression:
             await self._wind_down()
         if step.get("dependents"):
             released = await self.conn.execute(
-                queries.RELEASE_DEPENDENTS,
+                queries.RELEASE_DEPENDENTS[self.conn.dialect.name],
                 {"b_execution_id": self.execution["id"], "names": step["dependents"]},
             )
             ready = [dict(r) for r in released.mappings() if r["waiting"] == 0]

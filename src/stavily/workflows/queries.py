@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from stavily.store.models import agents, executions, instructions, step_runs
 from stavily.store.prebuilt import prebuilt
@@ -94,7 +95,7 @@ CANDIDATES = (
 LOCK_QUEUED = (
     sa.select(instructions.c.id)
     .where(
-        instructions.c.id.in_(sa.bindparam("ids", expanding=True)),
+        instructions.c.id == sa.any_(sa.bindparam("ids", type_=ARRAY(sa.String))),
         instructions.c.status == sa.literal("queued"),
     )
     .order_by(instructions.c.execution_id, instructions.c.id)
@@ -137,17 +138,30 @@ INSERT_INSTRUCTION = instructions.insert()
 INSERT_EXECUTION = executions.insert()
 INSERT_STEPS = step_runs.insert()
 
-# A step ended: its dependents wait on one step fewer.
-RELEASE_DEPENDENTS = (
-    step_runs.update()
-    .where(
-        step_runs.c.execution_id == param(step_runs.c.execution_id, "b_execution_id"),
-        step_runs.c.parent_id.is_(None),
-        step_runs.c.name.in_(sa.bindparam("names", expanding=True, type_=sa.String)),
+
+def _release_dependents(names: sa.ColumnElement[bool]) -> sa.Update:
+    return (
+        step_runs.update()
+        .where(
+            step_runs.c.execution_id == param(step_runs.c.execution_id, "b_execution_id"),
+            step_runs.c.parent_id.is_(None),
+            names,
+        )
+        .values(waiting=step_runs.c.waiting - 1)
+        .returning(*step_runs.c)
     )
-    .values(waiting=step_runs.c.waiting - 1)
-    .returning(*step_runs.c)
-)
+
+
+# A step ended: its dependents wait on one step fewer. PostgreSQL takes the names as one
+# array parameter, so the statement stays one prepared statement whatever their number.
+RELEASE_DEPENDENTS = {
+    "sqlite": _release_dependents(
+        step_runs.c.name.in_(sa.bindparam("names", expanding=True, type_=sa.String))
+    ),
+    "postgresql": _release_dependents(
+        step_runs.c.name == sa.any_(sa.bindparam("names", type_=ARRAY(sa.String)))
+    ),
+}
 
 for _statement in (
     AGENT_NOW,
@@ -155,13 +169,16 @@ for _statement in (
     LEASE,
     INSTRUCTION_EXECUTION,
     OWNED,
+    OWNED_LOCKED,
     EXECUTION,
+    EXECUTION_LOCKED,
     STEP,
     SAVE_COUNTERS,
     INSERT_INSTRUCTION,
     INSERT_EXECUTION,
     INSERT_STEPS,
-    RELEASE_DEPENDENTS,
+    LOCK_QUEUED,
+    *RELEASE_DEPENDENTS.values(),
 ):
     prebuilt(_statement)
 

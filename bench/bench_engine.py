@@ -1,11 +1,14 @@
 """Benchmark of the workflow engine, on SQLite and PostgreSQL, beside Celery on Redis.
 
     python bench/bench_engine.py [--backend sqlite|postgresql|both] [--quick] [--profile]
+                                  [--only chain|throughput] [--no-celery]
 
 Run it from the repository with PYTHONPATH=src:. (it sets that for the server itself if
 it is missing). Each backend gets a fresh database and a real `stavily serve`
 subprocess (bench_agent_api.Server), driven over loopback HTTP by simulated agents that
-speak the public agent API (AGENT_API.md) and whose plugin does nothing:
+speak the public agent API (AGENT_API.md) and whose plugin does nothing. They use a
+minimal keep-alive HTTP client (bench/rawhttp.py: a tenth of httpx's cost per request,
+closer to the Go agents'); its own floor and ceiling on GET /healthz are printed too:
 
 1. Chain overhead: one run of a workflow of 400 no-op steps, each `depends_on` the
    one before, on ONE agent. Measured twice: as the official agents do it (poll with

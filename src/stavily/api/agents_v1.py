@@ -173,11 +173,9 @@ async def result(
     state = state_of(request)
     state.heartbeats.touch(agent.id)
     digest = hashlib.sha256(await request.body()).hexdigest()
-    await state.engine.result(agent, instruction_id, report.model_dump(exclude_unset=True), digest)
-    next_instruction = None
-    if next:
-        claimed = await state.engine.claim(agent, 1)
-        next_instruction = claimed[0] if claimed else None
+    fields = report.model_dump(exclude_unset=True)
+    claimed = await state.engine.result(agent, instruction_id, fields, digest, int(next))
+    next_instruction = claimed[0] if claimed else None
     return JSONResponse({"acknowledged": True, "next_instruction": next_instruction})
 
 

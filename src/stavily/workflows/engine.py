@@ -132,12 +132,15 @@ class Engine:
                 done += await self._promote(conn, execution, progression.actor, progression.now)
         await audit.append(conn, [e for p in done for e in p.entries])
 
-    def _wake(self, done: list[Progression]) -> None:
-        """Offer what the transaction queued to the agents waiting for it: now, or when
-        its retry delay ends; and to every eligible agent once its routing lapses."""
+    def _wake(self, done: list[Progression], taken: set[str] | None = None) -> None:
+        """Offer what the transaction queued (and did not hand out itself, `taken`) to the
+        agents waiting for it: now, or when its retry delay ends; and to every eligible
+        agent once its routing lapses."""
         now = utcnow()
         ready = []
         for item in (i for p in done for i in p.new_instructions):
+            if taken and item["id"] in taken:
+                continue
             if item["available_at"] is not None:
                 self.waiters.offer_later((item["available_at"] - now).total_seconds(), [item])
             else:
@@ -307,86 +310,95 @@ class Engine:
     async def claim(self, agent: AgentIdentity, slots: int) -> list[dict[str, Any]]:
         if agent.admin_state != "active":
             return []  # draining: it finishes what it has and takes nothing new
-        now = utcnow()
         async with self.db.write() as conn:
-            # Read now, not from the request's start: a long poll may outlive a drain,
-            # a disable or a revoke, and must then hand out nothing.
-            current = (await conn.execute(queries.AGENT_NOW, {"agent_id": agent.id})).first()
-            if current is None or current.admin_state != "active" or current.revoked_at:
-                return []
-            free = min(slots, current.capacity - int(current.running))
-            if free <= 0:
-                return []
-            candidates = (
+            payloads, left = await self._claim(conn, agent, slots, utcnow())
+        self._claimed(payloads, left)
+        return payloads
+
+    async def _claim(
+        self, conn: AsyncConnection, agent: AgentIdentity, slots: int, now: datetime
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Lease up to `slots` instructions to the agent inside the caller's transaction:
+        what it hands out, and what it saw eligible but left for others."""
+        # Read now, not from the request's start: a long poll may outlive a drain,
+        # a disable or a revoke, and must then hand out nothing.
+        current = (await conn.execute(queries.AGENT_NOW, {"agent_id": agent.id})).first()
+        if current is None or current.admin_state != "active" or current.revoked_at:
+            return [], []
+        free = min(slots, current.capacity - int(current.running))
+        if free <= 0:
+            return [], []
+        candidates = (
+            await conn.execute(
+                queries.CANDIDATES,
+                {
+                    "organization_id": agent.organization_id,
+                    "agent_type": agent.type,
+                    "agent_name": agent.name,
+                    "agent_id": agent.id,
+                    "now": now,
+                    "limit": max(32, free * 4),
+                },
+            )
+        ).all()
+        fitting = [c for c in candidates if eligible(agent, c.selector)]
+        if not fitting:
+            return [], []
+        chosen = fitting[:free]
+        if not self.db.is_sqlite:
+            # Lock exactly the rows this agent takes; rows another claim holds are
+            # skipped, not waited for, and rows not taken stay free for the others.
+            locked = await conn.execute(
+                queries.LOCK_QUEUED, {"ids": [c.id for c in fitting], "limit": free}
+            )
+            ids = set(locked.scalars())
+            chosen = [c for c in fitting if c.id in ids]
+        payloads, entries = [], []
+        for candidate in chosen:
+            lease = now + timedelta(seconds=candidate.timeout_seconds + self.settings.lease_grace)
+            row = (
                 await conn.execute(
-                    queries.CANDIDATES,
+                    queries.LEASE,
                     {
-                        "organization_id": agent.organization_id,
-                        "agent_type": agent.type,
-                        "agent_name": agent.name,
-                        "agent_id": agent.id,
-                        "now": now,
-                        "limit": max(32, free * 4),
+                        "row_id": candidate.id,
+                        "v_agent_id": agent.id,
+                        "v_leased_at": now,
+                        "v_lease_expires_at": lease,
                     },
                 )
-            ).all()
-            fitting = [c for c in candidates if eligible(agent, c.selector)]
-            if not fitting:
-                return []
-            chosen = fitting[:free]
-            if not self.db.is_sqlite:
-                # Lock exactly the rows this agent takes; rows another claim holds are
-                # skipped, not waited for, and rows not taken stay free for the others.
-                locked = await conn.execute(
-                    queries.LOCK_QUEUED, {"ids": [c.id for c in fitting], "limit": free}
+            ).one()
+            if candidate.step_run_id:
+                await set_status(
+                    conn,
+                    step_runs,
+                    states.STEP,
+                    candidate.step_run_id,
+                    "running",
+                    agent_id=agent.id,
+                    started_at=IfUnset(now),
                 )
-                ids = set(locked.scalars())
-                chosen = [c for c in fitting if c.id in ids]
-            payloads, entries = [], []
-            for candidate in chosen:
-                lease = now + timedelta(
-                    seconds=candidate.timeout_seconds + self.settings.lease_grace
+            payloads.append(instruction_payload(row))
+            entries.append(
+                audit.entry(
+                    agent.organization_id,
+                    agent.actor,
+                    "instruction.leased",
+                    "instruction",
+                    candidate.id,
+                    {"execution_id": candidate.execution_id, "attempt": row.attempt},
+                    at=now,
                 )
-                row = (
-                    await conn.execute(
-                        queries.LEASE,
-                        {
-                            "row_id": candidate.id,
-                            "v_agent_id": agent.id,
-                            "v_leased_at": now,
-                            "v_lease_expires_at": lease,
-                        },
-                    )
-                ).one()
-                if candidate.step_run_id:
-                    await set_status(
-                        conn,
-                        step_runs,
-                        states.STEP,
-                        candidate.step_run_id,
-                        "running",
-                        agent_id=agent.id,
-                        started_at=IfUnset(now),
-                    )
-                payloads.append(instruction_payload(row))
-                entries.append(
-                    audit.entry(
-                        agent.organization_id,
-                        agent.actor,
-                        "instruction.leased",
-                        "instruction",
-                        candidate.id,
-                        {"execution_id": candidate.execution_id, "attempt": row.attempt},
-                        at=now,
-                    )
-                )
-            await audit.append(conn, entries)
+            )
+        await audit.append(conn, entries)
         taken = {c.id for c in chosen}
-        for instruction_id in taken:
-            self._preferred.pop(instruction_id, None)
-        # other waiting agents may take what this one saw and left
-        self.waiters.offer(c._asdict() for c in fitting if c.id not in taken)
-        return payloads
+        return payloads, [c._asdict() for c in fitting if c.id not in taken]
+
+    def _claimed(self, payloads: list[dict[str, Any]], left: list[dict[str, Any]]) -> None:
+        """After the commit: routing preferences of what was taken are settled, and what
+        the claim left is offered to the other waiting agents."""
+        for payload in payloads:
+            self._preferred.pop(payload["id"], None)
+        self.waiters.offer(left)
 
     async def poll(
         self,
@@ -470,8 +482,16 @@ class Engine:
         return [key for key in ("status", "execution_log", "max_retries") if key in fields]
 
     async def result(
-        self, agent: AgentIdentity, instruction_id: str, report: dict[str, Any], digest: str
-    ) -> None:
+        self,
+        agent: AgentIdentity,
+        instruction_id: str,
+        report: dict[str, Any],
+        digest: str,
+        claim_next: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Record an agent's result and move its execution on; with `claim_next`, lease the
+        agent its next instructions in the same transaction (the piggyback of
+        POST .../result?next=1: one commit for both)."""
         status = report["status"]
         if status in COMPLETED:
             final = "completed"
@@ -483,62 +503,81 @@ class Engine:
                 [{"path": "status", "message": "expected 'completed' or 'failed'"}],
             )
         now = utcnow()
-        done: list[Progression] = []
+        payloads: list[dict[str, Any]] = []
+        left: list[dict[str, Any]] = []
         async with self.db.write() as conn:
-            # Lock order everywhere: the execution, then its instructions.
-            execution_id = await conn.scalar(queries.INSTRUCTION_EXECUTION, {"id": instruction_id})
-            execution = await self._lock_execution(conn, execution_id) if execution_id else None
-            row = await self._owned(conn, agent, instruction_id)
-            if row.status in ("completed", "failed") and row.result_digest == digest:
-                return  # the same report again: acknowledged, nothing changes
-            if row.status not in ACTIVE_INSTRUCTION:
-                raise Conflict(f"instruction '{instruction_id}' is {row.status}")
-            report = mask_secrets(report, (row.context or {}).get("secrets") or {})
-            error = None
-            if final == "failed":
-                # PostgreSQL text cannot hold NUL; an agent's message may.
-                error = str(report.get("error_message") or "the plugin failed").replace(
-                    "\x00", "\ufffd"
-                )
-            await set_status(
-                conn,
-                instructions,
-                states.INSTRUCTION,
-                instruction_id,
-                final,
-                finished_at=now,
-                result=report.get("result"),
-                result_digest=digest,
-                error_message=error,
-                error_details=report.get("error_details"),
-                execution_log=report.get("execution_log") or row.execution_log,
-                started_at=IfUnset(now),
+            done = await self._record(conn, agent, instruction_id, report, digest, final, now)
+            if claim_next and agent.admin_state == "active":
+                payloads, left = await self._claim(conn, agent, claim_next, now)
+        self._wake(done, taken={p["id"] for p in payloads})
+        self._claimed(payloads, left)
+        return payloads
+
+    async def _record(
+        self,
+        conn: AsyncConnection,
+        agent: AgentIdentity,
+        instruction_id: str,
+        report: dict[str, Any],
+        digest: str,
+        final: str,
+        now: datetime,
+    ) -> list[Progression]:
+        done: list[Progression] = []
+        # Lock order everywhere: the execution, then its instructions.
+        execution_id = await conn.scalar(queries.INSTRUCTION_EXECUTION, {"id": instruction_id})
+        execution = await self._lock_execution(conn, execution_id) if execution_id else None
+        row = await self._owned(conn, agent, instruction_id)
+        if row.status in ("completed", "failed") and row.result_digest == digest:
+            return []  # the same report again: acknowledged, nothing changes
+        if row.status not in ACTIVE_INSTRUCTION:
+            raise Conflict(f"instruction '{instruction_id}' is {row.status}")
+        report = mask_secrets(report, (row.context or {}).get("secrets") or {})
+        error = None
+        if final == "failed":
+            # PostgreSQL text cannot hold NUL; an agent's message may.
+            error = str(report.get("error_message") or "the plugin failed").replace(
+                "\x00", "\ufffd"
             )
-            progression = None
-            if execution is not None:
-                progression = self._progression(conn, execution, agent.actor, now)
-                progression._audit(
-                    f"instruction.{final}",
-                    "instruction",
-                    instruction_id,
-                    execution_id=row.execution_id,
-                    attempt=row.attempt,
-                )
-                step = await load_step(conn, row.step_run_id)
-                if step["instruction_id"] == row.id and step["status"] == "running":
-                    if final == "completed":
-                        await progression.step_ended(
-                            step,
-                            "succeeded",
-                            output=step_output(report),
-                            error=None,
-                            finished_at=now,
-                        )
-                    else:
-                        await progression.retry_or_fail(step, row, ERROR, error or "failed")
-                done.append(progression)
-            await self._settle(conn, done)
-        self._wake(done)
+        await set_status(
+            conn,
+            instructions,
+            states.INSTRUCTION,
+            instruction_id,
+            final,
+            finished_at=now,
+            result=report.get("result"),
+            result_digest=digest,
+            error_message=error,
+            error_details=report.get("error_details"),
+            execution_log=report.get("execution_log") or row.execution_log,
+            started_at=IfUnset(now),
+        )
+        progression = None
+        if execution is not None:
+            progression = self._progression(conn, execution, agent.actor, now)
+            progression._audit(
+                f"instruction.{final}",
+                "instruction",
+                instruction_id,
+                execution_id=row.execution_id,
+                attempt=row.attempt,
+            )
+            step = await load_step(conn, row.step_run_id)
+            if step["instruction_id"] == row.id and step["status"] == "running":
+                if final == "completed":
+                    await progression.step_ended(
+                        step,
+                        "succeeded",
+                        output=step_output(report),
+                        error=None,
+                        finished_at=now,
+                    )
+                else:
+                    await progression.retry_or_fail(step, row, ERROR, error or "failed")
+            done.append(progression)
+        await self._settle(conn, done)
+        return done
 
     # -- leases -----------------------------------------------------------------------------
 

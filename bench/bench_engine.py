@@ -52,10 +52,11 @@ pyinstrument, and the profile of that window is summarised; those timings are sl
 the profiler and are not the benchmark's.
 
 Run time: the throughput test's fixed work (30,000 steps, plus starting 10,000 runs)
-dominates, so a full run takes about 2 x (40 s + 30,000 / steps-per-second) plus a
-minute: about 6 minutes once the engine does 250 steps/s, more below that. --quick
-(3,000 steps per backend) takes about 2 minutes. --time-limit stops a throughput test
-that runs too long; its rates are then over the work done by then.
+dominates, so a full run takes about 2 x (70 s + 30,000 / steps-per-second) plus a
+minute or two: 13 minutes at 176 steps/s on SQLite and 88 on PostgreSQL. --quick
+(3,000 steps per backend) takes about 2 minutes; --only runs one of the two shapes.
+--time-limit stops a throughput test that runs too long; its rates are then over the
+work done by then.
 
 PostgreSQL: STAVILY_BENCH_DATABASE_URL (default
 postgresql+asyncpg://postgres@127.0.0.1:5432/test) names the server; a fresh database

@@ -152,7 +152,8 @@ def test_selects_and_returning_give_what_sqlalchemy_gives(db: Database) -> None:
                 assert all(type(fast[k]) is type(slow[k]) for k in slow)
             owned = await conn.execute(queries.OWNED, {"id": "ins1", "organization_id": "x"})
             assert owned.first() is None
-            assert await conn.scalar(queries.INSTRUCTION_EXECUTION, {"id": "ins1"}) == "exe1"
+            of = await conn.scalar(queries.EXECUTION_OF, {"instruction_id": "ins1"})
+            assert of == "exe1"
 
     run(compare())
 

@@ -525,8 +525,9 @@ class Engine:
     ) -> list[Progression]:
         done: list[Progression] = []
         # Lock order everywhere: the execution, then its instructions.
-        execution_id = await conn.scalar(queries.INSTRUCTION_EXECUTION, {"id": instruction_id})
-        execution = await self._lock_execution(conn, execution_id) if execution_id else None
+        query = queries.EXECUTION_OF if self.db.is_sqlite else queries.EXECUTION_OF_LOCKED
+        found = (await conn.execute(query, {"instruction_id": instruction_id})).mappings().first()
+        execution = dict(found) if found is not None else None
         row = await self._owned(conn, agent, instruction_id)
         if row.status in ("completed", "failed") and row.result_digest == digest:
             return []  # the same report again: acknowledged, nothing changes

@@ -113,9 +113,6 @@ LEASE = (
     .returning(*instructions.c)
 )
 
-INSTRUCTION_EXECUTION = sa.select(instructions.c.execution_id).where(
-    instructions.c.id == param(instructions.c.id)
-)
 
 OWNED = sa.select(instructions).where(
     instructions.c.id == param(instructions.c.id),
@@ -125,6 +122,14 @@ OWNED_LOCKED = OWNED.with_for_update()
 
 EXECUTION = sa.select(executions).where(executions.c.id == param(executions.c.id))
 EXECUTION_LOCKED = EXECUTION.with_for_update()
+# The execution an instruction belongs to, in one round trip (locked on PostgreSQL).
+EXECUTION_OF = sa.select(executions).where(
+    executions.c.id
+    == sa.select(instructions.c.execution_id)
+    .where(instructions.c.id == param(instructions.c.id, "instruction_id"))
+    .scalar_subquery()
+)
+EXECUTION_OF_LOCKED = EXECUTION_OF.with_for_update(of=executions)
 
 STEP = sa.select(step_runs).where(step_runs.c.id == param(step_runs.c.id))
 
@@ -167,7 +172,8 @@ for _statement in (
     AGENT_NOW,
     CANDIDATES,
     LEASE,
-    INSTRUCTION_EXECUTION,
+    EXECUTION_OF,
+    EXECUTION_OF_LOCKED,
     OWNED,
     OWNED_LOCKED,
     EXECUTION,

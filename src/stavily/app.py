@@ -23,6 +23,7 @@ from stavily.security import CredentialCache, agent_tokens, bootstrap
 from stavily.services.loops import LoopService
 from stavily.store import migrate
 from stavily.store.db import Database
+from stavily.store.notify import WorkChannel
 from stavily.workflows.engine import Engine
 
 log = structlog.get_logger("stavily")
@@ -62,6 +63,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "heartbeat-flusher", settings.heartbeat_flush_interval, lambda: heartbeats.flush(db)
         )
         reaper = LoopService("lease-reaper", settings.reaper_interval, engine.expire_leases)
+        if not db.is_sqlite:
+            engine.channel = WorkChannel(settings.effective_database_url, engine.offer_queued)
+            await engine.channel.start()
         flusher.start()
         reaper.start()
         log.info("orchestrator started", database=db.dialect, version=__version__)
@@ -70,6 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await reaper.stop()
             await flusher.stop(final_run=True)
+            if engine.channel is not None:
+                await engine.channel.close()
             await db.dispose()
 
     app = FastAPI(

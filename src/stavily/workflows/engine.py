@@ -33,6 +33,7 @@ from stavily.fleet.waiters import Waiter, Waiters
 from stavily.ids import new_id
 from stavily.store.db import Database
 from stavily.store.models import agents, executions, instructions, step_runs, workflows
+from stavily.store.notify import WorkChannel
 from stavily.timeutil import isoformat, utcnow
 from stavily.workflows import queries, service, states
 from stavily.workflows.definition import WorkflowDefinition, parse_duration, plan
@@ -98,6 +99,8 @@ class Engine:
         self._preferred: dict[str, dict[str, Any]] = {}
         self._unreported_checked: dict[str, datetime] = {}
         self._plans: dict[str, tuple[WorkflowDefinition, list[dict[str, Any]]]] = {}
+        # PostgreSQL: how queued work reaches the long polls of the other replicas
+        self.channel: WorkChannel | None = None
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -133,15 +136,22 @@ class Engine:
         await audit.append(conn, [e for p in done for e in p.entries])
 
     def _wake(self, done: list[Progression], taken: set[str] | None = None) -> None:
-        """Offer what the transaction queued (and did not hand out itself, `taken`) to the
-        agents waiting for it: now, or when its retry delay ends; and to every eligible
-        agent once its routing lapses."""
+        """After a commit: what the transaction queued (and did not hand out itself,
+        `taken`) is offered to the agents waiting here, and published to the other
+        replicas (PostgreSQL) for theirs."""
+        items = [i for p in done for i in p.new_instructions if not taken or i["id"] not in taken]
+        if items:
+            self.offer_queued(items)
+            if self.channel is not None:
+                self.channel.publish(items)
+
+    def offer_queued(self, items: list[dict[str, Any]]) -> None:
+        """Offer queued instructions to the agents waiting here: now, or when their retry
+        delay ends; and to every eligible agent once their routing lapses."""
         now = utcnow()
         ready = []
-        for item in (i for p in done for i in p.new_instructions):
-            if taken and item["id"] in taken:
-                continue
-            if item["available_at"] is not None:
+        for item in items:
+            if item.get("available_at") is not None:
                 self.waiters.offer_later((item["available_at"] - now).total_seconds(), [item])
             else:
                 ready.append(item)

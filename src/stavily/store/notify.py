@@ -1,0 +1,144 @@
+"""Work queued on one replica wakes the long polls of the others: PostgreSQL LISTEN/NOTIFY.
+
+Every replica listens on one channel over a connection of its own. After a commit that
+queued instructions, the replica wakes its own waiters at once and publishes what it
+queued; the others offer it to theirs. A lost message costs only latency (the poll finds
+the work when it next looks, at the latest when its wait ends), never work: the queue is
+the table, not the channel. A replica ignores its own messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import structlog
+from sqlalchemy.engine import make_url
+
+log = structlog.get_logger("stavily.notify")
+
+CHANNEL = "stavily_work"
+MAX_PAYLOAD = 7000  # PostgreSQL refuses NOTIFY payloads of 8000 bytes and more
+FIELDS = (
+    "id",
+    "organization_id",
+    "agent_type",
+    "target_agent_name",
+    "selector",
+    "preferred_agent_id",
+    "prefer_until",
+    "available_at",
+)
+TIMES = ("prefer_until", "available_at")
+
+
+def encode(items: list[dict[str, Any]]) -> list[str]:
+    """The items as NOTIFY payloads, each under the size PostgreSQL allows. An item too big
+    alone goes without its selector: it may then wake an agent that cannot take it, which
+    looks, finds nothing and waits again."""
+    payloads: list[str] = []
+    batch: list[str] = []
+    size = 2
+    for item in items:
+        fields = {k: item.get(k) for k in FIELDS}
+        for name in TIMES:
+            if isinstance(fields[name], datetime):
+                fields[name] = fields[name].isoformat()
+        text = json.dumps(fields, separators=(",", ":"))
+        if len(text) > MAX_PAYLOAD:
+            text = json.dumps({**fields, "selector": {}}, separators=(",", ":"))
+        if batch and size + len(text) + 1 > MAX_PAYLOAD:
+            payloads.append("[" + ",".join(batch) + "]")
+            batch, size = [], 2
+        batch.append(text)
+        size += len(text) + 1
+    if batch:
+        payloads.append("[" + ",".join(batch) + "]")
+    return payloads
+
+
+def decode(payload: str) -> list[dict[str, Any]]:
+    items = json.loads(payload)
+    for item in items:
+        for name in TIMES:
+            if item.get(name):
+                item[name] = datetime.fromisoformat(item[name])
+    return items  # type: ignore[no-any-return]
+
+
+class WorkChannel:
+    def __init__(self, database_url: str, on_work: Callable[[list[dict[str, Any]]], None]) -> None:
+        url = make_url(database_url).set(drivername="postgresql")
+        self._dsn = url.render_as_string(hide_password=False)
+        self._on_work = on_work
+        self._connection: asyncpg.Connection | None = None
+        self._pid: int | None = None
+        self._lost = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+        self._send_lock = asyncio.Lock()  # one operation at a time on a connection
+
+    async def start(self, timeout: float = 10) -> None:
+        self._task = asyncio.create_task(self._listen())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._ready.wait()
+
+    async def _listen(self) -> None:
+        """Keep a listening connection, reconnecting a second after it is lost."""
+        while True:
+            try:
+                connection = await asyncpg.connect(self._dsn)
+                self._lost.clear()
+                connection.add_termination_listener(lambda _: self._lost.set())
+                await connection.add_listener(CHANNEL, self._received)
+                self._connection, self._pid = connection, connection.get_server_pid()
+                self._ready.set()
+                await self._lost.wait()
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("work channel unavailable; retrying", error=str(exc))
+            self._connection = None
+            await asyncio.sleep(1)
+
+    def _received(self, _connection: Any, pid: int, _channel: str, payload: str) -> None:
+        if pid == self._pid:
+            return  # our own: already offered here
+        try:
+            items = decode(payload)
+        except (ValueError, TypeError):
+            log.warning("unreadable work notification", payload=payload[:200])
+            return
+        self._on_work(items)
+
+    def publish(self, items: list[dict[str, Any]]) -> None:
+        """Tell the other replicas, without making the caller wait for it."""
+        if not items or self._connection is None:
+            return
+        task = asyncio.create_task(self._send(self._connection, encode(items)))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, connection: asyncpg.Connection, payloads: list[str]) -> None:
+        try:
+            async with self._send_lock:
+                for payload in payloads:
+                    await connection.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("could not publish queued work", error=str(exc))
+
+    async def close(self) -> None:
+        if self._sending:
+            await asyncio.wait(self._sending, timeout=5)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None

@@ -24,7 +24,9 @@ class InlineConnection:
     `prebuilt` skip SQLAlchemy's execution machinery too (see store.prebuilt). Writes are
     serialized in this process anyway (SQLite has one writer), so nothing is gained by
     waiting elsewhere meanwhile; in WAL mode readers never block the writer. Reads keep
-    the threaded connections, so a long read never holds up the event loop.
+    the threaded connections, so a long read never holds up the event loop. (Another
+    process writing the same file, which only `stavily db upgrade` does, would make the
+    loop wait for its lock: SQLite is for one server process; replicas need PostgreSQL.)
     """
 
     def __init__(self, connection: Connection) -> None:

@@ -19,6 +19,7 @@ from stavily.api.json import JSONResponse
 from stavily.api.middleware import EdgeMiddleware
 from stavily.config import Settings
 from stavily.fleet import HeartbeatBuffer
+from stavily.logging import configure as configure_logging
 from stavily.security import CredentialCache, agent_tokens, bootstrap
 from stavily.services.loops import LoopService
 from stavily.store import migrate
@@ -30,7 +31,9 @@ log = structlog.get_logger("stavily")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+    if settings is None:  # a worker process of `stavily serve --workers N`
+        settings = Settings()
+        configure_logging(settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = 8700
+    workers: int = Field(
+        default=1, ge=1, le=64, description="Server processes (several need PostgreSQL)."
+    )
     max_body_bytes: int = 1024 * 1024
     poll_interval: int = Field(default=10, description="next_poll_interval told to agents.")
     max_poll_wait: int = Field(default=30, description="Longest long poll (?wait=) in seconds.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -58,6 +59,12 @@ def serve(
         str | None,
         typer.Option(help="Admin token created on first start [env: STAVILY_BOOTSTRAP_TOKEN]"),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=64, help="Server processes, PostgreSQL only [env: STAVILY_WORKERS]"
+        ),
+    ] = None,
 ) -> None:
     """Run the orchestrator (migrations run on start)."""
     import uvicorn
@@ -71,17 +78,33 @@ def serve(
         database_url=database_url,
         data_dir=data_dir,
         bootstrap_token=bootstrap_token,
+        workers=workers,
     )
     configure(settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        timeout_graceful_shutdown=5,
-    )
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "log_level": "warning",
+        "timeout_graceful_shutdown": 5,
+    }
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    if settings.effective_database_url.startswith("sqlite"):
+        typer.echo(
+            "error: --workers needs PostgreSQL (STAVILY_DATABASE_URL): SQLite has one writer, "
+            "so one server process",
+            err=True,
+        )
+        raise typer.Exit(2)
+    # Each worker process builds its settings from the environment: hand it these.
+    os.environ["STAVILY_DATABASE_URL"] = settings.effective_database_url
+    os.environ["STAVILY_DATA_DIR"] = str(settings.data_dir)
+    if settings.bootstrap_token:
+        os.environ["STAVILY_BOOTSTRAP_TOKEN"] = settings.bootstrap_token
+    uvicorn.run("stavily.app:create_app", factory=True, workers=settings.workers, **options)
 
 
 @db_app.command("upgrade")

@@ -97,12 +97,18 @@ async def create_api_token(
     return token_id, secret
 
 
+_BOOTSTRAP_LOCK = 0x57A72
+
+
 async def bootstrap(db: Database, bootstrap_token: str | None) -> tuple[str, str | None]:
     """First start: the default organization and an admin token.
 
     Returns (organization id, a newly generated token to print once, or None).
     """
     async with db.write() as conn:
+        if not db.is_sqlite:
+            # Replicas or workers starting together take turns: one organization, one token.
+            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _BOOTSTRAP_LOCK})
         org_id = await ensure_default_organization(conn)
         if bootstrap_token:
             exists = await conn.scalar(

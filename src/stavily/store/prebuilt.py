@@ -11,7 +11,8 @@ same SQL with the same conversions.
 
 Results offer what the engine uses of SQLAlchemy's: rows with attribute and index
 access and `_asdict()`, `first()`, `one()`, `all()`, `scalar()`, `scalars()`,
-`mappings()` and `rowcount`.
+`mappings()` and `rowcount`. Driver errors come as the driver raises them, not wrapped in
+SQLAlchemy's exceptions: mark no statement whose caller catches one (IntegrityError...).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from stavily.api.json import JSONResponse
 from stavily.api.middleware import EdgeMiddleware
 from stavily.config import Settings
 from stavily.fleet import HeartbeatBuffer
+from stavily.fleet.agents import restart_deadlines
 from stavily.logging import configure as configure_logging
 from stavily.security import CredentialCache, agent_tokens, bootstrap
 from stavily.services.loops import LoopService
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 file=sys.stderr,
                 flush=True,
             )
+        await restart_deadlines(db)  # our downtime is not the agents' silence
         heartbeats = HeartbeatBuffer(settings)
         engine = Engine(db, settings)
         app.state.stavily = State(

@@ -351,3 +351,37 @@ def test_the_mass_silence_guard_only_holds_back_for_a_while(backend: str, tmp_pa
         )
         assert step and step["status"] == "queued"
         assert holder.report(held, output={}).status_code == 409
+
+
+def test_a_server_restart_does_not_make_its_agents_look_dead(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The server was down longer than the agent's deadline: the agent was silent only
+    because nobody listened. It keeps its work and its result is taken when it reports."""
+    tmp = tmp_path_factory.mktemp(f"restart-{backend}")
+    tag = uuid.uuid4().hex[:6]
+    with fresh_database(backend, tmp) as url:
+        with serve(url, tmp / "one") as first:
+            agent_id, key = first.create_agent(f"{tag}-busy")
+            name = one_step(first, tag, "restart", step="{name: only, plugin: echo, timeout: 10m}")
+            execution = first.run(name)
+            agent = first.agent_client(key)
+            base = f"/agents/v1/{agent_id}"
+            instruction = agent.get(f"{base}/instructions").json()["instruction"]
+            assert instruction is not None
+            assert agent.put(
+                f"{base}/instructions/{instruction['id']}", json={"status": "executing"}
+            ).is_success
+            beat = {"timestamp": now(), "running": [instruction["id"]], "heartbeat_interval": 1}
+            assert agent.post(f"{base}/heartbeat", json=beat).is_success
+            time.sleep(0.3)  # the beat is flushed: its deadlines are in the database
+        time.sleep(3)  # down twice as long as the agent's window (1.5 x 1 s) and more
+        with serve(url, tmp / "two") as second:
+            assert second.api.get("/healthz").status_code == 200  # the admin client comes first
+            agent = second.agent_client(key)
+            report = {"status": "completed", "result": {"ok": True}}
+            answer = agent.post(f"{base}/instructions/{instruction['id']}/result", json=report)
+            assert answer.status_code == 200, answer.text
+            done = second.wait_for(execution["id"])
+            assert done["status"] == "succeeded"
+            assert done["steps"][0]["attempts"] == 1

@@ -276,6 +276,43 @@ def eligible(agent: AgentIdentity, selector: dict[str, Any]) -> bool:
     )
 
 
+async def restart_deadlines(db: Database, now: datetime | None = None) -> int:
+    """A server starting was not there to hear its agents: each live agent's silence counts
+    from now, with the window its last sign of life gave it, so a server's own downtime
+    never makes its fleet look dead (and their running work is not taken back for it).
+    Deadlines only move later. Returns how many agents were given time."""
+    now = now or utcnow()
+    async with db.write() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(
+                    agents.c.id, agents.c.last_heartbeat_at, agents.c.late_at, agents.c.dead_at
+                ).where(
+                    agents.c.status.in_(("online", "degraded")),
+                    agents.c.dead_at.is_not(None),
+                    agents.c.last_heartbeat_at.is_not(None),
+                )
+            )
+        ).all()
+        moved = [
+            {
+                "b_id": row.id,
+                "b_late": now + (row.late_at - row.last_heartbeat_at) if row.late_at else None,
+                "b_dead": now + (row.dead_at - row.last_heartbeat_at),
+            }
+            for row in rows
+            if now + (row.dead_at - row.last_heartbeat_at) > row.dead_at
+        ]
+        if moved:
+            await conn.execute(
+                agents.update()
+                .where(agents.c.id == sa.bindparam("b_id"))
+                .values(late_at=sa.bindparam("b_late"), dead_at=sa.bindparam("b_dead")),
+                moved,
+            )
+    return len(moved)
+
+
 class HeartbeatBuffer:
     """Heartbeats land in memory and are written in one batch per flush interval.
 

@@ -24,6 +24,7 @@ log = structlog.get_logger("stavily.notify")
 
 CHANNEL = "stavily_work"
 MAX_PAYLOAD = 7000  # PostgreSQL refuses NOTIFY payloads of 8000 bytes and more
+# What a waiting agent's replica needs to know of a queued instruction (fleet.waiters).
 FIELDS = (
     "id",
     "organization_id",

@@ -15,6 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from stavily.store import notify
 from stavily.store.models import agents, executions, instructions, step_runs
 from stavily.store.prebuilt import prebuilt
 
@@ -35,22 +36,11 @@ def one_of(column: sa.Column[Any], values: Iterable[str]) -> sa.ColumnElement[bo
 
 ACTIVE = ("leased", "executing")
 
-# What a queued instruction's offer to the waiting agents needs (fleet.waiters.may_take),
-# and what a claim needs to lease it.
+# What a queued instruction's offer to the waiting agents needs (fleet.waiters.may_take,
+# the same fields replicas tell each other), and what a claim needs to lease it.
 OFFER_COLUMNS = [
     instructions.c[name]
-    for name in (
-        "id",
-        "organization_id",
-        "agent_type",
-        "target_agent_name",
-        "selector",
-        "preferred_agent_id",
-        "prefer_until",
-        "execution_id",
-        "step_run_id",
-        "timeout_seconds",
-    )
+    for name in (*notify.FIELDS, "execution_id", "step_run_id", "timeout_seconds")
 ]
 
 # The agent as it is now (a long poll may outlive a drain, a disable or a revoke), with

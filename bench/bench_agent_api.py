@@ -104,6 +104,30 @@ def rfc3339_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def result_report(instruction: dict[str, Any], execution_log: list[str]) -> dict[str, Any]:
+    """A successful no-op result as the official agents send it (AGENT_API.md)."""
+    stamp = rfc3339_now()
+    return {
+        "status": "completed",
+        "result": {
+            "instruction_id": instruction["id"],
+            "duration": 0.0,
+            "start_time": stamp,
+            "end_time": stamp,
+            "logs": ["Starting plugin execution", "Plugin execution completed"],
+            "execution_result": {
+                "plugin_id": instruction["plugin_id"],
+                "success": True,
+                "exit_code": 0,
+                "duration": 0.0,
+                "logs": [],
+                "output_data": {"ok": True},
+            },
+        },
+        "execution_log": [*execution_log, f"[{stamp}] Plugin execution completed"],
+    }
+
+
 def percentile(values: list[float], pct: float) -> float:
     """Nearest-rank percentile; NaN for no values."""
     if not values:
@@ -451,26 +475,7 @@ def agents_proc(
             latencies["progress"].append(time.perf_counter() - began)
             if answer.status_code != 200:
                 failed("progress", answer)
-            stamp = rfc3339_now()
-            report = {
-                "status": "completed",
-                "result": {
-                    "instruction_id": instruction["id"],
-                    "duration": 0.0,
-                    "start_time": stamp,
-                    "end_time": stamp,
-                    "logs": ["Starting plugin execution", "Plugin execution completed"],
-                    "execution_result": {
-                        "plugin_id": instruction["plugin_id"],
-                        "success": True,
-                        "exit_code": 0,
-                        "duration": 0.0,
-                        "logs": [],
-                        "output_data": {"ok": True},
-                    },
-                },
-                "execution_log": [*log, f"[{stamp}] Plugin execution completed"],
-            }
+            report = result_report(instruction, log)
             began = time.perf_counter()
             answer = await client.post(f"{path}/result", json=report)
             latencies["result"].append(time.perf_counter() - began)

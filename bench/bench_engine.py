@@ -109,6 +109,7 @@ from bench.bench_agent_api import (  # noqa: E402
     print_profile,
     python_healthz_ceiling,
     query_database,
+    result_report,
     rfc3339_now,
     say,
     source_version,
@@ -181,27 +182,7 @@ def progress_body() -> dict[str, Any]:
 
 
 def result_body(instruction: dict[str, Any]) -> dict[str, Any]:
-    """A successful result as the official agents send it (AGENT_API.md)."""
-    stamp = rfc3339_now()
-    return {
-        "status": "completed",
-        "result": {
-            "instruction_id": instruction["id"],
-            "duration": 0.0,
-            "start_time": stamp,
-            "end_time": stamp,
-            "logs": ["Starting plugin execution", "Plugin execution completed"],
-            "execution_result": {
-                "plugin_id": instruction["plugin_id"],
-                "success": True,
-                "exit_code": 0,
-                "duration": 0.0,
-                "logs": [],
-                "output_data": {"ok": True},
-            },
-        },
-        "execution_log": [f"[{stamp}] Instruction received", f"[{stamp}] Plugin done"],
-    }
+    return result_report(instruction, [f"[{rfc3339_now()}] Instruction received"])
 
 
 def agent_client(url: str, key: str) -> RawClient:

@@ -240,6 +240,11 @@ class Server:
             "STAVILY_DATABASE_URL": self.database_url,
             "STAVILY_DATA_DIR": str(self.data_dir),
             "STAVILY_BOOTSTRAP_TOKEN": ADMIN_TOKEN,
+            # the engine is measured, not the per-agent policy: one simulated agent in a
+            # fast chain sends more than the default 1000 requests/s on a fast machine
+            "STAVILY_AGENT_RATE_LIMIT": os.environ.get(
+                "STAVILY_AGENT_RATE_LIMIT", "1000000/second"
+            ),
         }
         serve = ["-m", "stavily.cli.main", "serve", "--port", str(self.port)]
         if self.profile_out is not None:

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -209,6 +210,23 @@ def test_a_flooding_agent_is_rate_limited_without_affecting_others(fleet: Orches
     assert limited.headers["Retry-After"] == "1"
     assert limited.json()["error"]["code"] == "rate_limited"
     assert beat(calm).status_code == 200
+
+
+def test_the_agent_limit_refuses_polls_but_never_a_result(tmp_path: Path) -> None:
+    """Official agents never retry a result: a 429 on it would lose it."""
+    limit = {"agent_rate_limit": "3/second"}
+    with fresh_database("sqlite", tmp_path) as url, serve(url, tmp_path, **limit) as orch:
+        tag = unique("limited")
+        agent = SimAgent(orch, f"{tag}-0")
+        execution = orch.run(one_step(orch, tag, "limited"))
+        instruction = agent.poll(wait=5)
+        assert instruction is not None
+        polls = [agent.client.get(f"/agents/v1/{agent.id}/instructions?wait=0") for _ in range(5)]
+        limited = next(p for p in polls if p.status_code == 429)
+        assert limited.json()["error"]["code"] == "rate_limited"
+        answer = agent.report(instruction, output={"ok": True})
+        assert answer.status_code == 200, answer.text
+        assert orch.wait_for(execution["id"])["status"] == "succeeded"
 
 
 def test_a_dead_agent_that_heartbeats_while_busy_loses_its_work_to_another(

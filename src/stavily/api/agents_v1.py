@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-from stavily.api.deps import CurrentAgent, state_of
+from stavily.api.deps import CurrentAgent, ReportingAgent, state_of
 from stavily.api.json import JSONResponse
 from stavily.errors import InvalidInput, RateLimited
 from stavily.fleet.waiters import Waiter
@@ -167,7 +167,7 @@ async def result(
     request: Request,
     instruction_id: str,
     report: ResultReport,
-    agent: CurrentAgent,
+    agent: ReportingAgent,
     next: bool = Query(default=False, description="Piggyback the next instruction."),
 ) -> JSONResponse:
     state = state_of(request)

@@ -56,11 +56,18 @@ async def current_principal(request: Request) -> Principal:
     return await authenticate_token(state.db, bearer(request), state.token_cache)
 
 
-async def current_agent(request: Request, agent_id: str) -> AgentIdentity:
+async def reporting_agent(request: Request, agent_id: str) -> AgentIdentity:
+    """The agent, authenticated; not rate limited: official agents never retry a result,
+    so a refused result would be lost and its step wait for its lease to expire."""
     state = state_of(request)
-    agent = await authenticate_agent(
+    return await authenticate_agent(
         state.db, bearer(request), agent_id, state.agent_cache, state.jwt_key
     )
+
+
+async def current_agent(request: Request, agent_id: str) -> AgentIdentity:
+    agent = await reporting_agent(request, agent_id)
+    state = state_of(request)
     if not state.limiter.hit(state.agent_limit, "agent", agent.id):
         raise RateLimited("too many requests from this agent", retry_after=1)
     return agent
@@ -69,3 +76,4 @@ async def current_agent(request: Request, agent_id: str) -> AgentIdentity:
 AppState = Annotated[State, Depends(get_state)]
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 CurrentAgent = Annotated[AgentIdentity, Depends(current_agent)]
+ReportingAgent = Annotated[AgentIdentity, Depends(reporting_agent)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from stavily.fleet.agents import AgentIdentity, eligible
 from stavily.ids import new_id
 from stavily.workflows.engine import step_output
@@ -55,8 +57,11 @@ def test_step_output_unwraps_official_agent_results() -> None:
     assert step_output({"result": {"execution_result": "text"}}) == {"execution_result": "text"}
 
 
-def test_ids_are_prefixed_unique_and_time_ordered() -> None:
-    ids = [new_id("ins") for _ in range(1000)]
+def test_ids_are_prefixed_unique_and_in_the_order_they_were_made() -> None:
+    ids = [new_id("ins") for _ in range(1000)]  # many in one millisecond
     assert len(set(ids)) == 1000
     assert all(i.startswith("ins_") and len(i) == 30 for i in ids)
-    assert ids[0][:14] <= ids[-1][:14]
+    assert [i[4:] for i in ids] == sorted(i[4:] for i in ids)
+    later = new_id("exe")
+    time.sleep(0.002)
+    assert new_id("exe")[4:14] > later[4:14]  # the time part moves on with the clock

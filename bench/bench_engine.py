@@ -47,9 +47,10 @@ once, checked through the private API and, once the server has stopped, in the
 database itself (no step with two instructions, no instruction leased twice). Exit
 status 1 when a check failed.
 
-With --profile, the chain test is run once more on SQLite with the server under
-pyinstrument, and the profile of that window is summarised; those timings are slowed by
-the profiler and are not the benchmark's.
+With --profile, the chain test (with --only throughput: the throughput test) is run
+once more on SQLite with the server under pyinstrument, and the profile of its timed
+window is summarised; those timings are slowed by the profiler and are not the
+benchmark's.
 
 Run time: the throughput test's fixed work (30,000 steps, plus starting 10,000 runs)
 dominates, so a full run takes about 2 x (70 s + 30,000 / steps-per-second) plus a
@@ -581,6 +582,7 @@ def throughput_test(server: Server, options: argparse.Namespace, report: dict[st
     shared["barrier"].wait()
     cpu = LoadCpuMeter(server, [w.pid for w in workers if w.pid])
     t0 = time.monotonic()
+    wall0 = time.time()
     while shared["done"].value < runs and time.monotonic() - t0 < options.time_limit:
         time.sleep(0.01)
     stopped = time.monotonic()
@@ -626,6 +628,7 @@ def throughput_test(server: Server, options: argparse.Namespace, report: dict[st
         empty_polls=sum(r["empty_polls"] for r in results),
         kinds={k: _stats(v) for k, v in latencies.items()},
         paced_rate=rate,
+        window=(wall0, wall0 + stopped - t0),
     )
     report["tp"] = tp
     say(
@@ -894,8 +897,10 @@ def bench_backend(backend: str, options: argparse.Namespace) -> dict[str, Any]:
 # -- the profile -----------------------------------------------------------------------------
 
 
-def profile_chain(options: argparse.Namespace) -> dict[str, Any]:
-    """The chain once more on SQLite, the server under pyinstrument."""
+def profile_shape(options: argparse.Namespace) -> dict[str, Any]:
+    """The chain (or with --only throughput, the throughput test) once more on SQLite,
+    the server under pyinstrument; the timed window is cut out of its profile."""
+    shape = options.only or "chain"
     tmp = Path(tempfile.mkdtemp(prefix="stavily-bench-engine-profile-"))
     options.profile_dir.mkdir(parents=True, exist_ok=True)
     session = options.profile_dir / "server-sqlite-whole.pyisession"
@@ -906,15 +911,23 @@ def profile_chain(options: argparse.Namespace) -> dict[str, Any]:
             say(f"\n== profile: sqlite server under pyinstrument on {server.url} ==")
             server.start()
             try:
-                chain_test(server, options, report, (False,))
+                if shape == "chain":
+                    chain_test(server, options, report, (False,))
+                else:
+                    throughput_test(server, options, report)
             finally:
                 server.stop()
-            chain = report["chain"]["poll"]
+            timed = report["chain"]["poll"] if shape == "chain" else report["tp"]
             summary = summarise_profile(
-                session, options.profile_dir, "sqlite", "chain", chain["window"]
+                session, options.profile_dir, "sqlite", shape, timed["window"]
             )
-            cut = options.profile_dir / "server-sqlite-chain.pyisession"
-            return {"chain": chain, "profile": summary, "places": profile_places(cut)}
+            cut = options.profile_dir / f"server-sqlite-{shape}.pyisession"
+            return {
+                "shape": shape,
+                "timed": timed,
+                "profile": summary,
+                "places": profile_places(cut),
+            }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -1500,7 +1513,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backend", choices=("sqlite", "postgresql", "both"), default="both")
     parser.add_argument("--quick", action="store_true", help="1,000 executions instead of 10,000")
     parser.add_argument(
-        "--profile", action="store_true", help="also run the chain on SQLite under pyinstrument"
+        "--profile",
+        action="store_true",
+        help="also run the chain (--only throughput: that) on SQLite under pyinstrument",
     )
     parser.add_argument("--executions", type=int, help="throughput runs (10000; quick 1000)")
     parser.add_argument("--chain-steps", type=int, default=400)
@@ -1582,11 +1597,16 @@ def main() -> int:
             peer = {"skipped": "failed (see above)", "failed": True}
     reports = [bench_backend(backend, options) for backend in backends]
     if options.profile:
-        profiled = profile_chain(options)
-        chain = profiled["chain"]
+        profiled = profile_shape(options)
+        timed = profiled["timed"]
+        rate = (
+            f"{ms(timed['per_step'])}/step"
+            if profiled["shape"] == "chain"
+            else f"{timed['step_rate']:.0f} steps/s"
+        )
         say(
-            f"\nUnder pyinstrument the chain took {chain['elapsed']:.2f} s "
-            f"({ms(chain['per_step'])}/step; slowed by the profiler)"
+            f"\nUnder pyinstrument the {profiled['shape']} test took {timed['elapsed']:.2f} s "
+            f"({rate}; slowed by the profiler)"
         )
         print_profile("sqlite", profiled["profile"])
         print_places(profiled["places"])

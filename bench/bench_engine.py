@@ -194,19 +194,19 @@ def agent_client(url: str, key: str) -> RawClient:
 # -- client processes (module level so that they pickle) -------------------------------------
 
 
-def start_runs_timed_proc(url: str, job: tuple[str, int, float]) -> list[tuple[str, float]]:
+def start_runs_timed_proc(url: str, job: tuple[str, int, float]) -> list[tuple[str, float, float]]:
     """Start `count` runs of `workflow`: as fast as 8 requests in flight allow (rate 0),
     or one every 1/rate seconds. Returns (execution id, time.monotonic() when its
-    POST was sent) for each."""
+    POST was sent, and when it was answered) for each."""
     workflow, count, rate = job
 
-    async def main() -> list[tuple[str, float]]:
+    async def main() -> list[tuple[str, float, float]]:
         async with _admin_async(url) as client:
             await client.get("/healthz")
             limit = asyncio.Semaphore(8 if not rate else 64)
             began = time.monotonic()
 
-            async def one(i: int) -> tuple[str, float]:
+            async def one(i: int) -> tuple[str, float, float]:
                 if rate:
                     await asyncio.sleep(max(0.0, began + i / rate - time.monotonic()))
                 async with limit:
@@ -214,9 +214,10 @@ def start_runs_timed_proc(url: str, job: tuple[str, int, float]) -> list[tuple[s
                     answer = await client.post(
                         f"/api/v1/workflows/{workflow}/runs", json={"inputs": {"n": i}}
                     )
+                answered = time.monotonic()
                 if answer.status_code != 201:
                     raise RuntimeError(f"POST runs: {answer.status_code} {answer.text[:300]}")
-                return str(answer.json()["id"]), sent
+                return str(answer.json()["id"]), sent, answered
 
             return list(await asyncio.gather(*(one(i) for i in range(count))))
 
@@ -590,7 +591,7 @@ def throughput_test(server: Server, options: argparse.Namespace, report: dict[st
     finished = shared["done"].value >= runs
     say(f"    {shared['done'].value}/{runs} executions ended after {stopped - t0:.1f} s")
 
-    paced: list[tuple[str, float]] = []
+    paced: list[tuple[str, float, float]] = []
     rate = 0.0
     if finished:
         rate = max(5.0, min(300.0, 0.5 * runs / (stopped - t0)))
@@ -668,6 +669,8 @@ def throughput_test(server: Server, options: argparse.Namespace, report: dict[st
             f"        run start -> c acknowledged: p50 {ms(e['p50'])}, p99 {ms(e['p99'])} "
             f"({e['n']} executions)"
         )
+        r = d["start_request"]
+        say(f"        POST runs answered in: p50 {ms(r['p50'])}, p99 {ms(r['p99'])}")
     say(
         f"      empty polls {tp['empty_polls']}; steps handed out twice "
         f"{tp['duplicate_steps']}; instructions handed out twice {tp['duplicates']}"
@@ -677,7 +680,7 @@ def throughput_test(server: Server, options: argparse.Namespace, report: dict[st
         for sample in tp["error_samples"][:10]:
             say(f"      {sample[:400]}")
 
-    ids = [i for i, _ in started] + [i for i, _ in paced]
+    ids = [i for i, *_ in started] + [i for i, *_ in paced]
     say(f"  verifying all {len(ids)} executions through GET /api/v1/executions/{{id}} ...")
     began = time.monotonic()
     tp["verify"] = verify_executions(url, ids, [r[2] for r in records], len(ABC_STEPS), procs=4)
@@ -688,8 +691,8 @@ def throughput_test(server: Server, options: argparse.Namespace, report: dict[st
 
 def dispatch_figures(
     records: list[Record],
-    started: list[tuple[str, float]],
-    paced: list[tuple[str, float]],
+    started: list[tuple[str, float, float]],
+    paced: list[tuple[str, float, float]],
     t0: float,
     stopped: float,
 ) -> dict[str, Any]:
@@ -709,10 +712,11 @@ def dispatch_figures(
         if not runs:
             continue
         groups: dict[str, list[float]] = {"a": [], "b+c": []}
+        answers = [answered - sent for _, sent, answered in runs]
         execution: list[float] = []
         ends: list[float] = []
         acknowledged: list[float] = []
-        for execution_id, started_at in runs:
+        for execution_id, started_at, _ in runs:
             ready = max(started_at, t0) if phase == "saturated" else started_at
             previous: Record | None = None
             for step in ABC_STEPS:
@@ -735,6 +739,7 @@ def dispatch_figures(
             "a": _stats(groups["a"]),
             "b+c": _stats(groups["b+c"]),
             "execution": _stats(execution),
+            "start_request": _stats(answers),
         }
         if phase == "saturated":
             end = max(ends) if len(ends) == len(runs) else stopped
@@ -1376,6 +1381,12 @@ def throughput_rows(report: dict[str, Any], peer: dict[str, Any]) -> list[Row]:
             ),
             ("    50% load: runs started per second", f"{tp['paced_rate']:.0f}", "", ""),
             ("    a: from POST runs sent", _pair(paced["a"]["p50"], paced["a"]["p99"]), "", ""),
+            (
+                "      of which POST runs answered",
+                _pair(paced["start_request"]["p50"], paced["start_request"]["p99"]),
+                "",
+                "",
+            ),
             (
                 "    b, c: from the previous result POST ",
                 _pair(paced["b+c"]["p50"], paced["b+c"]["p99"]),

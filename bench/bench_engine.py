@@ -26,8 +26,10 @@ closer to the Go agents'); its own floor and ceiling on GET /healthz are printed
    request's transaction) to the step's instruction arriving at an agent; for a, from
    the run's start (POST .../runs sent, or the agents starting if the run was
    started before them). Under a backlog of N queued executions this is queue wait.
-   So a second, short phase starts executions at a steady 50% of the measured rate
-   while the same agents long-poll, and reports the same latencies below saturation.
+   So a second, short phase starts executions at a steady 50% of the server's measured
+   capacity for whole runs (starting one, timed in the set-up, plus working its three
+   steps) while the same agents long-poll, and reports the same latencies below
+   saturation.
    The server's resident memory is sampled throughout (peak of VmRSS and VmHWM).
 3. The peer in the same run: Celery with the local Redis (127.0.0.1:6379), a worker
    subprocess `celery -A bench.celery_app worker --concurrency=2`, results stored in
@@ -594,11 +596,15 @@ def throughput_test(server: Server, options: argparse.Namespace, report: dict[st
     paced: list[tuple[str, float, float]] = []
     rate = 0.0
     if finished:
-        rate = max(5.0, min(300.0, 0.5 * runs / (stopped - t0)))
+        # Half of what the server can do of whole runs: starting one (timed above,
+        # before the agents ran) and working its three steps.
+        capacity = 1 / ((stopped - t0) / runs + took / len(started))
+        rate = max(5.0, min(300.0, 0.5 * capacity))
         count = max(20, int(rate * options.paced_seconds))
         say(
-            f"  below saturation: {count} more runs at a steady {rate:.0f}/s "
-            f"(50% of the rate just measured) while the agents long-poll ..."
+            f"  below saturation: {count} more runs at a steady {rate:.0f}/s (50% of "
+            f"{capacity:.0f} runs/s: starting runs and working their steps, as just measured) "
+            "while the agents long-poll ..."
         )
         with ProcessPoolExecutor(max_workers=1, mp_context=MP) as pool:
             paced = pool.submit(start_runs_timed_proc, url, (ABC_WORKFLOW, count, rate)).result()
@@ -1512,7 +1518,7 @@ def print_table(
         "request's transaction queued the step); for a, ready = POST .../runs sent (for runs "
         "queued up front: the later of that and the agents' start). With every run queued up "
         "front it is the wait in the FIFO queue; the 50%-load phase starts runs at half the "
-        "measured rate and shows it below saturation."
+        "server's measured capacity for whole runs (start + steps) and shows it below saturation."
     )
 
 

@@ -109,7 +109,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        EdgeMiddleware, max_body_bytes=settings.max_body_bytes, fast_path=agents_v1.serve_fast
+    )
     app.include_router(agents_v1.router)
     app.include_router(v1.router)
     app.include_router(fleet.public)

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
+import orjson
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from starlette.types import Receive, Scope, Send
 
-from stavily.api.deps import CurrentAgent, ReportingAgent, state_of
+from stavily.api.deps import CurrentAgent, ReportingAgent, State, agent_for, bearer_of, state_of
+from stavily.api.errors import error_response
 from stavily.api.json import JSONResponse
-from stavily.errors import InvalidInput, RateLimited
+from stavily.errors import InvalidInput, RateLimited, StavilyError
+from stavily.fleet.agents import AgentIdentity
 from stavily.fleet.waiters import Waiter
 
 router = APIRouter(prefix="/agents/v1", tags=["agents"])
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 _PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 HEARTBEAT_STATUSES = {"online", "offline", "idle", "busy", "running", "healthy"}
@@ -92,7 +99,9 @@ class Heartbeat(BaseModel):
         return value
 
 
-def _poll_answer(claimed: list[dict[str, Any]], settings_interval: int, slots: int | None) -> Any:
+def _poll_answer(
+    claimed: list[dict[str, Any]], settings_interval: int, slots: int | None
+) -> dict[str, Any]:
     if not claimed:
         body: dict[str, Any] = {
             "instruction": None,
@@ -110,22 +119,25 @@ def _poll_answer(claimed: list[dict[str, Any]], settings_interval: int, slots: i
     return body
 
 
-@router.get("/{agent_id}/instructions")
-async def poll(
-    request: Request,
-    agent: CurrentAgent,
-    wait: float = Query(default=0, ge=0, le=300, description="Long poll: hold up to N seconds."),
-    slots: int | None = Query(default=None, ge=1, le=100, description="Hand out up to N."),
-) -> JSONResponse:
-    state = state_of(request)
+# -- what each call does, whichever way the request came in (see serve_fast) -----------------
+
+
+async def do_poll(
+    state: State,
+    agent: AgentIdentity,
+    wait: float,
+    slots: int | None,
+    official: bool,
+    receive: Receive,
+) -> dict[str, Any]:
     state.heartbeats.touch(agent.id)  # a valid request is a sign of life
-    if not request.query_params:
+    if official:
         # An official agent polls only when it runs nothing: anything still leased to it
         # was lost on the way (its poll answer, or its never-retried result) and goes back.
         await state.engine.release_unreported(agent, [])
     wait = min(wait, state.settings.max_poll_wait)
     waiter = Waiter(agent)
-    watcher = asyncio.create_task(_watch_disconnect(request, waiter)) if wait else None
+    watcher = asyncio.create_task(_watch_disconnect(receive, waiter)) if wait else None
 
     def wanted() -> bool:
         pending = state.heartbeats.pending(agent.id)
@@ -136,52 +148,44 @@ async def poll(
     finally:
         if watcher is not None:
             watcher.cancel()
-    return JSONResponse(_poll_answer(claimed, state.settings.poll_interval, slots))
+    return _poll_answer(claimed, state.settings.poll_interval, slots)
 
 
-async def _watch_disconnect(request: Request, waiter: Waiter) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+async def _watch_disconnect(receive: Receive, waiter: Waiter) -> None:
+    while (await receive())["type"] != "http.disconnect":
         pass
     waiter.hung_up = True
     waiter.wake()  # so the poll sees the hang-up now
 
 
-@router.put("/{agent_id}/instructions/{instruction_id}")
-async def progress(
-    request: Request, instruction_id: str, update: ProgressUpdate, agent: CurrentAgent
-) -> JSONResponse:
-    state = state_of(request)
+async def do_progress(
+    state: State, agent: AgentIdentity, instruction_id: str, update: ProgressUpdate
+) -> dict[str, Any]:
     state.heartbeats.touch(agent.id)
     fields = update.model_dump(
         include={"status", "execution_log", "max_retries"}, exclude_unset=True
     )
     fields = {k: v for k, v in fields.items() if v is not None}
     updated = await state.engine.progress(agent, instruction_id, fields)
-    return JSONResponse(
-        {"success": True, "instruction_id": instruction_id, "updated_fields": updated}
-    )
+    return {"success": True, "instruction_id": instruction_id, "updated_fields": updated}
 
 
-@router.post("/{agent_id}/instructions/{instruction_id}/result")
-async def result(
-    request: Request,
+async def do_result(
+    state: State,
+    agent: AgentIdentity,
     instruction_id: str,
     report: ResultReport,
-    agent: ReportingAgent,
-    next: bool = Query(default=False, description="Piggyback the next instruction."),
-) -> JSONResponse:
-    state = state_of(request)
+    body: bytes,
+    next: bool,
+) -> dict[str, Any]:
     state.heartbeats.touch(agent.id)
-    digest = hashlib.sha256(await request.body()).hexdigest()
+    digest = hashlib.sha256(body).hexdigest()
     fields = report.model_dump(exclude_unset=True)
     claimed = await state.engine.result(agent, instruction_id, fields, digest, int(next))
-    next_instruction = claimed[0] if claimed else None
-    return JSONResponse({"acknowledged": True, "next_instruction": next_instruction})
+    return {"acknowledged": True, "next_instruction": claimed[0] if claimed else None}
 
 
-@router.post("/{agent_id}/heartbeat")
-async def heartbeat(request: Request, beat: Heartbeat, agent: CurrentAgent) -> JSONResponse:
-    state = state_of(request)
+async def do_heartbeat(state: State, agent: AgentIdentity, beat: Heartbeat) -> dict[str, Any]:
     if beat.status not in HEARTBEAT_STATUSES:
         raise InvalidInput(
             f"'{beat.status}' is not a heartbeat status",
@@ -214,4 +218,144 @@ async def heartbeat(request: Request, beat: Heartbeat, agent: CurrentAgent) -> J
     }
     if agent.admin_state == "draining":
         answer["commands"] = ["drain"]  # our agent stops polling; old agents ignore it
+    return answer
+
+
+# -- the routes: what the OpenAPI document shows, and where every request goes that the
+# -- fast path below does not take --------------------------------------------------------
+
+
+@router.get("/{agent_id}/instructions")
+async def poll(
+    request: Request,
+    agent: CurrentAgent,
+    wait: float = Query(default=0, ge=0, le=300, description="Long poll: hold up to N seconds."),
+    slots: int | None = Query(default=None, ge=1, le=100, description="Hand out up to N."),
+) -> JSONResponse:
+    official = not request.query_params
+    answer = await do_poll(state_of(request), agent, wait, slots, official, request.receive)
     return JSONResponse(answer)
+
+
+@router.put("/{agent_id}/instructions/{instruction_id}")
+async def progress(
+    request: Request, instruction_id: str, update: ProgressUpdate, agent: CurrentAgent
+) -> JSONResponse:
+    return JSONResponse(await do_progress(state_of(request), agent, instruction_id, update))
+
+
+@router.post("/{agent_id}/instructions/{instruction_id}/result")
+async def result(
+    request: Request,
+    instruction_id: str,
+    report: ResultReport,
+    agent: ReportingAgent,
+    next: bool = Query(default=False, description="Piggyback the next instruction."),
+) -> JSONResponse:
+    answer = await do_result(
+        state_of(request), agent, instruction_id, report, await request.body(), next
+    )
+    return JSONResponse(answer)
+
+
+@router.post("/{agent_id}/heartbeat")
+async def heartbeat(request: Request, beat: Heartbeat, agent: CurrentAgent) -> JSONResponse:
+    return JSONResponse(await do_heartbeat(state_of(request), agent, beat))
+
+
+# -- the fast path ---------------------------------------------------------------------------
+#
+# Agents make most of the server's requests, and for these small calls the framework's
+# routing, dependency solving and request parsing cost as much as the work itself. So
+# EdgeMiddleware hands each agent request here first. It is taken only when it is
+# plainly well-formed (known route, query values of the plain form, a body the route's
+# model accepts); everything else - a bad query value, an invalid body - declines, and
+# the request goes on to the routes above, which give the framework's answers (422 and
+# their details). Both ways run the same do_* functions above.
+
+_NUMBER = re.compile(r"\d{1,6}(\.\d{1,9})?")
+_COUNT = re.compile(r"\d{1,3}")
+_FLAGS = {"1": True, "true": True, "0": False, "false": False}
+
+
+def _query(scope: Scope) -> dict[str, str] | None:
+    raw = scope.get("query_string", b"")
+    if not raw:
+        return {}
+    pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
+    query = dict(pairs)
+    return query if len(query) == len(pairs) else None  # repeated: the routes decide
+
+
+def _poll_params(query: dict[str, str]) -> tuple[float, int | None] | None:
+    wait, slots = query.get("wait", "0"), query.get("slots")
+    if not _NUMBER.fullmatch(wait) or float(wait) > 300:
+        return None
+    if slots is not None and (not _COUNT.fullmatch(slots) or not 1 <= int(slots) <= 100):
+        return None
+    return float(wait), int(slots) if slots is not None else None
+
+
+def _credential(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return bearer_of(value.decode("latin-1"))
+    return None
+
+
+async def serve_fast(scope: Scope, receive: Receive, send: Send, body: bytes | None) -> bool:
+    """Answer an agent request without the framework, or return False to let it pass.
+    `body` is the request's body, read and checked as JSON by EdgeMiddleware (None for
+    a request without a JSON body)."""
+    parts = scope["path"].split("/")
+    if len(parts) < 5 or parts[1] != "agents" or parts[2] != "v1" or not parts[3]:
+        return False
+    method, agent_id, tail = scope["method"], parts[3], parts[4:]
+    query = _query(scope)
+    if query is None:
+        return False
+    state: State = scope["app"].state.stavily
+    try:
+        if tail == ["instructions"] and method == "GET":
+            params = _poll_params(query)
+            if params is None:
+                return False
+            agent = await agent_for(state, _credential(scope), agent_id)
+            answer = await do_poll(state, agent, *params, not query, receive)
+        elif body is None or method not in ("PUT", "POST"):
+            return False
+        elif len(tail) == 2 and tail[0] == "instructions" and tail[1] and method == "PUT":
+            update = _model(ProgressUpdate, body)
+            if update is None:
+                return False
+            agent = await agent_for(state, _credential(scope), agent_id)
+            answer = await do_progress(state, agent, tail[1], update)
+        elif len(tail) == 3 and tail[0] == "instructions" and tail[1] and tail[2] == "result":
+            report, piggyback = _model(ResultReport, body), _FLAGS.get(query.get("next", "0"))
+            if method != "POST" or report is None or piggyback is None:
+                return False
+            agent = await agent_for(state, _credential(scope), agent_id, limited=False)
+            answer = await do_result(state, agent, tail[1], report, body, piggyback)
+        elif tail == ["heartbeat"] and method == "POST":
+            beat = _model(Heartbeat, body)
+            if beat is None:
+                return False
+            agent = await agent_for(state, _credential(scope), agent_id)
+            answer = await do_heartbeat(state, agent, beat)
+        else:
+            return False
+    except StavilyError as exc:
+        response = error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+        await response(scope, receive, send)
+        return True
+    await JSONResponse(answer)(scope, receive, send)
+    return True
+
+
+def _model(model: type[ModelT], body: bytes) -> ModelT | None:
+    if not body:
+        return None
+    try:
+        return model.model_validate(orjson.loads(body))
+    except ValidationError:
+        return None

@@ -42,7 +42,10 @@ async def get_state(request: Request) -> State:
 
 
 def bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization")
+    return bearer_of(request.headers.get("authorization"))
+
+
+def bearer_of(header: str | None) -> str | None:
     if not header:
         return None
     scheme, _, value = header.strip().partition(" ")
@@ -56,21 +59,26 @@ async def current_principal(request: Request) -> Principal:
     return await authenticate_token(state.db, bearer(request), state.token_cache)
 
 
-async def reporting_agent(request: Request, agent_id: str) -> AgentIdentity:
-    """The agent, authenticated; not rate limited: official agents never retry a result,
-    so a refused result would be lost and its step wait for its lease to expire."""
-    state = state_of(request)
-    return await authenticate_agent(
-        state.db, bearer(request), agent_id, state.agent_cache, state.jwt_key
+async def agent_for(
+    state: State, credential: str | None, agent_id: str, limited: bool = True
+) -> AgentIdentity:
+    """The agent behind the credential, held to its rate limit unless `limited` is off:
+    results are not, as official agents never retry one (a refused result is lost and
+    its step waits for its lease to expire)."""
+    agent = await authenticate_agent(
+        state.db, credential, agent_id, state.agent_cache, state.jwt_key
     )
+    if limited and not state.limiter.hit(state.agent_limit, "agent", agent.id):
+        raise RateLimited("too many requests from this agent", retry_after=1)
+    return agent
+
+
+async def reporting_agent(request: Request, agent_id: str) -> AgentIdentity:
+    return await agent_for(state_of(request), bearer(request), agent_id, limited=False)
 
 
 async def current_agent(request: Request, agent_id: str) -> AgentIdentity:
-    agent = await reporting_agent(request, agent_id)
-    state = state_of(request)
-    if not state.limiter.hit(state.agent_limit, "agent", agent.id):
-        raise RateLimited("too many requests from this agent", retry_after=1)
-    return agent
+    return await agent_for(state_of(request), bearer(request), agent_id)
 
 
 AppState = Annotated[State, Depends(get_state)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -13,15 +14,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from stavily.api.errors import error_response
 
 _SLASHES = re.compile(r"/{2,}")
+FastPath = Callable[[Scope, Receive, Send, bytes | None], Awaitable[bool]]
 
 
 class EdgeMiddleware:
     """Agents join paths onto a base URL that may end in `/`, so `//agents/v1/...`
-    must route; and no body larger than the limit is read into memory."""
+    must route; and no body larger than the limit is read into memory. Agent requests,
+    once past these checks, are offered to the fast path first (api.agents_v1)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, fast_path: FastPath | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # Tried first for agent requests (api.agents_v1.serve_fast); False lets them pass.
+        self.fast_path = fast_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,6 +89,9 @@ class EdgeMiddleware:
                         [{"path": "(root)", "message": str(exc)}],
                     )(scope, receive, send)
                     return
+            fast = self._fast(path)
+            if fast is not None and await fast(scope, receive, send, body):
+                return
             replayed = False
 
             async def replay() -> Message:
@@ -93,7 +103,13 @@ class EdgeMiddleware:
 
             await self.app(scope, replay, send)
             return
+        fast = self._fast(path) if scope["method"] == "GET" else None
+        if fast is not None and await fast(scope, receive, send, None):
+            return
         await self.app(scope, limited, send)
+
+    def _fast(self, path: str) -> FastPath | None:
+        return self.fast_path if path.startswith("/agents/v1/") else None
 
     def _message(self) -> str:
         return f"the request body is larger than {self.max_body_bytes} bytes"

@@ -258,3 +258,44 @@ def test_batches_fast_when_uniform_and_through_sqlalchemy_when_not(db: Database)
     )
     assert [r.subject_id for r in written] == ["s0", "s1", "s2"]
     assert written[1].details == {"i": 1}
+
+
+@pytest.mark.parametrize("dialect_name", ["sqlite", "postgresql"])
+def test_parameters_are_put_in_place_as_sqlalchemy_puts_them(dialect_name: str) -> None:
+    """The positional values built without construct_params() are the ones it gives,
+    literals and shared names included; a missing one fails as SQLAlchemy fails."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    from stavily.store.prebuilt import _Plan
+
+    dialect = sqlite.dialect() if dialect_name == "sqlite" else postgresql.asyncpg.dialect()
+    given = {
+        **{name: f"v-{name}" for name in ("agent_id", "organization_id", "agent_type")},
+        **{name: f"v-{name}" for name in ("agent_name", "after_execution_id", "after_id")},
+        **{name: f"v-{name}" for name in ("row_id", "v_agent_id", "id", "instruction_id")},
+        **{"now": NOW, "v_leased_at": NOW, "v_lease_expires_at": NOW + timedelta(seconds=5)},
+        **{"limit": 4, "v_open_steps": 2, "v_failed_step": None, "ids": ["a", "b"]},
+        **{"v_status": "completed", "v_result": {"ok": [1, 2]}},
+    }
+    statements = [
+        queries.AGENT_NOW,
+        queries.CANDIDATES,
+        queries.CANDIDATES_AFTER,
+        queries.LEASE,
+        queries.OWNED,
+        queries.EXECUTION_OF_LOCKED,
+        queries.SAVE_COUNTERS,
+        queries.update_by_id(instructions, ("status", "result")),
+    ]
+    if dialect_name == "postgresql":
+        statements.append(queries.LOCK_QUEUED)
+    for statement in statements:
+        plan = _Plan(statement, dialect, None)
+        assert plan.sources is not None, statement
+        names = {key for key, _, _ in plan.sources}
+        wanted = {k: v for k, v in given.items() if k in names}
+        assert plan.positional(wanted) == plan._positional(wanted), statement
+        required = next(key for key, _, bind in plan.sources if bind.required)
+        missing = {k: v for k, v in wanted.items() if k != required}
+        with pytest.raises(sa.exc.InvalidRequestError, match=required):
+            plan.positional(missing)

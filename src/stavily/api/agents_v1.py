@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 from starlette.types import Receive, Scope, Send
 
 from stavily.api.deps import CurrentAgent, ReportingAgent, State, agent_for, bearer_of, state_of
-from stavily.api.errors import error_response
-from stavily.api.json import JSONResponse
+from stavily.api.errors import error_body
+from stavily.api.json import JSONResponse, send_json
 from stavily.errors import InvalidInput, RateLimited, StavilyError
 from stavily.fleet.agents import AgentIdentity
 from stavily.fleet.waiters import Waiter
@@ -345,10 +345,11 @@ async def serve_fast(scope: Scope, receive: Receive, send: Send, body: bytes | N
         else:
             return False
     except StavilyError as exc:
-        response = error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
-        await response(scope, receive, send)
+        await send_json(
+            send, error_body(exc.code, exc.message, exc.details), exc.status, exc.headers
+        )
         return True
-    await JSONResponse(answer)(scope, receive, send)
+    await send_json(send, answer)
     return True
 
 

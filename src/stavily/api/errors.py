@@ -28,14 +28,14 @@ _HTTP_CODES = {
 }
 
 
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details}}
+
+
 def error_response(
     status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message, "details": details}},
-        status_code=status,
-        headers=headers,
-    )
+    return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

@@ -65,6 +65,7 @@ class _Plan:
         self.bind_processors: list[Callable[[Any], Any] | None] = [
             processors.get(name) for name in self.names
         ]
+        self.sources = self._sources()
         columns = compiled._result_columns
         self.row_type: type | None = None
         self.result_processors: list[Callable[[Any], Any] | None] = []
@@ -82,7 +83,23 @@ class _Plan:
         return sql
 
     def positional(self, parameters: dict[str, Any]) -> list[Any]:
-        values = self.compiled.construct_params(parameters, _check=False)
+        if self.sources is None:
+            return self._positional(parameters)
+        out: list[Any] = []
+        for (key, name, bind), processor in zip(self.sources, self.bind_processors, strict=True):
+            if key in parameters:
+                value = parameters[key]
+            elif name in parameters:
+                value = parameters[name]
+            elif bind.required:
+                raise sa.exc.InvalidRequestError(f"A value is required for bind parameter {key!r}")
+            else:
+                value = bind.effective_value
+            out.append(processor(value) if processor else value)
+        return out
+
+    def _positional(self, parameters: dict[str, Any]) -> list[Any]:
+        values = self.compiled.construct_params(parameters)
         out: list[Any] = []
         for name, processor in zip(self.names, self.bind_processors, strict=True):
             value = values[name]
@@ -91,6 +108,18 @@ class _Plan:
             else:
                 out.append(processor(value) if processor else value)
         return out
+
+    def _sources(self) -> list[tuple[str, str, Any]] | None:
+        """Where each positional value comes from: the parameter of the bind's key, else
+        the bind's own value. What construct_params() does, minus its generality; None
+        (use it) for the statements that need that: expanding lists, escaped names."""
+        compiled = self.compiled
+        if self.expanding or compiled.escaped_bind_names:
+            return None
+        binds = {name: bind for bind, name in compiled.bind_names.items()}
+        if any(name not in binds for name in self.names):
+            return None
+        return [(binds[name].key, name, binds[name]) for name in self.names]
 
 
 _plans: dict[tuple[Any, ...], _Plan] = {}

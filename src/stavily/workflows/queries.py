@@ -113,7 +113,26 @@ LEASE = (
 )
 
 
-OWNED = sa.select(instructions).where(
+# What progress and results need of the instruction reported on (not its payload).
+OWNED = sa.select(
+    *(
+        instructions.c[name]
+        for name in (
+            "id",
+            "agent_id",
+            "status",
+            "execution_id",
+            "step_run_id",
+            "attempt",
+            "timeout_seconds",
+            "lease_expires_at",
+            "result_digest",
+            "context",
+            "execution_log",
+            "input_data",  # a retry's
+        )
+    )
+).where(
     instructions.c.id == param(instructions.c.id),
     instructions.c.organization_id == param(instructions.c.organization_id),
 )

@@ -31,6 +31,9 @@ closer to the Go agents'); its own floor and ceiling on GET /healthz are printed
    steps) while the same agents long-poll, and reports the same latencies below
    saturation.
    The server's resident memory is sampled throughout (peak of VmRSS and VmHWM).
+   The whole test is then run again (new agents, N new runs) as our own agent speaks:
+   PUT executing, POST result?next=1, and the instruction that answer carries, polling
+   only when it carries none - two requests a step instead of three.
 3. The peer in the same run: Celery with the local Redis (127.0.0.1:6379), a worker
    subprocess `celery -A bench.celery_app worker --concurrency=2`, results stored in
    Redis: a chain of 400 no-op tasks (time per task), and N no-op tasks queued up
@@ -54,10 +57,9 @@ once more on SQLite with the server under pyinstrument, and the profile of its t
 window is summarised; those timings are slowed by the profiler and are not the
 benchmark's.
 
-Run time: the throughput test's fixed work (30,000 steps, plus starting 10,000 runs)
-dominates, so a full run takes about 2 x (70 s + 30,000 / steps-per-second) plus a
-minute or two: 13 minutes at 176 steps/s on SQLite and 88 on PostgreSQL. --quick
-(3,000 steps per backend) takes about 2 minutes; --only runs one of the two shapes.
+Run time: the throughput tests' fixed work (twice 30,000 steps and starting 20,000 runs
+on each backend) dominates: about 15 minutes at 900 steps/s on SQLite and 200 on
+PostgreSQL. --quick (twice 3,000 steps per backend) takes about 3 minutes; --only runs one of the two shapes.
 --time-limit stops a throughput test that runs too long; its rates are then over the
 work done by then.
 
@@ -233,8 +235,10 @@ def engine_agents_proc(
     time_limit: float,
     queue: Any,
 ) -> None:  # pragma: no cover - runs in a child process
-    """Simulated agents (long poll -> PUT executing -> POST result) that record, for
-    every instruction, when it arrived and when its result was acknowledged.
+    """Simulated agents (long poll -> PUT executing -> POST result; with
+    shared["piggyback"], POST result?next=1 and the instruction its answer carries, as
+    our agent does) that record, for every instruction, when it arrived and when its
+    result was acknowledged.
 
     bench_agent_api.agents_proc counts results only; dispatch latency needs these
     per-instruction times, hence this driver."""
@@ -254,19 +258,22 @@ def engine_agents_proc(
     async def agent_loop(client: RawClient, agent_id: str, index: int) -> None:
         nonlocal empty_polls
         base = f"/agents/v1/{agent_id}/instructions"
+        instruction: dict[str, Any] | None = None  # the one a result's answer carried
+        result_params = {"next": 1} if shared["piggyback"] else None
         while True:
-            began = time.monotonic()
-            answer = await client.get(base, params={"wait": POLL_WAIT})
-            received = time.monotonic()
-            latencies["poll"].append((received, received - began))
-            if answer.status_code != 200:
-                failed("poll", answer)
-                await asyncio.sleep(0.05)
-                continue
-            instruction = answer.json().get("instruction")
             if instruction is None:
-                empty_polls += 1
-                continue
+                began = time.monotonic()
+                answer = await client.get(base, params={"wait": POLL_WAIT})
+                received = time.monotonic()
+                latencies["poll"].append((received, received - began))
+                if answer.status_code != 200:
+                    failed("poll", answer)
+                    await asyncio.sleep(0.05)
+                    continue
+                instruction = answer.json().get("instruction")
+                if instruction is None:
+                    empty_polls += 1
+                    continue
             path = f"{base}/{instruction['id']}"
             began = time.monotonic()
             answer = await client.put(path, json=progress_body())
@@ -275,11 +282,14 @@ def engine_agents_proc(
             if answer.status_code != 200:
                 failed("progress", answer)
             began = time.monotonic()
-            answer = await client.post(f"{path}/result", json=result_body(instruction))
+            answer = await client.post(
+                f"{path}/result", json=result_body(instruction), params=result_params
+            )
             acknowledged = time.monotonic()
             latencies["result"].append((acknowledged, acknowledged - began))
             if answer.status_code != 200 or answer.json().get("acknowledged") is not True:
                 failed("result", answer)
+                instruction = None
                 continue
             context = instruction.get("context") or {}
             step = str(context.get("step"))
@@ -296,6 +306,8 @@ def engine_agents_proc(
             if step == last_step:
                 with shared["done"].get_lock():
                     shared["done"].value += 1
+            instruction = answer.json().get("next_instruction")
+            received = acknowledged
 
     async def main() -> None:
         clients = [agent_client(url, key) for _, key in agents]
@@ -526,14 +538,20 @@ def chain_test(
 # -- 2. throughput ---------------------------------------------------------------------------
 
 
-def throughput_test(server: Server, options: argparse.Namespace, report: dict[str, Any]) -> None:
+def throughput_test(
+    server: Server, options: argparse.Namespace, report: dict[str, Any], piggyback: bool = False
+) -> None:
     url = server.url
     apply_workflow(url, ABC_SOURCE)
-    names = [f"tp-{i:03d}" for i in range(options.agents)]
+    names = [f"{'tn' if piggyback else 'tp'}-{i:03d}" for i in range(options.agents)]
     agents = [
         pair for chunk in parallel(create_agents_proc, url, split(names, 4), 4) for pair in chunk
     ]
     report["agents"] = len(agents)
+    if piggyback:
+        say("  THROUGHPUT again, as our agent does it: PUT executing, POST result?next=1")
+        _throughput_runs(server, options, report, agents, "tp_next", piggyback)
+        return
 
     say(
         f"  load generator ceiling: {options.client_procs} processes, {len(agents)} "
@@ -547,7 +565,18 @@ def throughput_test(server: Server, options: argparse.Namespace, report: dict[st
         f"    {ceiling['rate']:.0f} requests/s, p50 {ms(ceiling['p50'])}, "
         f"p99 {ms(ceiling['p99'])}, errors {ceiling['errors']}"
     )
+    _throughput_runs(server, options, report, agents, "tp", piggyback)
 
+
+def _throughput_runs(
+    server: Server,
+    options: argparse.Namespace,
+    report: dict[str, Any],
+    agents: list[tuple[str, str]],
+    key: str,
+    piggyback: bool,
+) -> None:
+    url = server.url
     runs = options.executions
     say(f"  starting {runs} runs of '{ABC_WORKFLOW}' (a -> b -> c) from 4 processes ...")
     began = time.monotonic()
@@ -563,6 +592,7 @@ def throughput_test(server: Server, options: argparse.Namespace, report: dict[st
         "stop": MP.Event(),
         "barrier": MP.Barrier(len(chunks) + 1),
         "first": 0,
+        "piggyback": piggyback,
     }
     queue = MP.Queue()
     workers = []
@@ -615,7 +645,7 @@ def throughput_test(server: Server, options: argparse.Namespace, report: dict[st
     results = [queue.get(timeout=options.time_limit + 120) for _ in workers]
     for worker in workers:
         worker.join()
-    report["memory"] = memory.stop()
+    memory_figures = memory.stop()
 
     records = [r for result in results for r in result["records"]]
     error_count = Counter[str]()
@@ -635,13 +665,15 @@ def throughput_test(server: Server, options: argparse.Namespace, report: dict[st
         empty_polls=sum(r["empty_polls"] for r in results),
         kinds={k: _stats(v) for k, v in latencies.items()},
         paced_rate=rate,
+        memory=memory_figures,
+        request_rate=sum(len(v) for v in latencies.values()) / max(1e-9, stopped - t0),
         window=(wall0, wall0 + stopped - t0),
     )
-    report["tp"] = tp
+    report[key] = tp
     say(
         f"    {tp['completed']}/{runs} executions and {tp['steps_done']} steps in "
         f"{tp['elapsed']:.2f} s: {tp['exec_rate']:.1f} executions/s, {tp['step_rate']:.0f} "
-        f"steps/s ({tp['step_rate'] * 3:.0f} agent requests/s)"
+        f"steps/s ({tp['request_rate']:.0f} agent requests/s)"
     )
     if not finished:
         say(
@@ -650,8 +682,8 @@ def throughput_test(server: Server, options: argparse.Namespace, report: dict[st
         )
     say(f"      {cpu_line(tp['cpu'])}")
     say(
-        f"      server RSS {report['memory']['start_mb']:.0f} MB before, "
-        f"peak {report['memory']['peak_mb']:.0f} MB"
+        f"      server RSS {memory_figures['start_mb']:.0f} MB before, "
+        f"peak {memory_figures['peak_mb']:.0f} MB"
     )
     say("      agent requests while the runs queued up front were worked off:")
     _print_kinds(tp["kinds"], "        ")
@@ -882,6 +914,7 @@ def bench_backend(backend: str, options: argparse.Namespace) -> dict[str, Any]:
                     chain_test(server, options, report, (False, True))
                 if options.only in (None, "throughput"):
                     throughput_test(server, options, report)
+                    throughput_test(server, options, report, piggyback=True)
             finally:
                 server.stop()
                 report["server_problems"] = server.problems()
@@ -1406,7 +1439,7 @@ def throughput_rows(report: dict[str, Any], peer: dict[str, Any]) -> list[Row]:
                 "",
             ),
         ]
-    memory = report["memory"]
+    memory = tp["memory"]
     rows += [
         ("  requests p50 (backlog): poll / PUT / result", _requests(tp["kinds"], "p50"), "", ""),
         ("  requests p99 (backlog): poll / PUT / result", _requests(tp["kinds"], "p99"), "", ""),
@@ -1438,6 +1471,39 @@ def throughput_rows(report: dict[str, Any], peer: dict[str, Any]) -> list[Row]:
             "",
         ),
     ]
+    piggy = report.get("tp_next")
+    if piggy:
+        paced_next = piggy["dispatch"].get("paced")
+        rows += [
+            ("  our agent's protocol: PUT, POST result?next=1 (again)", "", "", ""),
+            (
+                "    steps/s end to end",
+                f"{piggy['step_rate']:.0f}",
+                "",
+                f"target >= {TARGET_STEPS_PER_S:g}",
+            ),
+            ("    ours vs Celery", _speed(piggy["step_rate"] / rate), "", ""),
+        ]
+        if paced_next:
+            rows.append(
+                (
+                    "    dispatch p50 / p99 at 50% load",
+                    _pair(paced_next["all"]["p50"], paced_next["all"]["p99"]),
+                    "",
+                    f"target p99 < {TARGET_P99_DISPATCH * 1000:g} ms",
+                )
+            )
+        rows += [
+            ("    throughput CPU %", _cpu_cell(piggy["cpu"]), "", ""),
+            (
+                "    runs verified; handed out twice; errors",
+                f"{piggy['verify']['succeeded']}/{piggy['verify']['checked']}"
+                + ("" if piggy["verify"]["ok"] else " NOT OK")
+                + f"; {piggy['duplicates']}; {sum(piggy['errors'].values())}",
+                "",
+                "",
+            ),
+        ]
     return rows
 
 
@@ -1454,7 +1520,7 @@ def table_rows(report: dict[str, Any], peer: dict[str, Any]) -> list[Row]:
             )
         )
         if report.get("tp"):
-            used = 3 * report["tp"]["step_rate"]
+            used = report["tp"]["request_rate"]
             rows.append(
                 (
                     "  agent requests/s in the throughput test",
@@ -1577,12 +1643,13 @@ def healthy(reports: list[dict[str, Any]], peer: dict[str, Any]) -> bool:
     ok = True
     for r in reports:
         ok &= all(c["verify"]["ok"] and not c["errors"] for c in r.get("chain", {}).values())
-        tp = r.get("tp")
-        if tp is not None or "chain" not in r:  # --only chain runs no throughput test
-            tp = tp or {}
-            ok &= bool(tp.get("verify", {}).get("ok") and tp.get("finished"))
-            ok &= not tp.get("errors") and not tp.get("duplicates")
-            ok &= not tp.get("duplicate_steps")
+        for key in ("tp", "tp_next"):
+            tp = r.get(key)
+            if tp is not None or "chain" not in r:  # --only chain runs no throughput test
+                tp = tp or {}
+                ok &= bool(tp.get("verify", {}).get("ok") and tp.get("finished"))
+                ok &= not tp.get("errors") and not tp.get("duplicates")
+                ok &= not tp.get("duplicate_steps")
         ok &= bool(r.get("db", {}).get("ok")) and not r.get("server_problems")
     if peer.get("failed"):
         ok = False

@@ -60,8 +60,8 @@ benchmark's.
 Run time: the throughput tests' fixed work (twice 30,000 steps and starting 20,000 runs
 on each backend) dominates: about 15 minutes at 900 steps/s on SQLite and 200 on
 PostgreSQL. --quick (twice 3,000 steps per backend) takes about 3 minutes; --only runs
-one of the two shapes. --time-limit stops a throughput test that runs too long; its rates are then over the
-work done by then.
+one of the two shapes. --time-limit stops a throughput test that runs too long; its
+rates are then over the work done by then.
 
 PostgreSQL: STAVILY_BENCH_DATABASE_URL (default
 postgresql+asyncpg://postgres@127.0.0.1:5432/test) names the server; a fresh database

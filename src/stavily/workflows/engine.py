@@ -403,7 +403,9 @@ class Engine:
             "agent_name": agent.name,
             "agent_id": agent.id,
             "now": now,
-            "limit": free * 4,
+            # PostgreSQL's claims race each other for the oldest rows (those locked
+            # are skipped): a page of a few would often be all taken by others.
+            "limit": free * 4 if self.db.is_sqlite else max(32, free * 4),
         }
         statement = queries.CANDIDATES
         while True:

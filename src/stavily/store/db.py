@@ -166,7 +166,11 @@ class Database:
                 except Exception:  # the transaction itself is gone: so is the batch
                     self._fail_batch(batch, exc)
                 raise
-            cursor.execute("RELEASE stavily_write")
+            try:
+                cursor.execute("RELEASE stavily_write")
+            except Exception as exc:  # not kept, so nobody in the batch may be told it is
+                self._fail_batch(batch, exc)
+                raise
         await asyncio.shield(batch.committed)
 
     def _open_batch(self) -> _Batch:

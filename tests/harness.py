@@ -25,6 +25,8 @@ from sqlalchemy.engine import make_url
 
 from stavily.app import create_app
 from stavily.config import Settings
+from stavily.fleet import create_agent
+from stavily.fleet.agents import AgentIdentity
 
 PG_URL = os.environ.get("STAVILY_TEST_DATABASE_URL")
 ADMIN_TOKEN = "stv_test_admin_token_0123456789abcdef"
@@ -45,6 +47,28 @@ async def _admin(url: str, statement: str) -> None:
         await conn.execute(statement)
     finally:
         await conn.close()
+
+
+async def make_agents(
+    conn: Any, organization_id: str, count: int, prefix: str
+) -> list[AgentIdentity]:
+    """`count` active action agents of capacity 4, created in the caller's transaction,
+    as the engine sees them (for tests that drive the engine without HTTP)."""
+    made = []
+    for i in range(count):
+        row, _ = await create_agent(
+            conn,
+            organization_id,
+            name=f"{prefix}-{uuid.uuid4().hex[:8]}-{i}",
+            type="action",
+            labels={},
+            capacity=4,
+            actor="test",
+        )
+        made.append(
+            AgentIdentity(row["id"], organization_id, row["name"], "action", {}, 4, "online")
+        )
+    return made
 
 
 @contextmanager

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from stavily.config import Settings
-from stavily.fleet import create_agent
 from stavily.fleet.agents import AgentIdentity
 from stavily.security import bootstrap
 from stavily.store import migrate
@@ -19,7 +18,7 @@ from stavily.store.db import Database
 from stavily.workflows import service
 from stavily.workflows.definition import validate
 from stavily.workflows.engine import Engine
-from tests.harness import fresh_database
+from tests.harness import fresh_database, make_agents
 
 TWO_STEPS = {
     "name": "two",
@@ -41,21 +40,8 @@ class World:
     async def setup(self, agents: int) -> None:
         await migrate.upgrade(self.db)
         self.org, _ = await bootstrap(self.db, "stv_dispatch_test_token_0123456789")
-        self.agents = []
         async with self.db.write() as conn:
-            for _ in range(agents):
-                row, _ = await create_agent(
-                    conn,
-                    self.org,
-                    name=f"d-{uuid.uuid4().hex[:8]}",
-                    type="action",
-                    labels={},
-                    capacity=4,
-                    actor="test",
-                )
-                self.agents.append(
-                    AgentIdentity(row["id"], self.org, row["name"], "action", {}, 4, "online")
-                )
+            self.agents = await make_agents(conn, self.org, agents, "d")
             await service.apply(conn, self.org, validate(TWO_STEPS), "", "test")
 
     async def start(self) -> str:

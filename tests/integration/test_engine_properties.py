@@ -21,8 +21,6 @@ from hypothesis import strategies as st
 
 from stavily.config import Settings
 from stavily.errors import Conflict
-from stavily.fleet import create_agent
-from stavily.fleet.agents import AgentIdentity
 from stavily.security import bootstrap
 from stavily.store import migrate
 from stavily.store.db import Database
@@ -32,7 +30,7 @@ from stavily.workflows import service
 from stavily.workflows.definition import validate
 from stavily.workflows.engine import Engine
 from stavily.workflows.states import FINAL_EXECUTION, FINAL_STEP
-from tests.harness import fresh_database
+from tests.harness import fresh_database, make_agents
 
 
 class World:
@@ -47,21 +45,8 @@ class World:
     async def _setup(self) -> tuple[str, None]:
         await migrate.upgrade(self.db)
         org, _ = await bootstrap(self.db, "stv_property_test_token")
-        self.agents = []
         async with self.db.write() as conn:
-            for i in range(3):
-                row, _ = await create_agent(
-                    conn,
-                    org,
-                    name=f"prop-{uuid.uuid4().hex[:6]}-{i}",
-                    type="action",
-                    labels={},
-                    capacity=4,
-                    actor="test",
-                )
-                self.agents.append(
-                    AgentIdentity(row["id"], org, row["name"], "action", {}, 4, "online")
-                )
+            self.agents = await make_agents(conn, org, 3, "prop")
         return org, None
 
     def run(self, coroutine: Any) -> Any:

@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = Database(settings.effective_database_url)
+        db = Database(settings.effective_database_url, settings.database_pool_size)
         await migrate.upgrade(db)
         organization_id, generated = await bootstrap(db, settings.bootstrap_token)
         if generated:

@@ -17,6 +17,14 @@ class Settings(BaseSettings):
         default=None,
         description="SQLAlchemy async URL; SQLite under data_dir when unset.",
     )
+    database_pool_size: int = Field(
+        default=20,
+        ge=1,
+        le=1000,
+        description="PostgreSQL connections each server process keeps open. A request "
+        "waits for a free one rather than opening more: opening and closing a connection "
+        "per request costs far more than the wait.",
+    )
     bootstrap_token: str | None = Field(
         default=None, description="Admin API token created on first start."
     )

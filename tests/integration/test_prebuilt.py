@@ -16,7 +16,7 @@ from stavily import audit
 from stavily.security import bootstrap
 from stavily.store import migrate
 from stavily.store.db import Database, InlineConnection
-from stavily.store.models import audit_records, instructions, step_runs
+from stavily.store.models import audit_records, executions, instructions, step_runs
 from stavily.store.prebuilt import is_prebuilt
 from stavily.timeutil import utcnow
 from stavily.workflows import queries, states
@@ -142,6 +142,7 @@ def test_selects_and_returning_give_what_sqlalchemy_gives(db: Database) -> None:
             assert isinstance(conn, InlineConnection)
             for statement, params in (
                 (queries.OWNED, {"id": "ins1", "organization_id": seeded["org"]}),
+                (queries.REPORTED, {"id": "ins1", "organization_id": seeded["org"]}),
                 (queries.EXECUTION, {"id": "exe1"}),
                 (queries.STEP, {"id": "stp-b"}),
             ):
@@ -152,8 +153,14 @@ def test_selects_and_returning_give_what_sqlalchemy_gives(db: Database) -> None:
                 assert all(type(fast[k]) is type(slow[k]) for k in slow)
             owned = await conn.execute(queries.OWNED, {"id": "ins1", "organization_id": "x"})
             assert owned.first() is None
-            of = await conn.scalar(queries.EXECUTION_OF, {"instruction_id": "ins1"})
-            assert of == "exe1"
+            params = {"id": "ins1", "organization_id": seeded["org"]}
+            reported = (await conn.execute(queries.REPORTED, params)).one()
+            execution = queries.part(reported, "execution__", executions)
+            assert execution == dict(
+                (await conn.execute(queries.EXECUTION, {"id": "exe1"})).mappings().one()
+            )
+            step = queries.part(reported, "step__", step_runs)
+            assert step is not None and step["name"] == "a" and step["execution_id"] == "exe1"
 
     run(compare())
 
@@ -276,6 +283,7 @@ def test_parameters_are_put_in_place_as_sqlalchemy_puts_them(dialect_name: str) 
         **{"now": NOW, "v_leased_at": NOW, "v_lease_expires_at": NOW + timedelta(seconds=5)},
         **{"limit": 4, "v_open_steps": 2, "v_failed_step": None, "ids": ["a", "b"]},
         **{"v_status": "completed", "v_result": {"ok": [1, 2]}},
+        **{"slots": 2, "grace": 30, "actor": "agent:a", "seen_agent_id": "a", "seen_status": "x"},
     }
     statements = [
         queries.AGENT_NOW,
@@ -283,12 +291,13 @@ def test_parameters_are_put_in_place_as_sqlalchemy_puts_them(dialect_name: str) 
         queries.CANDIDATES_AFTER,
         queries.LEASE,
         queries.OWNED,
-        queries.EXECUTION_OF_LOCKED,
+        queries.REPORTED_LOCKED,
         queries.SAVE_COUNTERS,
         queries.update_by_id(instructions, ("status", "result")),
+        queries.guarded_update(dialect_name, ("status", "lease_expires_at"), True),
     ]
     if dialect_name == "postgresql":
-        statements.append(queries.LOCK_QUEUED)
+        statements.append(queries.TAKE)
     for statement in statements:
         plan = _Plan(statement, dialect, None)
         assert plan.sources is not None, statement

@@ -116,7 +116,7 @@ def db_upgrade(database_url: DatabaseOpt = None, data_dir: DataDirOpt = None) ->
     settings = _settings(database_url=database_url, data_dir=data_dir)
 
     async def run() -> None:
-        db = Database(settings.effective_database_url)
+        db = Database(settings.effective_database_url, settings.database_pool_size)
         try:
             await migrate.upgrade(db)
         finally:

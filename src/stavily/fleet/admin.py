@@ -18,9 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stavily import audit
 from stavily.errors import Conflict
-from stavily.fleet.agents import ACTIVE_INSTRUCTION, agent_view, get_agent
+from stavily.fleet.agents import agent_view, get_agent
 from stavily.security.credentials import digest, generate
-from stavily.store.models import agents, instructions
+from stavily.store.models import ACTIVE_INSTRUCTION, agents, instructions, one_of
 from stavily.timeutil import utcnow
 
 AdminState = Literal["active", "draining", "disabled"]
@@ -171,7 +171,7 @@ async def fleet_summary(
             sa.select(instructions.c.agent_id, sa.func.count())
             .where(
                 instructions.c.organization_id == organization_id,
-                instructions.c.status.in_(ACTIVE_INSTRUCTION),
+                one_of(instructions.c.status, ACTIVE_INSTRUCTION),
             )
             .group_by(instructions.c.agent_id)
         )

@@ -19,11 +19,10 @@ from stavily.ids import new_id
 from stavily.security import agent_tokens
 from stavily.security.credentials import CredentialCache, digest, generate
 from stavily.store.db import Database
-from stavily.store.models import agents, instructions
+from stavily.store.models import ACTIVE_INSTRUCTION, agents, instructions, one_of
 from stavily.timeutil import isoformat, utcnow
 
 AGENT_TYPES = ("action", "sensor")
-ACTIVE_INSTRUCTION = ("leased", "executing")
 
 
 @dataclass(frozen=True)
@@ -483,7 +482,7 @@ class HeartbeatBuffer:
                     instructions.update()
                     .where(
                         instructions.c.agent_id.in_(alive),
-                        instructions.c.status.in_(ACTIVE_INSTRUCTION),
+                        one_of(instructions.c.status, ACTIVE_INSTRUCTION),
                         instructions.c.lease_expires_at < extended,
                     )
                     .values(lease_expires_at=extended)

@@ -21,8 +21,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from stavily.fleet.agents import ACTIVE_INSTRUCTION, AgentIdentity, eligible
-from stavily.store.models import agents, instructions, step_runs
+from stavily.fleet.agents import AgentIdentity, eligible
+from stavily.store.models import ACTIVE_INSTRUCTION, agents, instructions, one_of, step_runs
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Router:
             sa.select(sa.func.count())
             .where(
                 instructions.c.agent_id == agents.c.id,
-                instructions.c.status.in_(ACTIVE_INSTRUCTION),
+                one_of(instructions.c.status, ACTIVE_INSTRUCTION),
             )
             .scalar_subquery()
         )

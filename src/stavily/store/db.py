@@ -105,7 +105,7 @@ class _Batch:
 class Database:
     """SQLite (WAL, one writer at a time in this process) or PostgreSQL, same code."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, pool_size: int = 20) -> None:
         self.url = url
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
@@ -118,8 +118,12 @@ class Database:
             # Keep connections (each is a thread with its pragmas) instead of reopening them.
             kwargs.update(connect_args={"timeout": 30}, pool_size=10, max_overflow=20)
         else:
-            kwargs.update(pool_size=20, max_overflow=20)
+            kwargs.update(pool_size=pool_size, max_overflow=0)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        # the same pool, its connections without transactions while checked out here
+        self._autocommit = (
+            None if self.is_sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
         self._sync_writer: Engine | None = None
         self._writer: Connection | None = None  # kept open: no pool checkout and reset
         if self.is_sqlite:
@@ -142,6 +146,17 @@ class Database:
     async def read(self) -> AsyncIterator[AsyncConnection]:
         async with self.engine.connect() as conn:
             yield conn
+
+    @asynccontextmanager
+    async def single_statements(self) -> AsyncIterator[AsyncConnection]:
+        """For work done in statements that each stand alone. PostgreSQL: each statement
+        commits on its own, with no BEGIN and COMMIT round trips; SQLite: write()."""
+        if self._autocommit is None:
+            async with self.write() as conn:
+                yield conn
+            return
+        async with self._autocommit.connect() as conn:
+            yield DriverConnection(conn)  # type: ignore[misc]
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:

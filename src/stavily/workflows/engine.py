@@ -22,7 +22,6 @@ from stavily import audit
 from stavily.config import Settings
 from stavily.errors import Conflict, Forbidden, InvalidInput, NotFound
 from stavily.fleet.agents import (
-    ACTIVE_INSTRUCTION,
     IDENTITY_COLUMNS,
     AgentIdentity,
     eligible,
@@ -32,7 +31,15 @@ from stavily.fleet.routing import Router
 from stavily.fleet.waiters import Waiter, Waiters
 from stavily.ids import new_id
 from stavily.store.db import Database
-from stavily.store.models import agents, executions, instructions, step_runs, workflows
+from stavily.store.models import (
+    ACTIVE_INSTRUCTION,
+    agents,
+    executions,
+    instructions,
+    one_of,
+    step_runs,
+    workflows,
+)
 from stavily.store.notify import WorkChannel
 from stavily.timeutil import isoformat, utcnow
 from stavily.workflows import queries, service, states
@@ -320,7 +327,7 @@ class Engine:
     async def claim(self, agent: AgentIdentity, slots: int) -> list[dict[str, Any]]:
         if agent.admin_state != "active":
             return []  # draining: it finishes what it has and takes nothing new
-        async with self.db.write() as conn:
+        async with self.db.single_statements() as conn:
             payloads, left = await self._claim(conn, agent, slots, utcnow())
         self._claimed(payloads, left)
         return payloads
@@ -328,29 +335,50 @@ class Engine:
     async def _claim(
         self, conn: AsyncConnection, agent: AgentIdentity, slots: int, now: datetime
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Lease up to `slots` instructions to the agent inside the caller's transaction:
-        what it hands out, and what it saw eligible but left for others."""
-        # Read now, not from the request's start: a long poll may outlive a drain,
-        # a disable or a revoke, and must then hand out nothing.
-        current = (await conn.execute(queries.AGENT_NOW, {"agent_id": agent.id})).first()
-        if current is None or current.admin_state != "active" or current.revoked_at:
-            return [], []
-        free = min(slots, current.capacity - int(current.running))
-        if free <= 0:
-            return [], []
+        """Lease up to `slots` instructions to the agent on `conn` (in the caller's
+        transaction, or on PostgreSQL outside any): what it hands out, and what it saw
+        eligible but left for others."""
+        free = slots
+        if self.db.is_sqlite:
+            # Read now, not from the request's start: a long poll may outlive a drain,
+            # a disable or a revoke, and must then hand out nothing. (PostgreSQL's
+            # queries.TAKE reads it itself.)
+            current = (await conn.execute(queries.AGENT_NOW, {"agent_id": agent.id})).first()
+            if current is None or current.admin_state != "active" or current.revoked_at:
+                return [], []
+            free = min(slots, current.capacity - int(current.running))
+            if free <= 0:
+                return [], []
         fitting = await self._fitting(conn, agent, free, now)
         if not fitting:
             return [], []
-        chosen = fitting[:free]
-        if not self.db.is_sqlite:
-            # Lock exactly the rows this agent takes; rows another claim holds are
-            # skipped, not waited for, and rows not taken stay free for the others.
-            locked = await conn.execute(
-                queries.LOCK_QUEUED, {"ids": [c.id for c in fitting], "limit": free}
+        if self.db.is_sqlite:
+            rows = await self._lease(conn, agent, fitting[:free], now)
+        else:
+            params = {
+                "ids": [c.id for c in fitting],
+                "slots": free,
+                "agent_id": agent.id,
+                "now": now,
+                "grace": self.settings.lease_grace,
+                "actor": agent.actor,
+            }
+            rows = sorted(
+                (await conn.execute(queries.TAKE, params)).all(),
+                key=lambda r: (r.execution_id, r.id),
             )
-            ids = set(locked.scalars())
-            chosen = [c for c in fitting if c.id in ids]
-        payloads, entries = [], []
+        if not rows:  # no room, or others hold them all: they offer what they leave
+            return [], []
+        taken = {r.id for r in rows}
+        left = [c._asdict() for c in fitting if c.id not in taken]
+        return [instruction_payload(r) for r in rows], left
+
+    async def _lease(
+        self, conn: AsyncConnection, agent: AgentIdentity, chosen: list[Any], now: datetime
+    ) -> list[Any]:
+        """SQLite (one writer: nothing else can take them meanwhile): lease each, set its
+        step running, audit the leases."""
+        rows, entries = [], []
         for candidate in chosen:
             lease = now + timedelta(seconds=candidate.timeout_seconds + self.settings.lease_grace)
             row = (
@@ -374,7 +402,7 @@ class Engine:
                     agent_id=agent.id,
                     started_at=IfUnset(now),
                 )
-            payloads.append(instruction_payload(row))
+            rows.append(row)
             entries.append(
                 audit.entry(
                     agent.organization_id,
@@ -387,8 +415,7 @@ class Engine:
                 )
             )
         await audit.append(conn, entries)
-        taken = {c.id for c in chosen}
-        return payloads, [c._asdict() for c in fitting if c.id not in taken]
+        return rows
 
     async def _fitting(
         self, conn: AsyncConnection, agent: AgentIdentity, free: int, now: datetime
@@ -452,10 +479,8 @@ class Engine:
                     return claimed
         return []
 
-    async def _owned(self, conn: AsyncConnection, agent: AgentIdentity, instruction_id: str) -> Any:
-        query = queries.OWNED if self.db.is_sqlite else queries.OWNED_LOCKED
-        params = {"id": instruction_id, "organization_id": agent.organization_id}
-        row = (await conn.execute(query, params)).first()
+    @staticmethod
+    def _own(row: Any, agent: AgentIdentity, instruction_id: str) -> Any:
         if row is None:
             raise NotFound(f"no instruction '{instruction_id}' for this agent")
         if row.agent_id != agent.id:
@@ -472,41 +497,56 @@ class Engine:
                 [{"path": "status", "message": f"expected one of {sorted(PROGRESS_STATUSES)}"}],
             )
         now = utcnow()
-        async with self.db.write() as conn:
-            row = await self._owned(conn, agent, instruction_id)
-            if row.status not in ACTIVE_INSTRUCTION:
-                raise Conflict(f"instruction '{instruction_id}' is {row.status}")
-            values: dict[str, Any] = {
-                "lease_expires_at": max(
-                    row.lease_expires_at,
-                    now + timedelta(seconds=row.timeout_seconds + self.settings.lease_grace),
+        params = {"id": instruction_id, "organization_id": agent.organization_id}
+        async with self.db.single_statements() as conn:
+            # Read, then write only if the instruction is still as read (its agent and
+            # status): on PostgreSQL two round trips and no lock held between them; a
+            # result or a cancel that came in between makes it read again.
+            while True:
+                found = (await conn.execute(queries.OWNED, params)).first()
+                row = self._own(found, agent, instruction_id)
+                if row.status not in ACTIVE_INSTRUCTION:
+                    raise Conflict(f"instruction '{instruction_id}' is {row.status}")
+                values: dict[str, Any] = {
+                    "lease_expires_at": max(
+                        row.lease_expires_at,
+                        now + timedelta(seconds=row.timeout_seconds + self.settings.lease_grace),
+                    )
+                }
+                refs = (row.context or {}).get("secrets") or {}
+                if "execution_log" in fields:
+                    values["execution_log"] = mask_secrets(fields["execution_log"], refs)
+                if "max_retries" in fields:
+                    values["max_retries"] = fields["max_retries"]
+                executing = status is not None and row.status == "leased"
+                if executing:
+                    values.update(status="executing", started_at=now)
+                statement = queries.guarded_update(self.db.dialect, tuple(values), executing)
+                changed = await conn.execute(
+                    statement,
+                    {
+                        "row_id": instruction_id,
+                        "seen_agent_id": agent.id,
+                        "seen_status": row.status,
+                        "now": now,
+                        "actor": agent.actor,
+                        **{f"v_{k}": v for k, v in values.items()},
+                    },
                 )
-            }
-            refs = (row.context or {}).get("secrets") or {}
-            if "execution_log" in fields:
-                values["execution_log"] = mask_secrets(fields["execution_log"], refs)
-            if "max_retries" in fields:
-                values["max_retries"] = fields["max_retries"]
-            if status is not None and row.status == "leased":
-                values.update(status="executing", started_at=now)
-                await audit.append(
-                    conn,
-                    [
-                        audit.entry(
-                            agent.organization_id,
-                            agent.actor,
-                            "instruction.executing",
-                            "instruction",
-                            instruction_id,
-                            {"execution_id": row.execution_id, "attempt": row.attempt},
-                            at=now,
-                        )
-                    ],
-                )
-            await conn.execute(
-                queries.update_by_id(instructions, values),
-                {"row_id": instruction_id, **{f"v_{k}": v for k, v in values.items()}},
-            )
+                if changed.first() is None:
+                    continue
+                if executing and self.db.is_sqlite:  # PostgreSQL's statement wrote it
+                    entry = audit.entry(
+                        agent.organization_id,
+                        agent.actor,
+                        "instruction.executing",
+                        "instruction",
+                        instruction_id,
+                        {"execution_id": row.execution_id, "attempt": row.attempt},
+                        at=now,
+                    )
+                    await audit.append(conn, [entry])
+                break
         return [key for key in ("status", "execution_log", "max_retries") if key in fields]
 
     async def result(
@@ -551,12 +591,11 @@ class Engine:
         final: str,
         now: datetime,
     ) -> list[Progression]:
-        done: list[Progression] = []
-        # Lock order everywhere: the execution, then its instructions.
-        query = queries.EXECUTION_OF if self.db.is_sqlite else queries.EXECUTION_OF_LOCKED
-        found = (await conn.execute(query, {"instruction_id": instruction_id})).mappings().first()
-        execution = dict(found) if found is not None else None
-        row = await self._owned(conn, agent, instruction_id)
+        # One read for the instruction, its execution and its step; on PostgreSQL it
+        # locks the execution, then the instruction: the lock order everywhere.
+        query = queries.REPORTED if self.db.is_sqlite else queries.REPORTED_LOCKED
+        params = {"id": instruction_id, "organization_id": agent.organization_id}
+        row = self._own((await conn.execute(query, params)).first(), agent, instruction_id)
         if row.status in ("completed", "failed") and row.result_digest == digest:
             return []  # the same report again: acknowledged, nothing changes
         if row.status not in ACTIVE_INSTRUCTION:
@@ -582,29 +621,24 @@ class Engine:
             execution_log=report.get("execution_log") or row.execution_log,
             started_at=IfUnset(now),
         )
-        progression = None
-        if execution is not None:
-            progression = self._progression(conn, execution, agent.actor, now)
-            progression._audit(
-                f"instruction.{final}",
-                "instruction",
-                instruction_id,
-                execution_id=row.execution_id,
-                attempt=row.attempt,
-            )
-            step = await load_step(conn, row.step_run_id)
-            if step["instruction_id"] == row.id and step["status"] == "running":
-                if final == "completed":
-                    await progression.step_ended(
-                        step,
-                        "succeeded",
-                        output=step_output(report),
-                        error=None,
-                        finished_at=now,
-                    )
-                else:
-                    await progression.retry_or_fail(step, row, ERROR, error or "failed")
-            done.append(progression)
+        execution = queries.part(row, "execution__", executions)
+        progression = self._progression(conn, execution, agent.actor, now)
+        progression._audit(
+            f"instruction.{final}",
+            "instruction",
+            instruction_id,
+            execution_id=row.execution_id,
+            attempt=row.attempt,
+        )
+        step = queries.part(row, "step__", step_runs)
+        if step is not None and step["instruction_id"] == row.id and step["status"] == "running":
+            if final == "completed":
+                await progression.step_ended(
+                    step, "succeeded", output=step_output(report), error=None, finished_at=now
+                )
+            else:
+                await progression.retry_or_fail(step, row, ERROR, error or "failed")
+        done = [progression]
         await self._settle(conn, done)
         return done
 
@@ -615,7 +649,7 @@ class Engine:
         now = utcnow()
         count = await self._take_back(
             sa.and_(
-                instructions.c.status.in_(ACTIVE_INSTRUCTION),
+                one_of(instructions.c.status, ACTIVE_INSTRUCTION),
                 instructions.c.lease_expires_at < now,
             ),
             None,
@@ -640,7 +674,7 @@ class Engine:
         return await self._take_back(
             sa.and_(
                 instructions.c.agent_id == agent_id,
-                instructions.c.status.in_(ACTIVE_INSTRUCTION),
+                one_of(instructions.c.status, ACTIVE_INSTRUCTION),
             ),
             reason,
             utcnow(),
@@ -657,7 +691,7 @@ class Engine:
         self._unreported_checked[agent.id] = now
         unreported = sa.and_(
             instructions.c.agent_id == agent.id,
-            instructions.c.status.in_(ACTIVE_INSTRUCTION),
+            one_of(instructions.c.status, ACTIVE_INSTRUCTION),
             instructions.c.id.not_in(running),
             instructions.c.leased_at < now - timedelta(seconds=self.settings.unreported_grace),
         )
@@ -783,7 +817,7 @@ class Engine:
                     await conn.execute(
                         sa.select(instructions.c.agent_id).where(
                             instructions.c.agent_id.in_([a.id for a in silent]),
-                            instructions.c.status.in_(ACTIVE_INSTRUCTION),
+                            one_of(instructions.c.status, ACTIVE_INSTRUCTION),
                         )
                     )
                 ).scalars()
@@ -830,7 +864,7 @@ class Engine:
             await self._take_back(
                 sa.and_(
                     instructions.c.agent_id.in_([a.id for a in dead]),
-                    instructions.c.status.in_(ACTIVE_INSTRUCTION),
+                    one_of(instructions.c.status, ACTIVE_INSTRUCTION),
                 ),
                 "agent offline: missed heartbeats",
                 utcnow(),

@@ -31,12 +31,11 @@ from stavily import audit
 from stavily.errors import StavilyError
 from stavily.fleet.routing import Router
 from stavily.ids import new_id
-from stavily.store.models import executions, instructions, step_runs
+from stavily.store.models import ACTIVE_INSTRUCTION, executions, instructions, one_of, step_runs
 from stavily.store.prebuilt import prebuilt
 from stavily.workflows import queries, states
 from stavily.workflows.templating import TemplateProblem, render
 
-ACTIVE_INSTRUCTION = ("leased", "executing")
 SECRET_MARK = "\u2063secret:{}\u2063"
 # Where a step's failure came from, for `error_handling.retry_on`.
 ERROR, TIMEOUT, AGENT_LOST = "error", "timeout", "agent_lost"
@@ -75,7 +74,7 @@ def _status_update(
             table.update()
             .where(
                 table.c.id == queries.param(table.c.id, "row_id"),
-                queries.one_of(table.c.status, allowed),
+                one_of(table.c.status, allowed),
             )
             .values(values)
         )
@@ -377,7 +376,7 @@ class Progression:
             instructions.update()
             .where(
                 instructions.c.step_run_id.in_([s["id"] for s in stopped]),
-                instructions.c.status.in_(("queued", *ACTIVE_INSTRUCTION)),
+                one_of(instructions.c.status, ("queued", *ACTIVE_INSTRUCTION)),
             )
             .values(status="cancelled", finished_at=self.now)
         )
@@ -687,7 +686,7 @@ class Progression:
                 instructions.update()
                 .where(
                     instructions.c.execution_id == execution_id,
-                    instructions.c.status.in_(("queued", *ACTIVE_INSTRUCTION)),
+                    one_of(instructions.c.status, ("queued", *ACTIVE_INSTRUCTION)),
                 )
                 .values(status="cancelled", finished_at=self.now)
             )

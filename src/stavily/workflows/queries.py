@@ -16,8 +16,17 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from stavily.store import notify
-from stavily.store.models import agents, executions, instructions, step_runs
+from stavily.store.models import (
+    ACTIVE_INSTRUCTION,
+    agents,
+    audit_records,
+    executions,
+    instructions,
+    one_of,
+    step_runs,
+)
 from stavily.store.prebuilt import prebuilt
+from stavily.workflows import states
 
 
 def param(column: sa.Column[Any], name: str | None = None) -> sa.BindParameter[Any]:
@@ -29,12 +38,6 @@ def values(table: sa.Table, columns: Iterable[str]) -> dict[str, sa.BindParamete
     """SET clauses bound to `v_<column>` parameters."""
     return {name: param(table.c[name], f"v_{name}") for name in columns}
 
-
-def one_of(column: sa.Column[Any], values: Iterable[str]) -> sa.ColumnElement[bool]:
-    return column.in_([sa.literal(v) for v in values])
-
-
-ACTIVE = ("leased", "executing")
 
 # What a queued instruction's offer to the waiting agents needs (fleet.waiters.may_take,
 # the same fields replicas tell each other), and what a claim needs to lease it.
@@ -52,7 +55,7 @@ AGENT_NOW = sa.select(
     sa.select(sa.func.count())
     .where(
         instructions.c.agent_id == param(agents.c.id, "agent_id"),
-        one_of(instructions.c.status, ACTIVE),
+        one_of(instructions.c.status, ACTIVE_INSTRUCTION),
     )
     .scalar_subquery()
     .label("running"),
@@ -90,18 +93,6 @@ CANDIDATES_AFTER = CANDIDATES.where(
     )
 )
 
-# PostgreSQL: lock exactly the rows a claim takes; rows another claim holds are skipped.
-LOCK_QUEUED = (
-    sa.select(instructions.c.id)
-    .where(
-        instructions.c.id == sa.any_(sa.bindparam("ids", type_=ARRAY(sa.String))),
-        instructions.c.status == sa.literal("queued"),
-    )
-    .order_by(instructions.c.execution_id, instructions.c.id)
-    .limit(sa.bindparam("limit", type_=sa.Integer))
-    .with_for_update(skip_locked=True)
-)
-
 LEASE = (
     instructions.update()
     .where(instructions.c.id == param(instructions.c.id, "row_id"))
@@ -113,41 +104,160 @@ LEASE = (
 )
 
 
-# What progress and results need of the instruction reported on (not its payload).
-OWNED = sa.select(
-    *(
-        instructions.c[name]
-        for name in (
-            "id",
-            "agent_id",
-            "status",
-            "execution_id",
-            "step_run_id",
-            "attempt",
-            "timeout_seconds",
-            "lease_expires_at",
-            "result_digest",
-            "context",
-            "execution_log",
-            "input_data",  # a retry's
+def _audit(rows: sa.CTE, action: str) -> sa.CTE:
+    """PostgreSQL: an audit record of `action` on each instruction of `rows`, by :actor
+    at :now, with the details audit.entry() would be given."""
+    columns = ("organization_id", "created_at", "actor", "action", "subject_type", "subject_id")
+    return (
+        audit_records.insert()
+        .from_select(
+            [*columns, "details"],
+            sa.select(
+                rows.c.organization_id,
+                param(instructions.c.leased_at, "now"),
+                param(audit_records.c.actor),
+                sa.literal(action),
+                sa.literal("instruction"),
+                rows.c.id,
+                sa.func.json_build_object(
+                    sa.literal("execution_id"),
+                    rows.c.execution_id,
+                    sa.literal("attempt"),
+                    rows.c.attempt,
+                    type_=sa.JSON,
+                ),
+            ),
         )
+        .cte(f"audit_{action.replace('.', '_')}")
     )
-).where(
+
+
+def _take() -> sa.Select[Any]:
+    """PostgreSQL: a whole claim's writes in one statement, so in one round trip and,
+    outside a transaction, without BEGIN and COMMIT. Of the candidates `ids`, as many
+    as the agent has room for now (it is read here: a long poll may outlive a drain, a
+    disable or a revoke) are locked, oldest first; rows another claim holds are skipped,
+    not waited for. Each is leased, its step set running (only from a state that may
+    lead there, as set_status would) and the lease audited. Returns the leased rows."""
+    agent_id = param(agents.c.id, "agent_id")
+    now = param(instructions.c.leased_at, "now")
+    free = (
+        sa.select(
+            sa.func.least(
+                sa.bindparam("slots", type_=sa.Integer),
+                agents.c.capacity
+                - sa.select(sa.func.count())
+                .where(
+                    instructions.c.agent_id == agent_id,
+                    one_of(instructions.c.status, ACTIVE_INSTRUCTION),
+                )
+                .scalar_subquery(),
+            )
+        )
+        .where(
+            agents.c.id == agent_id,
+            agents.c.admin_state == sa.literal("active"),
+            agents.c.revoked_at.is_(None),
+        )
+        .scalar_subquery()
+    )
+    may_run = one_of(step_runs.c.status, states.allowed_from(states.STEP, "running"))
+    locked = (
+        sa.select(instructions.c.id)
+        .select_from(
+            instructions.outerjoin(step_runs, step_runs.c.id == instructions.c.step_run_id)
+        )
+        .where(
+            instructions.c.id == sa.any_(sa.bindparam("ids", type_=ARRAY(sa.String))),
+            one_of(instructions.c.status, states.allowed_from(states.INSTRUCTION, "leased")),
+            sa.or_(instructions.c.step_run_id.is_(None), may_run),
+        )
+        .order_by(instructions.c.execution_id, instructions.c.id)
+        .limit(sa.func.greatest(sa.func.coalesce(free, 0), 0))
+        .with_for_update(skip_locked=True, of=instructions)
+        .cte("locked")
+    )
+    second = sa.literal_column("interval '1 second'", type_=sa.Interval)
+    leased = (
+        instructions.update()
+        .where(instructions.c.id == locked.c.id)
+        .values(
+            status=sa.literal("leased"),
+            agent_id=agent_id,
+            leased_at=now,
+            lease_expires_at=now
+            + (instructions.c.timeout_seconds + sa.bindparam("grace", type_=sa.Integer)) * second,
+        )
+        .returning(*instructions.c)
+        .cte("leased")
+    )
+    started = (
+        step_runs.update()
+        .where(step_runs.c.id == leased.c.step_run_id, may_run)
+        .values(
+            status=sa.literal("running"),
+            agent_id=agent_id,
+            started_at=sa.func.coalesce(step_runs.c.started_at, now),
+        )
+        .cte("started")
+    )
+    return sa.select(leased).add_cte(started, _audit(leased, "instruction.leased"))
+
+
+TAKE = _take()
+
+# What progress and results need of the instruction reported on (not its payload).
+OWNED_COLUMNS = [
+    instructions.c[name]
+    for name in (
+        "id",
+        "agent_id",
+        "status",
+        "execution_id",
+        "step_run_id",
+        "attempt",
+        "timeout_seconds",
+        "lease_expires_at",
+        "result_digest",
+        "context",
+        "execution_log",
+        "input_data",  # a retry's
+    )
+]
+_owned_where = (
     instructions.c.id == param(instructions.c.id),
     instructions.c.organization_id == param(instructions.c.organization_id),
 )
-OWNED_LOCKED = OWNED.with_for_update()
+OWNED = sa.select(*OWNED_COLUMNS).where(*_owned_where)
+
+# What a result needs, in one round trip: the instruction (as OWNED), its execution and
+# its step, their columns named `execution__<name>` and `step__<name>`. On PostgreSQL the
+# execution and the instruction are locked, in the order kept everywhere.
+REPORTED = (
+    sa.select(
+        *OWNED_COLUMNS,
+        *(c.label(f"execution__{c.name}") for c in executions.c),
+        *(c.label(f"step__{c.name}") for c in step_runs.c),
+    )
+    .select_from(
+        instructions.join(executions, executions.c.id == instructions.c.execution_id).outerjoin(
+            step_runs, step_runs.c.id == instructions.c.step_run_id
+        )
+    )
+    .where(*_owned_where)
+)
+REPORTED_LOCKED = REPORTED.with_for_update(of=[executions, instructions])
+
+
+def part(row: Any, prefix: str, table: sa.Table) -> dict[str, Any] | None:
+    """One table's columns of a REPORTED row, by their own names (None: no such row)."""
+    if getattr(row, f"{prefix}id") is None:
+        return None
+    return {name: getattr(row, prefix + name) for name in table.c.keys()}
+
 
 EXECUTION = sa.select(executions).where(executions.c.id == param(executions.c.id))
 EXECUTION_LOCKED = EXECUTION.with_for_update()
-# The execution an instruction belongs to, in one round trip (locked on PostgreSQL).
-EXECUTION_OF = sa.select(executions).where(
-    executions.c.id
-    == sa.select(instructions.c.execution_id)
-    .where(instructions.c.id == param(instructions.c.id, "instruction_id"))
-    .scalar_subquery()
-)
-EXECUTION_OF_LOCKED = EXECUTION_OF.with_for_update(of=executions)
 
 STEP = sa.select(step_runs).where(step_runs.c.id == param(step_runs.c.id))
 
@@ -191,10 +301,9 @@ for _statement in (
     CANDIDATES,
     CANDIDATES_AFTER,
     LEASE,
-    EXECUTION_OF,
-    EXECUTION_OF_LOCKED,
+    REPORTED,
+    REPORTED_LOCKED,
     OWNED,
-    OWNED_LOCKED,
     EXECUTION,
     EXECUTION_LOCKED,
     STEP,
@@ -202,10 +311,43 @@ for _statement in (
     INSERT_INSTRUCTION,
     INSERT_EXECUTION,
     INSERT_STEPS,
-    LOCK_QUEUED,
+    TAKE,
     *RELEASE_DEPENDENTS.values(),
 ):
     prebuilt(_statement)
+
+_GUARDED: dict[tuple[str, tuple[str, ...], bool], Any] = {}
+
+
+def guarded_update(dialect: str, columns: tuple[str, ...], executing: bool) -> Any:
+    """Progress's write: `UPDATE instructions SET columns...` only if the row still has
+    the agent and status it was read with (:seen_agent_id, :seen_status); a row back if
+    it had. On PostgreSQL, when the instruction starts `executing`, its audit record is
+    written by the same statement (SQLite cannot: the caller writes it)."""
+    key = (dialect, columns, executing)
+    statement = _GUARDED.get(key)
+    if statement is None:
+        updated = (
+            instructions.update()
+            .where(
+                instructions.c.id == param(instructions.c.id, "row_id"),
+                instructions.c.agent_id == param(instructions.c.agent_id, "seen_agent_id"),
+                instructions.c.status == param(instructions.c.status, "seen_status"),
+            )
+            .values(values(instructions, columns))
+        )
+        if dialect == "sqlite":
+            statement = updated.returning(instructions.c.id)
+        else:
+            rows = updated.returning(
+                *(instructions.c[n] for n in ("id", "organization_id", "execution_id", "attempt"))
+            ).cte("updated")
+            statement = sa.select(rows.c.id)
+            if executing:
+                statement = statement.add_cte(_audit(rows, "instruction.executing"))
+        statement = _GUARDED[key] = prebuilt(statement)
+    return statement
+
 
 _UPDATES: dict[tuple[str, tuple[str, ...]], sa.Update] = {}
 

@@ -1,4 +1,5 @@
-"""Handing out work: runs under way before new runs, and one wake-up per queued step."""
+"""Handing out work: runs under way before new runs, one wake-up per queued step, leases
+and progress written only over the state they were read from."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from stavily.config import Settings
 from stavily.fleet.agents import AgentIdentity
 from stavily.security import bootstrap
 from stavily.store import migrate
 from stavily.store.db import Database
-from stavily.workflows import service
+from stavily.store.models import audit_records, instructions, step_runs
+from stavily.timeutil import utcnow
+from stavily.workflows import queries, service
 from stavily.workflows.definition import validate
 from stavily.workflows.engine import Engine
 from tests.harness import fresh_database, make_agents
@@ -133,5 +137,74 @@ def test_work_queued_earlier_for_other_agents_does_not_hide_an_agents_own(world:
         assert instruction["context"]["execution_id"] == mine
         assert await world.engine.claim(world.agents[0], 1) == []  # the GPU work stays queued
         return instruction
+
+    asyncio.run(scenario())
+
+
+def test_a_claim_leases_nothing_whose_step_may_not_run(world: World) -> None:
+    """The lease and its step's move to running are written together, and only from
+    states that allow it: a queued instruction whose step has ended stays queued."""
+
+    async def scenario() -> None:
+        await world.setup(agents=1)
+        execution_id = await world.start()
+        async with world.db.write() as conn:
+            await conn.execute(
+                step_runs.update()
+                .where(step_runs.c.execution_id == execution_id, step_runs.c.name == "a")
+                .values(status="succeeded")
+            )
+        assert await world.engine.claim(world.agents[0], 1) == []
+        async with world.db.read() as conn:
+            statuses = (await conn.execute(sa.select(instructions.c.status))).scalars().all()
+            leased = await conn.scalar(
+                sa.select(sa.func.count())
+                .select_from(audit_records)
+                .where(audit_records.c.action == "instruction.leased")
+            )
+        assert statuses == ["queued"] and leased == 0
+
+    asyncio.run(scenario())
+
+
+def test_progress_writes_only_over_what_it_read(world: World) -> None:
+    """Progress reads the instruction, then writes only if it still has the agent and
+    status it was read with (PostgreSQL holds no lock between the two): the first
+    report of `executing` is audited once, with the write; a stale write changes nothing."""
+
+    async def scenario() -> None:
+        await world.setup(agents=1)
+        await world.start()
+        agent = world.agents[0]
+        (instruction,) = await world.engine.claim(agent, 1)
+        body = {"status": "executing", "execution_log": ["started"]}
+        await world.engine.progress(agent, instruction["id"], body)
+        await world.engine.progress(agent, instruction["id"], body)  # already executing
+        stale = queries.guarded_update(world.db.dialect, ("execution_log",), True)
+        params = {
+            "row_id": instruction["id"],
+            "seen_agent_id": agent.id,
+            "seen_status": "leased",  # it is executing by now
+            "now": utcnow(),
+            "actor": agent.actor,
+            "v_execution_log": ["overwritten"],
+        }
+        async with world.db.single_statements() as conn:
+            assert (await conn.execute(stale, params)).first() is None
+        async with world.db.read() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(instructions.c.status, instructions.c.execution_log).where(
+                        instructions.c.id == instruction["id"]
+                    )
+                )
+            ).one()
+            executing = await conn.scalar(
+                sa.select(sa.func.count())
+                .select_from(audit_records)
+                .where(audit_records.c.action == "instruction.executing")
+            )
+        assert tuple(row) == ("executing", ["started"])
+        assert executing == 1
 
     asyncio.run(scenario())

@@ -74,3 +74,18 @@ def test_retry_budget_by_cause() -> None:
     only_timeouts = {"retry": {"max_retries": 5, "retry_on": [TIMEOUT]}}
     assert not may_retry(only_timeouts, 1, ERROR, 3)
     assert may_retry(only_timeouts, 1, TIMEOUT, 3)
+
+
+def test_state_lists_are_written_into_the_sql() -> None:
+    """States go into the SQL as literals, not parameters: the planner can then match
+    the partial index of the instructions an agent holds in prepared statements too."""
+    from sqlalchemy.dialects import postgresql
+
+    from stavily.store.models import ACTIVE_INSTRUCTION, instructions, one_of
+
+    sql = str(
+        one_of(instructions.c.status, ACTIVE_INSTRUCTION).compile(dialect=postgresql.dialect())
+    )
+    assert sql == "instructions.status IN ('leased', 'executing')"
+    with pytest.raises(ValueError, match="not a state name"):
+        one_of(instructions.c.status, ["x') OR ('1'='1"])

@@ -376,8 +376,8 @@ class Engine:
     async def _lease(
         self, conn: AsyncConnection, agent: AgentIdentity, chosen: list[Any], now: datetime
     ) -> list[Any]:
-        """SQLite (one writer: nothing else can take them meanwhile): lease each, set its
-        step running, audit the leases."""
+        """SQLite (one writer: nothing else can take them meanwhile): lease each that may
+        be (queries.LEASE), set its step running, audit the leases."""
         rows, entries = [], []
         for candidate in chosen:
             lease = now + timedelta(seconds=candidate.timeout_seconds + self.settings.lease_grace)
@@ -391,7 +391,9 @@ class Engine:
                         "v_lease_expires_at": lease,
                     },
                 )
-            ).one()
+            ).first()
+            if row is None:
+                continue
             if candidate.step_run_id:
                 await set_status(
                     conn,

@@ -93,9 +93,19 @@ CANDIDATES_AFTER = CANDIDATES.where(
     )
 )
 
+# A step's instruction is leased only while the step may start running (as set_status
+# would allow it): otherwise nothing is written.
+_MAY_RUN = one_of(step_runs.c.status, states.allowed_from(states.STEP, "running"))
+_STEP_MAY_RUN = sa.or_(
+    instructions.c.step_run_id.is_(None),
+    sa.exists().where(step_runs.c.id == instructions.c.step_run_id, _MAY_RUN),
+)
+_MAY_LEASE = one_of(instructions.c.status, states.allowed_from(states.INSTRUCTION, "leased"))
+
+# SQLite: one instruction leased (no row back: it was not free to take).
 LEASE = (
     instructions.update()
-    .where(instructions.c.id == param(instructions.c.id, "row_id"))
+    .where(instructions.c.id == param(instructions.c.id, "row_id"), _MAY_LEASE, _STEP_MAY_RUN)
     .values(
         status=sa.literal("leased"),
         **values(instructions, ("agent_id", "leased_at", "lease_expires_at")),
@@ -161,7 +171,6 @@ def _take() -> sa.Select[Any]:
         )
         .scalar_subquery()
     )
-    may_run = one_of(step_runs.c.status, states.allowed_from(states.STEP, "running"))
     locked = (
         sa.select(instructions.c.id)
         .select_from(
@@ -169,8 +178,8 @@ def _take() -> sa.Select[Any]:
         )
         .where(
             instructions.c.id == sa.any_(sa.bindparam("ids", type_=ARRAY(sa.String))),
-            one_of(instructions.c.status, states.allowed_from(states.INSTRUCTION, "leased")),
-            sa.or_(instructions.c.step_run_id.is_(None), may_run),
+            _MAY_LEASE,
+            sa.or_(instructions.c.step_run_id.is_(None), _MAY_RUN),
         )
         .order_by(instructions.c.execution_id, instructions.c.id)
         .limit(sa.func.greatest(sa.func.coalesce(free, 0), 0))
@@ -193,7 +202,7 @@ def _take() -> sa.Select[Any]:
     )
     started = (
         step_runs.update()
-        .where(step_runs.c.id == leased.c.step_run_id, may_run)
+        .where(step_runs.c.id == leased.c.step_run_id, _MAY_RUN)
         .values(
             status=sa.literal("running"),
             agent_id=agent_id,

@@ -48,17 +48,19 @@ OFFER_COLUMNS = [
 
 # The agent as it is now (a long poll may outlive a drain, a disable or a revoke), with
 # the number of instructions it holds.
-AGENT_NOW = sa.select(
-    agents.c.admin_state,
-    agents.c.revoked_at,
-    agents.c.capacity,
+_RUNNING = (
     sa.select(sa.func.count())
     .where(
         instructions.c.agent_id == param(agents.c.id, "agent_id"),
         one_of(instructions.c.status, ACTIVE_INSTRUCTION),
     )
     .scalar_subquery()
-    .label("running"),
+)
+AGENT_NOW = sa.select(
+    agents.c.admin_state,
+    agents.c.revoked_at,
+    agents.c.capacity,
+    _RUNNING.label("running"),
 ).where(agents.c.id == param(agents.c.id, "agent_id"))
 
 _now = param(instructions.c.created_at, "now")
@@ -153,16 +155,7 @@ def _take() -> sa.Select[Any]:
     now = param(instructions.c.leased_at, "now")
     free = (
         sa.select(
-            sa.func.least(
-                sa.bindparam("slots", type_=sa.Integer),
-                agents.c.capacity
-                - sa.select(sa.func.count())
-                .where(
-                    instructions.c.agent_id == agent_id,
-                    one_of(instructions.c.status, ACTIVE_INSTRUCTION),
-                )
-                .scalar_subquery(),
-            )
+            sa.func.least(sa.bindparam("slots", type_=sa.Integer), agents.c.capacity - _RUNNING)
         )
         .where(
             agents.c.id == agent_id,
@@ -173,13 +166,10 @@ def _take() -> sa.Select[Any]:
     )
     locked = (
         sa.select(instructions.c.id)
-        .select_from(
-            instructions.outerjoin(step_runs, step_runs.c.id == instructions.c.step_run_id)
-        )
         .where(
             instructions.c.id == sa.any_(sa.bindparam("ids", type_=ARRAY(sa.String))),
             _MAY_LEASE,
-            sa.or_(instructions.c.step_run_id.is_(None), _MAY_RUN),
+            _STEP_MAY_RUN,
         )
         .order_by(instructions.c.execution_id, instructions.c.id)
         .limit(sa.func.greatest(sa.func.coalesce(free, 0), 0))

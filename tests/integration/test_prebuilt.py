@@ -16,7 +16,14 @@ from stavily import audit
 from stavily.security import bootstrap
 from stavily.store import migrate
 from stavily.store.db import Database, InlineConnection
-from stavily.store.models import audit_records, executions, instructions, step_runs
+from stavily.store.models import (
+    audit_records,
+    executions,
+    instructions,
+    step_runs,
+    workflow_versions,
+    workflows,
+)
 from stavily.store.prebuilt import is_prebuilt
 from stavily.timeutil import utcnow
 from stavily.workflows import queries, states
@@ -52,22 +59,6 @@ async def seed(db: Database) -> dict[str, Any]:
     """An execution with two steps and a queued instruction, written through the
     ordinary (non-prebuilt) SQLAlchemy path."""
     org, _ = await bootstrap(db, "stv_prebuilt_test_token_0123456789")
-    async with db.write() as conn:
-        conn.sync_connection.execute(
-            sa.text(
-                "INSERT INTO workflows (id, organization_id, name, latest_version, created_at,"
-                " updated_at) VALUES ('wf1', :org, 'wf', 1, :now, :now)"
-            ),
-            {"org": org, "now": NOW.isoformat(" ")},
-        )
-        conn.sync_connection.execute(
-            sa.text(
-                "INSERT INTO workflow_versions (id, organization_id, workflow_id, version,"
-                " definition, source, created_by, created_at) VALUES ('wv1', :org, 'wf1', 1,"
-                " '{}', '', 't', :now)"
-            ),
-            {"org": org, "now": NOW.isoformat(" ")},
-        )
     execution = {
         "id": "exe1",
         "organization_id": org,
@@ -120,17 +111,29 @@ async def seed(db: Database) -> dict[str, Any]:
         "created_at": NOW,
         "available_at": None,
     }
-    async with db.write() as conn:
-        sync = conn.sync_connection  # SQLAlchemy itself, not the fast path
-        sync.execute(queries.INSERT_EXECUTION, execution)
-        sync.execute(
+    async with db.engine.begin() as conn:  # SQLAlchemy itself, not the fast path
+        dated = {"organization_id": org, "created_at": NOW}
+        await conn.execute(
+            workflows.insert(),
+            {**dated, "id": "wf1", "name": "wf", "latest_version": 1, "updated_at": NOW},
+        )
+        await conn.execute(
+            workflow_versions.insert(),
+            {
+                **dated,
+                **{"id": "wv1", "workflow_id": "wf1", "version": 1, "definition": {}},
+                **{"source": "", "created_by": "t"},
+            },
+        )
+        await conn.execute(queries.INSERT_EXECUTION, execution)
+        await conn.execute(
             queries.INSERT_STEPS,
             [
                 {**step, "id": "stp-a", "name": "a", "position": 0, "waiting": 0},
                 {**step, "id": "stp-b", "name": "b", "position": 1, "waiting": 1},
             ],
         )
-        sync.execute(queries.INSERT_INSTRUCTION, instruction)
+        await conn.execute(queries.INSERT_INSTRUCTION, instruction)
     return {"org": org}
 
 

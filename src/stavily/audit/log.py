@@ -8,6 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from stavily.store.db import write_later
 from stavily.store.models import audit_records
 from stavily.store.prebuilt import prebuilt
 from stavily.timeutil import isoformat, utcnow
@@ -37,8 +38,9 @@ _INSERT = prebuilt(audit_records.insert())
 
 
 async def append(conn: AsyncConnection, entries: list[dict[str, Any]]) -> None:
+    """Written in the caller's transaction; on PostgreSQL with its next statement."""
     if entries:
-        await conn.execute(_INSERT, entries)
+        await write_later(conn, _INSERT, entries)
 
 
 async def list_records(

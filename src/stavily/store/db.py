@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import sqlalchemy as sa
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -58,14 +59,30 @@ class InlineConnection:
 class DriverConnection:
     """An AsyncConnection (PostgreSQL) whose prebuilt statements run on asyncpg itself,
     in the transaction SQLAlchemy began (see store.prebuilt); everything else, and every
-    statement if the adapter is not the one that module knows, goes through SQLAlchemy."""
+    statement if the adapter is not the one that module knows, goes through SQLAlchemy.
+
+    Writes given to `write_later` wait, and go in one round trip with the next statement
+    that needs the database: together with it, as one statement, if it is a prebuilt one
+    that touches none of their tables (so it cannot tell the difference), else just
+    before it; and at the latest before the transaction commits. A write to a row that
+    one of them already changes sends them first (one statement cannot change a row
+    twice)."""
 
     def __init__(self, connection: AsyncConnection) -> None:
         self._connection = connection
         self._adapted: Any = None
+        self._later: list[prebuilt.Deferred] = []
+        self._later_rows: set[tuple[str, Any]] = set()
+        self._later_tables: set[str] = set()
 
-    def __getattr__(self, name: str) -> Any:  # run_sync, begin_nested, sync_connection...
+    def __getattr__(self, name: str) -> Any:  # dialect, get_raw_connection...
         return getattr(self._connection, name)
+
+    async def _adapter(self) -> Any:
+        if self._adapted is None:
+            raw = await self._connection.get_raw_connection()
+            self._adapted = prebuilt.asyncpg_adapter(raw) or False
+        return self._adapted
 
     async def _fast(self, statement: Any, parameters: Any) -> Any:
         dialect = self._connection.dialect
@@ -75,24 +92,103 @@ class DriverConnection:
             and not prebuilt.has_expanding(statement, dialect, parameters)
         ):
             return None
-        if self._adapted is None:
-            raw = await self._connection.get_raw_connection()
-            self._adapted = prebuilt.asyncpg_adapter(raw) or False
-        if not self._adapted:
+        if not await self._adapter():
             return None
+        if self._later:
+            beside = prebuilt.may_run_beside(statement, dialect, parameters, self._later_tables)
+            if beside is not None:
+                writes = self._take_later()
+                arguments = beside.positional(parameters)
+                return await prebuilt.run_deferred(self._adapted, writes, beside, arguments)
+            await self.flush()
         return await prebuilt.run_asyncpg(self._adapted, dialect, statement, parameters)
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
         result = await self._fast(statement, parameters)
         if result is None:
+            await self.flush()
             result = await self._connection.execute(statement, parameters)
         return result
 
     async def scalar(self, statement: Any, parameters: Any = None) -> Any:
-        result = await self._fast(statement, parameters)
-        if result is None:
-            return await self._connection.scalar(statement, parameters)
-        return result.scalar()
+        return (await self.execute(statement, parameters)).scalar()
+
+    async def write_later(
+        self,
+        statement: Any,
+        parameters: Any,
+        expect: int | None = None,
+        failure: Exception | None = None,
+    ) -> None:
+        """See `write_later` below. A prebuilt UPDATE by `row_id` or INSERT (each row, of a
+        list) waits; anything else runs now."""
+        batch = parameters if isinstance(parameters, list) else [parameters]
+        table = statement.table.name if isinstance(statement, sa.Update | sa.Insert) else None
+        key = "row_id" if isinstance(statement, sa.Update) else "id"
+        plan = None
+        if table is not None and await self._adapter():
+            plan = prebuilt.deferrable(statement, self._connection.dialect, batch[0])
+        if plan is None or (key == "row_id" and any(key not in p for p in batch)):
+            _check(await self.execute(statement, parameters), expect, failure)
+            return
+        for params in batch:
+            row = (table, params.get(key))
+            if row in self._later_rows:
+                await self.flush()
+            self._later.append(prebuilt.Deferred(plan, plan.positional(params), expect, failure))
+            self._later_tables.add(table)
+            if row[1] is not None:
+                self._later_rows.add(row)
+
+    def _take_later(self) -> list[prebuilt.Deferred]:
+        writes, self._later = self._later, []
+        self._later_rows.clear()
+        self._later_tables.clear()
+        return writes
+
+    async def flush(self) -> None:
+        """Send the writes that wait."""
+        if self._later:
+            await prebuilt.run_deferred(self._adapted, self._take_later())
+
+    async def run_sync(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        await self.flush()
+        return await self._connection.run_sync(fn, *args, **kwargs)
+
+    @asynccontextmanager
+    async def begin_nested(self) -> AsyncIterator[Any]:
+        await self.flush()
+        try:
+            async with self._connection.begin_nested() as savepoint:
+                yield savepoint
+                await self.flush()
+        except BaseException:
+            self._take_later()  # deferred inside the savepoint: rolled back with it
+            raise
+
+
+def _check(result: Any, expect: int | None, failure: Exception | None) -> None:
+    if expect is not None and result.rowcount != expect:
+        raise failure or RuntimeError(f"a write changed {result.rowcount} rows")
+
+
+async def write_later(
+    conn: AsyncConnection,
+    statement: Any,
+    parameters: Any,
+    expect: int | None = None,
+    failure: Exception | None = None,
+) -> None:
+    """A write whose result the caller does not read: on PostgreSQL it may wait and go
+    with the transaction's next statement (see DriverConnection); elsewhere it runs now.
+    If it does not change `expect` rows (per row of parameters given as a list: then on
+    PostgreSQL only), `failure` is raised, now or when it is sent: either way before the
+    transaction commits."""
+    later = getattr(conn, "write_later", None)
+    if later is not None:
+        await later(statement, parameters, expect, failure)
+    else:
+        _check(await conn.execute(statement, parameters), expect, failure)
 
 
 class _Batch:
@@ -156,13 +252,17 @@ class Database:
                 yield conn
             return
         async with self._autocommit.connect() as conn:
-            yield DriverConnection(conn)  # type: ignore[misc]
+            driver = DriverConnection(conn)
+            yield driver  # type: ignore[misc]
+            await driver.flush()
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         if self._write_lock is None:
             async with self.engine.begin() as conn:
-                yield DriverConnection(conn)  # type: ignore[misc]
+                driver = DriverConnection(conn)
+                yield driver  # type: ignore[misc]
+                await driver.flush()
             return
         if self._sync_writer is None:
             async with self._write_lock, self.engine.begin() as conn:

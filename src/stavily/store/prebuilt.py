@@ -13,18 +13,23 @@ Results offer what the engine uses of SQLAlchemy's: rows with attribute and inde
 access and `_asdict()`, `first()`, `one()`, `all()`, `scalar()`, `scalars()`,
 `mappings()` and `rowcount`. Driver errors come as the driver raises them, not wrapped in
 SQLAlchemy's exceptions: mark no statement whose caller catches one (IntegrityError...).
+
+On PostgreSQL, writes whose results nobody reads can also wait and go together, as the
+data-modifying WITH clauses of one statement (run_deferred; db.write_later decides when).
 """
 
 from __future__ import annotations
 
+import re
 from collections import namedtuple
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import NoResultFound
+from sqlalchemy.sql.util import find_tables
 
 S = TypeVar("S", bound=sa.Executable)
 
@@ -54,7 +59,9 @@ class _Plan:
     into the positional tuple, and how to convert result columns."""
 
     def __init__(self, statement: Any, dialect: Dialect, keys: list[str] | None) -> None:
-        compiled = statement.compile(dialect=dialect, column_keys=keys)
+        # for_executemany: no implicit RETURNING of a generated key nobody reads
+        many = isinstance(statement, sa.Insert)
+        compiled = statement.compile(dialect=dialect, column_keys=keys, for_executemany=many)
         self.compiled = compiled
         self.sql: str = compiled.string
         self.names: list[str] = list(compiled.positiontup or [])
@@ -66,6 +73,13 @@ class _Plan:
             processors.get(name) for name in self.names
         ]
         self.sources = self._sources()
+        # every table it reads or writes (PostgreSQL: whether it may run beside deferred
+        # writes, see run_deferred)
+        self.tables = frozenset(
+            t.name
+            for t in find_tables(statement, check_columns=True, include_crud=True)
+            if isinstance(t, sa.Table)
+        )
         columns = compiled._result_columns
         self.row_type: type | None = None
         self.result_processors: list[Callable[[Any], Any] | None] = []
@@ -185,12 +199,115 @@ async def run_asyncpg(adapted: Any, dialect: Dialect, statement: Any, parameters
             count = status.rsplit(" ", 1)[-1]
             return Result(None, [], int(count) if count.isdigit() else -1)
         records = await driver.fetch(plan.sql, *arguments)
-    make, processors = plan.row_type._make, plan.result_processors
+    return _rows(plan, records)
+
+
+def _rows(plan: _Plan, records: list[Any]) -> Result:
+    make, processors = plan.row_type._make, plan.result_processors  # type: ignore[union-attr]
     rows = [
-        make(p(v) if p else v for p, v in zip(processors, record, strict=True))
+        make(p(v) if p else v for p, v in zip(processors, record, strict=False))
         for record in records
     ]
     return Result(plan.row_type, rows, len(rows))
+
+
+class Deferred(NamedTuple):
+    """A write sent later (see run_deferred): its plan, its positional arguments, and the
+    number of rows it must change (None: any), else `failure` is raised."""
+
+    plan: _Plan
+    arguments: list[Any]
+    expect: int | None
+    failure: Exception | None
+
+
+def deferrable(statement: Any, dialect: Dialect, parameters: dict[str, Any]) -> _Plan | None:
+    """The plan of a prebuilt write that can wait in a batch of deferred writes: one that
+    returns no rows, has no expanding list and no WITH of its own (a data-modifying WITH
+    cannot be nested in another)."""
+    if not is_prebuilt(statement):
+        return None
+    plan = _plan_for(statement, dialect, parameters)
+    if plan.row_type is not None or not _combinable(plan):
+        return None
+    return plan
+
+
+def _combinable(plan: _Plan) -> bool:
+    return not plan.expanding and not plan.sql.startswith("WITH")
+
+
+def may_run_beside(
+    statement: Any, dialect: Dialect, parameters: Any, written: set[str]
+) -> _Plan | None:
+    """The plan of a prebuilt statement that returns rows and touches none of the tables
+    `written` by the deferred writes: it gives the same rows run with them in one
+    statement (seeing the database as before them) as run after them."""
+    if not is_prebuilt(statement) or not isinstance(parameters, dict):
+        return None
+    plan = _plan_for(statement, dialect, parameters)
+    if plan.row_type is None or not _combinable(plan) or plan.tables & written:
+        return None
+    return plan
+
+
+_NUMBER = re.compile(r"\$(\d+)")
+_combined: dict[tuple[Any, ...], str] = {}
+
+
+def _shifted(sql: str, offset: int) -> str:
+    """The statement's `$n` parameters numbered after `offset` others. (Its SQL holds no
+    `$` elsewhere: literals in prebuilt statements are state names, see models.one_of.)"""
+    return _NUMBER.sub(lambda m: f"${int(m.group(1)) + offset}", sql) if offset else sql
+
+
+def _combined_sql(plans: list[_Plan], then: _Plan | None) -> str:
+    """WITH w0 AS (write RETURNING 1), ... then, if given, r AS (statement): its rows, and
+    one more row with the number of rows each write changed."""
+    key = (tuple(map(id, plans)), id(then))
+    sql = _combined.get(key)
+    if sql is None:
+        parts, offset = [], 0
+        for i, plan in enumerate(plans):
+            parts.append(f"w{i} AS ({_shifted(plan.sql, offset)} RETURNING 1)")
+            offset += len(plan.names)
+        counts = ", ".join(f"(SELECT count(*) FROM w{i})" for i in range(len(plans)))
+        tail = f"SELECT ARRAY[{counts}]"
+        if then is not None:
+            parts.append(f"r AS ({_shifted(then.sql, offset)})")
+            nulls = "NULL, " * len(then.result_processors)
+            tail = f"SELECT r.*, NULL::bigint[] FROM r UNION ALL SELECT {nulls}ARRAY[{counts}]"
+        sql = "WITH " + ", ".join(parts) + " " + tail
+        if len(_combined) >= 1024:
+            _combined.clear()
+        _combined[key] = sql
+    return sql
+
+
+async def run_deferred(
+    adapted: Any,
+    writes: list[Deferred],
+    then: _Plan | None = None,
+    arguments: list[Any] | None = None,
+) -> Result | None:
+    """PostgreSQL: deferred writes in one round trip, as data-modifying WITH clauses of
+    one statement, with `then` (a may_run_beside plan and its `arguments`) as its main
+    part if given: its result is returned. Every part sees the database as it was before
+    the statement (so no two of them may change the same row: the caller sees to it);
+    each write is checked for the number of rows it had to change."""
+    sql = _combined_sql([w.plan for w in writes], then)
+    values = [a for w in writes for a in w.arguments] + (arguments or [])
+    async with adapted._execute_mutex:
+        if adapted._transaction is None:
+            await adapted._start_transaction()
+        records = await adapted._connection.fetch(sql, *values)
+    counts = next(r[-1] for r in records if r[-1] is not None)
+    for write, count in zip(writes, counts, strict=True):
+        if write.expect is not None and count != write.expect:
+            raise write.failure or RuntimeError(f"a write changed {count} rows")
+    if then is None:
+        return None
+    return _rows(then, [r for r in records if r[-1] is None])
 
 
 def asyncpg_adapter(raw: Any) -> Any:

@@ -31,6 +31,7 @@ from stavily import audit
 from stavily.errors import StavilyError
 from stavily.fleet.routing import Router
 from stavily.ids import new_id
+from stavily.store.db import write_later
 from stavily.store.models import ACTIVE_INSTRUCTION, executions, instructions, one_of, step_runs
 from stavily.store.prebuilt import prebuilt
 from stavily.workflows import queries, states
@@ -89,16 +90,17 @@ async def set_status(
     new: str,
     **values: Any,
 ) -> None:
-    """The one way a status is written: only from a state that may lead to `new`."""
+    """The one way a status is written: only from a state that may lead to `new`. On
+    PostgreSQL the write may wait for the transaction's next statement (db.write_later):
+    a transition that is not allowed then fails the transaction there."""
     columns = tuple((name, isinstance(value, IfUnset)) for name, value in values.items())
     statement = _status_update(table, states.allowed_from(rules, new), new, columns)
     params = {
         f"v_{name}": value.value if isinstance(value, IfUnset) else value
         for name, value in values.items()
     }
-    result = await conn.execute(statement, {"row_id": row_id, **params})
-    if result.rowcount != 1:
-        raise IllegalTransition(f"{table.name} {row_id} cannot become {new}")
+    failure = IllegalTransition(f"{table.name} {row_id} cannot become {new}")
+    await write_later(conn, statement, {"row_id": row_id, **params}, 1, failure)
 
 
 def retry_delay(policy: dict[str, Any], attempt: int) -> float:
@@ -303,6 +305,16 @@ class Progression:
     # -- the event loop of one transaction -----------------------------------------------------
 
     async def _final(self, step: dict[str, Any], new: str, **values: Any) -> None:
+        released: list[dict[str, Any]] = []
+        if step["parent_id"] is None and step.get("dependents"):
+            # Its dependents wait on one step fewer. Done before its own write, which does
+            # not change what this returns: on PostgreSQL the two writes to step_runs
+            # would otherwise go in two round trips (db.write_later), not one.
+            rows = await self.conn.execute(
+                queries.RELEASE_DEPENDENTS[self.conn.dialect.name],
+                {"b_execution_id": self.execution["id"], "names": step["dependents"]},
+            )
+            released = [dict(r) for r in rows.mappings() if r["waiting"] == 0]
         await self._step(step, new, **values)
         self._ended.add(step["id"])
         if step["parent_id"] is not None:
@@ -318,15 +330,9 @@ class Progression:
         ):
             self.execution["failed_step"] = step["name"]
             await self._wind_down()
-        if step.get("dependents"):
-            released = await self.conn.execute(
-                queries.RELEASE_DEPENDENTS[self.conn.dialect.name],
-                {"b_execution_id": self.execution["id"], "names": step["dependents"]},
-            )
-            ready = [dict(r) for r in released.mappings() if r["waiting"] == 0]
-            self._ready.extend(
-                sorted((r for r in ready if r["status"] == "pending"), key=lambda r: r["position"])
-            )
+        self._ready.extend(
+            sorted((r for r in released if r["status"] == "pending"), key=lambda r: r["position"])
+        )
         if self.execution["open_steps"] == 0 and self.execution["status"] == "running":
             failed = self.execution.get("failed_step")
             error = None
@@ -350,7 +356,8 @@ class Progression:
 
     async def _save_counters(self) -> None:
         if self._counters_dirty:
-            await self.conn.execute(
+            await write_later(
+                self.conn,
                 queries.SAVE_COUNTERS,
                 {
                     "row_id": self.execution["id"],
@@ -656,7 +663,7 @@ class Progression:
                     prefer_until=preference.until + timedelta(seconds=delay),
                 )
         self.new_instructions.append(instruction)
-        await self.conn.execute(queries.INSERT_INSTRUCTION, instruction)
+        await write_later(self.conn, queries.INSERT_INSTRUCTION, instruction)
         await self._step(
             step,
             "queued",

@@ -20,7 +20,7 @@ from stavily import audit
 from stavily.errors import Conflict
 from stavily.fleet.agents import agent_view, get_agent
 from stavily.security.credentials import digest, generate
-from stavily.store.models import ACTIVE_INSTRUCTION, agents, instructions, one_of
+from stavily.store.models import ACTIVE_INSTRUCTION, QUEUED, agents, instructions, one_of
 from stavily.timeutil import utcnow
 
 AdminState = Literal["active", "draining", "disabled"]
@@ -182,7 +182,7 @@ async def fleet_summary(
         sa.select(selector_text, sa.func.count())
         .where(
             instructions.c.organization_id == organization_id,
-            instructions.c.status == "queued",
+            QUEUED,
         )
         .group_by(selector_text)
     ):

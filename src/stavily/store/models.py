@@ -279,14 +279,22 @@ instructions = sa.Table(
     # routing: the agent the strategy chose; others may take it once prefer_until passes
     sa.Column("preferred_agent_id", sa.String(40)),
     sa.Column("prefer_until", UTCDateTime()),
-    sa.Index(
-        "ix_instructions_claim", "status", "organization_id", "agent_type", "execution_id", "id"
-    ),
     sa.Index("ix_instructions_lease", "status", "lease_expires_at"),
     sa.Index("ix_instructions_agent", "agent_id", "status"),
     sa.Index("ix_instructions_execution", "execution_id", "status"),
 )
+# Partial indexes, of the rows each serves: a status change out of them adds no entry.
+# Queries meant to use one write the same condition as literals (one_of), so that the
+# planner can match it in a prepared statement too. (Not one for lease expiry: with the
+# same condition as the active one, the planner took it to count an agent's instructions.)
+QUEUED = one_of(instructions.c.status, ("queued",))
 _active = one_of(instructions.c.status, ACTIVE_INSTRUCTION)
+sa.Index(  # claims, oldest execution first
+    "ix_instructions_queued",
+    *(instructions.c[c] for c in ("organization_id", "agent_type", "execution_id", "id")),
+    sqlite_where=QUEUED,
+    postgresql_where=QUEUED,
+)
 sa.Index(
     "ix_instructions_agent_active",
     instructions.c.agent_id,

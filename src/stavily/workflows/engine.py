@@ -33,6 +33,7 @@ from stavily.ids import new_id
 from stavily.store.db import Database
 from stavily.store.models import (
     ACTIVE_INSTRUCTION,
+    QUEUED,
     agents,
     executions,
     instructions,
@@ -899,7 +900,7 @@ class Engine:
                         instructions.c.agent_type,
                         instructions.c.selector,
                     )
-                    .where(instructions.c.status == "queued", instructions.c.created_at < cutoff)
+                    .where(QUEUED, instructions.c.created_at < cutoff)
                     .limit(100)
                 )
             ).all()

@@ -18,6 +18,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from stavily.store import notify
 from stavily.store.models import (
     ACTIVE_INSTRUCTION,
+    QUEUED,
     agents,
     audit_records,
     executions,
@@ -67,7 +68,7 @@ _now = param(instructions.c.created_at, "now")
 CANDIDATES = (
     sa.select(*OFFER_COLUMNS)
     .where(
-        instructions.c.status == sa.literal("queued"),
+        QUEUED,
         instructions.c.organization_id == param(instructions.c.organization_id),
         instructions.c.agent_type == param(instructions.c.agent_type),
         sa.or_(
@@ -146,11 +147,12 @@ def _audit(rows: sa.CTE, action: str) -> sa.CTE:
 
 def _take() -> sa.Select[Any]:
     """PostgreSQL: a whole claim's writes in one statement, so in one round trip and,
-    outside a transaction, without BEGIN and COMMIT. Of the candidates `ids`, as many
-    as the agent has room for now (it is read here: a long poll may outlive a drain, a
-    disable or a revoke) are locked, oldest first; rows another claim holds are skipped,
-    not waited for. Each is leased, its step set running (only from a state that may
-    lead there, as set_status would) and the lease audited. Returns the leased rows."""
+    outside a transaction, without BEGIN and COMMIT. Of the candidates `ids` (oldest
+    first), as many as the agent has room for now (it is read here: a long poll may
+    outlive a drain, a disable or a revoke) are locked, oldest first; rows another claim
+    holds are skipped, not waited for. Each is leased, its step set running (only from a
+    state that may lead there, as set_status would) and the lease audited. Returns the
+    leased rows."""
     agent_id = param(agents.c.id, "agent_id")
     now = param(instructions.c.leased_at, "now")
     free = (
@@ -164,14 +166,18 @@ def _take() -> sa.Select[Any]:
         )
         .scalar_subquery()
     )
+    # the candidates in the order given (oldest first), so that the rows are looked up
+    # one by one until enough are locked, not all of them before a sort
+    given = (
+        sa.func.unnest(sa.bindparam("ids", type_=ARRAY(sa.String)))
+        .table_valued("id", with_ordinality="n")
+        .render_derived()
+    )
     locked = (
         sa.select(instructions.c.id)
-        .where(
-            instructions.c.id == sa.any_(sa.bindparam("ids", type_=ARRAY(sa.String))),
-            _MAY_LEASE,
-            _STEP_MAY_RUN,
-        )
-        .order_by(instructions.c.execution_id, instructions.c.id)
+        .join(given, given.c.id == instructions.c.id)
+        .where(_MAY_LEASE, _STEP_MAY_RUN)
+        .order_by(given.c.n)
         .limit(sa.func.greatest(sa.func.coalesce(free, 0), 0))
         .with_for_update(skip_locked=True, of=instructions)
         .cte("locked")

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from stavily import audit
 from stavily.store import migrate
-from stavily.store.db import Database
+from stavily.store.db import LATER_AT_MOST, Database
 from stavily.store.models import audit_records, executions, instructions, step_runs
 from stavily.workflows import queries, states
 from stavily.workflows.orchestration import IllegalTransition, set_status
@@ -172,5 +172,17 @@ def test_writes_deferred_in_a_savepoint_that_fails_are_dropped(url: str) -> None
         statuses = await read(db, sa.select(step_runs.c.status).order_by(step_runs.c.id))
         assert [r.status for r in statuses] == ["pending", "pending"]
         assert len(await read(db, DEFERRED_RECORDS)) == 1
+
+    on_seeded(url, scenario)
+
+
+def test_many_writes_go_in_statements_of_a_bounded_size(url: str) -> None:
+    async def scenario(db: Database, org: str) -> None:
+        many = [entry(org, f"ins{i}") for i in range(3 * LATER_AT_MOST + 1)]
+        async with db.write() as conn:
+            log = await sent(conn)
+            await audit.append(conn, many)
+        assert len(await statements(log)) == 4
+        assert len(await read(db, DEFERRED_RECORDS)) == len(many)
 
     on_seeded(url, scenario)

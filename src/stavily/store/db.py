@@ -56,6 +56,12 @@ class InlineConnection:
             yield
 
 
+# Writes sent in one statement at most: a statement's parameters are limited (32,767 on
+# asyncpg) and each shape is prepared once per connection, so a fan-out of thousands of
+# items goes in several.
+LATER_AT_MOST = 64
+
+
 class DriverConnection:
     """An AsyncConnection (PostgreSQL) whose prebuilt statements run on asyncpg itself,
     in the transaction SQLAlchemy began (see store.prebuilt); everything else, and every
@@ -66,7 +72,7 @@ class DriverConnection:
     that touches none of their tables (so it cannot tell the difference), else just
     before it; and at the latest before the transaction commits. A write to a row that
     one of them already changes sends them first (one statement cannot change a row
-    twice)."""
+    twice), and so does the write past LATER_AT_MOST."""
 
     def __init__(self, connection: AsyncConnection) -> None:
         self._connection = connection
@@ -133,7 +139,7 @@ class DriverConnection:
             return
         for params in batch:
             row = (table, params.get(key))
-            if row in self._later_rows:
+            if row in self._later_rows or len(self._later) >= LATER_AT_MOST:
                 await self.flush()
             self._later.append(prebuilt.Deferred(plan, plan.positional(params), expect, failure))
             self._later_tables.add(table)

@@ -79,7 +79,6 @@ class DriverConnection:
         self._adapted: Any = None
         self._later: list[prebuilt.Deferred] = []
         self._later_rows: set[tuple[str, Any]] = set()
-        self._later_tables: set[str] = set()
 
     def __getattr__(self, name: str) -> Any:  # dialect, get_raw_connection...
         return getattr(self._connection, name)
@@ -101,7 +100,8 @@ class DriverConnection:
         if not await self._adapter():
             return None
         if self._later:
-            beside = prebuilt.may_run_beside(statement, dialect, parameters, self._later_tables)
+            written = frozenset().union(*(w.plan.tables for w in self._later))
+            beside = prebuilt.may_run_beside(statement, dialect, parameters, written)
             if beside is not None:
                 writes = self._take_later()
                 arguments = beside.positional(parameters)
@@ -142,14 +142,12 @@ class DriverConnection:
             if row in self._later_rows or len(self._later) >= LATER_AT_MOST:
                 await self.flush()
             self._later.append(prebuilt.Deferred(plan, plan.positional(params), expect, failure))
-            self._later_tables.add(table)
             if row[1] is not None:
                 self._later_rows.add(row)
 
     def _take_later(self) -> list[prebuilt.Deferred]:
         writes, self._later = self._later, []
         self._later_rows.clear()
-        self._later_tables.clear()
         return writes
 
     async def flush(self) -> None:

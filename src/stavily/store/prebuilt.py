@@ -238,7 +238,7 @@ def _combinable(plan: _Plan) -> bool:
 
 
 def may_run_beside(
-    statement: Any, dialect: Dialect, parameters: Any, written: set[str]
+    statement: Any, dialect: Dialect, parameters: Any, written: frozenset[str]
 ) -> _Plan | None:
     """The plan of a prebuilt statement that returns rows and touches none of the tables
     `written` by the deferred writes: it gives the same rows run with them in one

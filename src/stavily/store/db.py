@@ -135,7 +135,8 @@ class DriverConnection:
         if table is not None and await self._adapter():
             plan = prebuilt.deferrable(statement, self._connection.dialect, batch[0])
         if plan is None or (key == "row_id" and any(key not in p for p in batch)):
-            _check(await self.execute(statement, parameters), expect, failure)
+            result = await self.execute(statement, parameters)
+            prebuilt.check_count(result.rowcount, expect, failure)
             return
         for params in batch:
             row = (table, params.get(key))
@@ -171,11 +172,6 @@ class DriverConnection:
             raise
 
 
-def _check(result: Any, expect: int | None, failure: Exception | None) -> None:
-    if expect is not None and result.rowcount != expect:
-        raise failure or RuntimeError(f"a write changed {result.rowcount} rows")
-
-
 async def write_later(
     conn: AsyncConnection,
     statement: Any,
@@ -192,7 +188,8 @@ async def write_later(
     if later is not None:
         await later(statement, parameters, expect, failure)
     else:
-        _check(await conn.execute(statement, parameters), expect, failure)
+        result = await conn.execute(statement, parameters)
+        prebuilt.check_count(result.rowcount, expect, failure)
 
 
 class _Batch:

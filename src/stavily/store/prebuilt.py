@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import re
 from collections import namedtuple
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
@@ -187,9 +188,7 @@ async def run_asyncpg(adapted: Any, dialect: Dialect, statement: Any, parameters
     batch: list[dict[str, Any]] = parameters if many else [parameters or {}]
     plan = _plan_for(statement, dialect, batch[0])
     driver = adapted._connection
-    async with adapted._execute_mutex:
-        if adapted._transaction is None:
-            await adapted._start_transaction()
+    async with _in_transaction(adapted):
         if many:
             await driver.executemany(plan.sql, [plan.positional(p) for p in batch])
             return Result(None, [], len(batch))
@@ -205,7 +204,7 @@ async def run_asyncpg(adapted: Any, dialect: Dialect, statement: Any, parameters
 def _rows(plan: _Plan, records: list[Any]) -> Result:
     make, processors = plan.row_type._make, plan.result_processors  # type: ignore[union-attr]
     rows = [
-        make(p(v) if p else v for p, v in zip(processors, record, strict=False))
+        make(p(v) if p else v for p, v in zip(processors, record, strict=True))
         for record in records
     ]
     return Result(plan.row_type, rows, len(rows))
@@ -297,17 +296,30 @@ async def run_deferred(
     each write is checked for the number of rows it had to change."""
     sql = _combined_sql([w.plan for w in writes], then)
     values = [a for w in writes for a in w.arguments] + (arguments or [])
-    async with adapted._execute_mutex:
-        if adapted._transaction is None:
-            await adapted._start_transaction()
+    async with _in_transaction(adapted):
         records = await adapted._connection.fetch(sql, *values)
     counts = next(r[-1] for r in records if r[-1] is not None)
     for write, count in zip(writes, counts, strict=True):
-        if write.expect is not None and count != write.expect:
-            raise write.failure or RuntimeError(f"a write changed {count} rows")
+        check_count(count, write.expect, write.failure)
     if then is None:
         return None
-    return _rows(then, [r for r in records if r[-1] is None])
+    return _rows(then, [r[:-1] for r in records if r[-1] is None])
+
+
+def check_count(count: int, expect: int | None, failure: Exception | None) -> None:
+    """A write had to change `expect` rows (None: any number)."""
+    if expect is not None and count != expect:
+        raise failure or RuntimeError(f"a write changed {count} rows")
+
+
+@asynccontextmanager
+async def _in_transaction(adapted: Any) -> AsyncIterator[None]:
+    """The asyncpg connection to ourselves, in the transaction SQLAlchemy began or begins
+    now, as its own cursor would."""
+    async with adapted._execute_mutex:
+        if adapted._transaction is None:
+            await adapted._start_transaction()
+        yield
 
 
 def asyncpg_adapter(raw: Any) -> Any:

@@ -208,7 +208,10 @@ def fresh_database(backend: str, tmp: Path, pg_url: str) -> Iterator[str]:
     try:
         yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
     finally:
-        asyncio.run(_pg_execute(pg_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        if os.environ.get("STAVILY_BENCH_KEEP_DATABASE"):
+            say(f"  kept the database {name} (STAVILY_BENCH_KEEP_DATABASE)")
+        else:
+            asyncio.run(_pg_execute(pg_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 # -- the server under test -------------------------------------------------------------------

@@ -666,7 +666,7 @@ class Engine:
     async def release_unstarted(self, agent: AgentIdentity) -> int:
         """An agent going offline hands back what it was given but never started."""
         return await self._take_back(
-            sa.and_(instructions.c.agent_id == agent.id, instructions.c.status == "leased"),
+            sa.and_(instructions.c.agent_id == agent.id, one_of(instructions.c.status, ["leased"])),
             "agent went offline before starting it",
             utcnow(),
         )

@@ -354,6 +354,41 @@ def guarded_update(dialect: str, columns: tuple[str, ...], executing: bool) -> A
     return statement
 
 
+def _start() -> sa.Select[Any]:
+    """PostgreSQL: progress's common report, an agent saying it has started what it was
+    leased, in one round trip with no read first: the instruction goes `executing` only
+    if it is still leased to :agent_id, its lease extended to :now plus its timeout and
+    :grace if that is later (as the read-then-write path does), and the start audited.
+    No row back: the caller takes that path."""
+    now = param(instructions.c.leased_at, "now")
+    second = sa.literal_column("interval '1 second'", type_=sa.Interval)
+    rows = (
+        instructions.update()
+        .where(
+            *_owned_where,
+            instructions.c.agent_id == param(instructions.c.agent_id),
+            one_of(instructions.c.status, ["leased"]),
+        )
+        .values(
+            status=sa.literal("executing"),
+            started_at=now,
+            lease_expires_at=sa.func.greatest(
+                instructions.c.lease_expires_at,
+                now
+                + (instructions.c.timeout_seconds + sa.bindparam("grace", type_=sa.Integer))
+                * second,
+            ),
+        )
+        .returning(
+            *(instructions.c[n] for n in ("id", "organization_id", "execution_id", "attempt"))
+        )
+        .cte("updated")
+    )
+    return sa.select(rows.c.id).add_cte(_audit(rows, "instruction.executing"))
+
+
+START = prebuilt(_start())
+
 _UPDATES: dict[tuple[str, tuple[str, ...]], sa.Update] = {}
 
 

@@ -1,0 +1,108 @@
+"""PostgreSQL: an agent's "started" report is one statement (queries.START), with what
+the read-then-write path would have written; anything else takes that path."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from stavily.config import Settings
+from stavily.errors import Conflict, Forbidden, NotFound
+from stavily.fleet.agents import AgentIdentity
+from stavily.store import migrate
+from stavily.store.db import Database
+from stavily.store.models import audit_records, instructions
+from stavily.timeutil import utcnow
+from stavily.workflows.engine import Engine
+from tests.harness import PG_URL, fresh_database
+from tests.integration.test_deferred_writes import statements
+from tests.integration.test_prebuilt import seed
+
+pytestmark = pytest.mark.skipif(
+    not PG_URL, reason="STAVILY_TEST_DATABASE_URL is not set: PostgreSQL runs skipped"
+)
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> Iterator[str]:
+    with fresh_database("postgresql", tmp_path) as database_url:
+        yield database_url
+
+
+def agent(org: str, agent_id: str = "agt1") -> AgentIdentity:
+    return AgentIdentity(agent_id, org, agent_id, "action", {}, 4, "online")
+
+
+def test_started_is_one_statement_and_writes_what_the_long_way_would(url: str) -> None:
+    async def main() -> None:
+        db = Database(url, pool_size=1)  # one connection: its statements are all logged
+        try:
+            await migrate.upgrade(db)
+            org = (await seed(db))["org"]
+            leased_until = utcnow() + timedelta(seconds=5)
+            async with db.engine.begin() as conn:
+                await conn.execute(
+                    instructions.update().values(
+                        status="leased", agent_id="agt1", lease_expires_at=leased_until
+                    )
+                )
+            log: list[str] = []
+            async with db.read() as conn:
+                raw = (await conn.get_raw_connection()).dbapi_connection
+                raw._connection.add_query_logger(lambda q: log.append(q.query))
+            engine = Engine(db, Settings())
+            me = agent(org)
+
+            before = utcnow()
+            assert await engine.progress(me, "ins1", {"status": "executing"}) == ["status"]
+            sent = await statements(log)
+            assert len(sent) == 1 and "UPDATE instructions" in sent[0]
+            async with db.read() as conn:
+                row = (await conn.execute(sa.select(instructions))).mappings().one()
+                records = (
+                    (
+                        await conn.execute(
+                            sa.select(audit_records).where(
+                                audit_records.c.action == "instruction.executing"
+                            )
+                        )
+                    )
+                    .mappings()
+                    .all()
+                )
+            assert row["status"] == "executing" and row["started_at"] >= before
+            # the lease: from now, the step's timeout (30 s) and the grace (60 s)
+            assert row["lease_expires_at"] >= before + timedelta(seconds=90)
+            assert [(r["subject_id"], r["actor"], r["details"]) for r in records] == [
+                ("ins1", "agent:agt1", {"execution_id": "exe1", "attempt": 1})
+            ]
+
+            # said again: already executing, the long way (read, then extend the lease)
+            log.clear()
+            assert await engine.progress(me, "ins1", {"status": "executing"}) == ["status"]
+            assert len(await statements(log)) == 3  # the one-statement try, read, write
+            async with db.read() as conn:
+                count = await conn.scalar(
+                    sa.select(sa.func.count()).where(
+                        audit_records.c.action == "instruction.executing"
+                    )
+                )
+            assert count == 1  # started once
+
+            with pytest.raises(Forbidden):
+                await engine.progress(agent(org, "agt2"), "ins1", {"status": "executing"})
+            with pytest.raises(NotFound):
+                await engine.progress(me, "nope", {"status": "executing"})
+            async with db.engine.begin() as conn:
+                await conn.execute(instructions.update().values(status="completed"))
+            with pytest.raises(Conflict):
+                await engine.progress(me, "ins1", {"status": "executing"})
+        finally:
+            await db.dispose()
+
+    asyncio.run(main())

@@ -290,8 +290,8 @@ def test_parameters_are_put_in_place_as_sqlalchemy_puts_them(dialect_name: str) 
     }
     statements = [
         queries.AGENT_NOW,
-        queries.CANDIDATES,
-        queries.CANDIDATES_AFTER,
+        queries.candidates(4),
+        queries.candidates(4, after=True),
         queries.LEASE,
         queries.OWNED,
         queries.REPORTED_LOCKED,

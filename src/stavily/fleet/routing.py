@@ -68,9 +68,10 @@ class Router:
         ).where(
             agents.c.organization_id == organization_id,
             agents.c.type == agent_type,
-            agents.c.admin_state == "active",
+            # states as literals: with bound values, PostgreSQL planned it at every call
+            one_of(agents.c.admin_state, ["active"]),
             agents.c.revoked_at.is_(None),
-            agents.c.status.in_(("online", "degraded")),
+            one_of(agents.c.status, ("online", "degraded")),
         )
         if selector.get("single_agent"):
             query = query.where(agents.c.name == selector["single_agent"])

@@ -433,23 +433,21 @@ class Engine:
             "agent_name": agent.name,
             "agent_id": agent.id,
             "now": now,
-            # PostgreSQL's claims race each other for the oldest rows (those locked
-            # are skipped): a page of a few would often be all taken by others.
-            "limit": free * 4 if self.db.is_sqlite else max(32, free * 4),
         }
-        statement = queries.CANDIDATES
+        # PostgreSQL's claims race each other for the oldest rows (those locked are
+        # skipped): a page of a few would often be all taken by others.
+        limit = free * 4 if self.db.is_sqlite else max(32, free * 4)
+        limit = 1 << (limit - 1).bit_length()  # a power of two: few statements
+        statement = queries.candidates(limit)
         while True:
             candidates = (await conn.execute(statement, params)).all()
             fitting = [c for c in candidates if eligible(agent, c.selector)]
-            if fitting or len(candidates) < params["limit"]:
+            if fitting or len(candidates) < limit:
                 return fitting
             last = candidates[-1]
-            params.update(
-                after_execution_id=last.execution_id,
-                after_id=last.id,
-                limit=min(params["limit"] * 4, 1024),
-            )
-            statement = queries.CANDIDATES_AFTER
+            params.update(after_execution_id=last.execution_id, after_id=last.id)
+            limit = min(limit * 4, 1024)
+            statement = queries.candidates(limit, after=True)
 
     def _claimed(self, payloads: list[dict[str, Any]], left: list[dict[str, Any]]) -> None:
         """After the commit: routing preferences of what was taken are settled, and what

@@ -65,7 +65,7 @@ AGENT_NOW = sa.select(
 ).where(agents.c.id == param(agents.c.id, "agent_id"))
 
 _now = param(instructions.c.created_at, "now")
-CANDIDATES = (
+_CANDIDATES = (
     sa.select(*OFFER_COLUMNS)
     .where(
         QUEUED,
@@ -84,17 +84,29 @@ CANDIDATES = (
     )
     # The oldest execution first: steps of runs under way go before new runs.
     .order_by(instructions.c.execution_id, instructions.c.id)
-    .limit(sa.bindparam("limit", type_=sa.Integer))
 )
-
 # The next page, after the last candidate seen (none of them fitted the agent).
-CANDIDATES_AFTER = CANDIDATES.where(
-    sa.tuple_(instructions.c.execution_id, instructions.c.id)
-    > sa.tuple_(
-        param(instructions.c.execution_id, "after_execution_id"),
-        param(instructions.c.id, "after_id"),
-    )
+_AFTER = sa.tuple_(instructions.c.execution_id, instructions.c.id) > sa.tuple_(
+    param(instructions.c.execution_id, "after_execution_id"),
+    param(instructions.c.id, "after_id"),
 )
+_PAGES: dict[tuple[int, bool], sa.Select[Any]] = {}
+
+
+def candidates(limit: int, after: bool = False) -> sa.Select[Any]:
+    """The first `limit` queued instructions an agent may be offered (`after` a page
+    already read): a power of two, written into the SQL. With a bound LIMIT, PostgreSQL's
+    plan for an unknown limit looked dearer than one made for the value given, so it
+    planned the statement anew at every call (more time than it took to run)."""
+    if limit & (limit - 1):
+        raise ValueError(f"not a power of two: {limit}")
+    key = (limit, after)
+    page = _PAGES.get(key)
+    if page is None:
+        page = _CANDIDATES.where(_AFTER) if after else _CANDIDATES
+        page = _PAGES[key] = prebuilt(page.limit(sa.literal_column(str(limit), sa.Integer)))
+    return page
+
 
 # A step's instruction is leased only while the step may start running (as set_status
 # would allow it): otherwise nothing is written.
@@ -168,11 +180,10 @@ def _take() -> sa.Select[Any]:
     )
     # the candidates in the order given (oldest first), so that the rows are looked up
     # one by one until enough are locked, not all of them before a sort
-    given = (
-        sa.func.unnest(sa.bindparam("ids", type_=ARRAY(sa.String)))
-        .table_valued("id", with_ordinality="n")
-        .render_derived()
-    )
+    # (in a sub-select: a plan made for the values given, counting them, looked cheaper
+    # than the one kept for any, so the statement was planned anew at many calls)
+    ids = sa.select(sa.bindparam("ids", type_=ARRAY(sa.String))).scalar_subquery()
+    given = sa.func.unnest(ids).table_valued("id", with_ordinality="n").render_derived()
     locked = (
         sa.select(instructions.c.id)
         .join(given, given.c.id == instructions.c.id)
@@ -303,8 +314,6 @@ RELEASE_DEPENDENTS = {
 
 for _statement in (
     AGENT_NOW,
-    CANDIDATES,
-    CANDIDATES_AFTER,
     LEASE,
     REPORTED,
     REPORTED_LOCKED,

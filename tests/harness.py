@@ -23,6 +23,7 @@ import httpx
 import uvicorn
 from sqlalchemy.engine import make_url
 
+from stavily.api.http import HttpProtocol
 from stavily.app import create_app
 from stavily.config import Settings
 from stavily.fleet import create_agent
@@ -178,6 +179,7 @@ def serve(database_url: str, data_dir: Path, **overrides: Any) -> Iterator[Orche
         port=port,
         log_level="warning",
         loop="asyncio",
+        http=HttpProtocol,
         lifespan="on",
     )
     server = uvicorn.Server(config)

@@ -69,6 +69,7 @@ def serve(
     """Run the orchestrator (migrations run on start)."""
     import uvicorn
 
+    from stavily.api.http import HttpProtocol
     from stavily.app import create_app
     from stavily.logging import configure
 
@@ -85,7 +86,7 @@ def serve(
         "host": settings.host,
         "port": settings.port,
         "loop": "uvloop",
-        "http": "httptools",
+        "http": HttpProtocol,
         "log_level": "warning",
         "timeout_graceful_shutdown": 5,
     }

@@ -1,5 +1,6 @@
-"""PostgreSQL: an agent's "started" report is one statement (queries.START), with what
-the read-then-write path would have written; anything else takes that path."""
+"""PostgreSQL: an agent's "started" report (with its log) is one statement (queries.START),
+with what the read-then-write path would have written; anything else (a log to mask)
+takes that path."""
 
 from __future__ import annotations
 
@@ -38,7 +39,9 @@ def agent(org: str, agent_id: str = "agt1") -> AgentIdentity:
     return AgentIdentity(agent_id, org, agent_id, "action", {}, 4, "online")
 
 
-def test_started_is_one_statement_and_writes_what_the_long_way_would(url: str) -> None:
+def test_started_is_one_statement_and_writes_what_the_long_way_would(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def main() -> None:
         db = Database(url, pool_size=1)  # one connection: its statements are all logged
         try:
@@ -92,7 +95,37 @@ def test_started_is_one_statement_and_writes_what_the_long_way_would(url: str) -
                         audit_records.c.action == "instruction.executing"
                     )
                 )
-            assert count == 1  # started once
+            assert count == 1  # started once (each start below is another)
+
+            # with a log, leased again: one statement, the log kept as sent
+            async with db.engine.begin() as conn:
+                await conn.execute(instructions.update().values(status="leased"))
+            log.clear()
+            lines = ["[t] Instruction received", "[t] Started plugin execution"]
+            report = {"status": "executing", "execution_log": lines}
+            assert await engine.progress(me, "ins1", report) == ["status", "execution_log"]
+            assert len(await statements(log)) == 1
+            async with db.read() as conn:
+                row = (await conn.execute(sa.select(instructions))).mappings().one()
+            assert row["status"] == "executing" and row["execution_log"] == lines
+
+            # a log to mask (the instruction has secrets): the long way, which masks it
+            monkeypatch.setenv("STAVILY_TEST_SECRET", "hunter2")
+            async with db.engine.begin() as conn:
+                await conn.execute(
+                    instructions.update().values(
+                        status="leased",
+                        context={"step": "a", "secrets": {"pw": {"env": "STAVILY_TEST_SECRET"}}},
+                    )
+                )
+            log.clear()
+            report = {"status": "executing", "execution_log": ["logged in with hunter2"]}
+            await engine.progress(me, "ins1", report)
+            assert len(await statements(log)) == 3
+            async with db.read() as conn:
+                row = (await conn.execute(sa.select(instructions))).mappings().one()
+            assert row["status"] == "executing"
+            assert row["execution_log"] == ["logged in with ***"]
 
             with pytest.raises(Forbidden):
                 await engine.progress(agent(org, "agt2"), "ins1", {"status": "executing"})

@@ -3,13 +3,14 @@ an agent holds open on the other (LISTEN/NOTIFY), at once rather than when the p
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from stavily.store.notify import MAX_PAYLOAD, decode, encode
+from stavily.store.notify import MAX_PAYLOAD, WorkChannel, decode, encode
 from stavily.timeutil import utcnow
 from tests.harness import PG_URL, fresh_database, serve
 
@@ -76,3 +77,47 @@ def test_notifications_round_trip_and_stay_under_the_payload_limit() -> None:
     items = [item for p in payloads for item in decode(p)]
     assert len(items) == 41 and items[-1]["selector"] == {} and items[-1]["id"] == "ins_2"
     assert len(payloads[0]) <= MAX_PAYLOAD
+
+
+@pytest.mark.skipif(not PG_URL, reason="STAVILY_TEST_DATABASE_URL is not set: replicas need it")
+def test_work_published_at_once_reaches_the_other_replica_whole_and_in_order(
+    tmp_path: Path,
+) -> None:
+    async def main(url: str) -> list[str]:
+        heard: list[str] = []
+        arrived = asyncio.Event()
+
+        def on_work(items: list[dict[str, object]]) -> None:
+            heard.extend(str(item["id"]) for item in items)
+            if len(heard) >= 300:
+                arrived.set()
+
+        sender = WorkChannel(url, lambda items: None)
+        listener = WorkChannel(url, on_work)
+        await sender.start()
+        await listener.start()
+        try:
+            # several publishes while one is on its way, more than one payload's worth
+            for batch in range(30):
+                sender.publish([item(f"ins_{batch:02d}_{n}") for n in range(10)])
+                if batch % 7 == 0:
+                    await asyncio.sleep(0)
+            async with asyncio.timeout(10):
+                await arrived.wait()
+        finally:
+            await sender.close()
+            await listener.close()
+        return heard
+
+    def item(instruction_id: str) -> dict[str, object]:
+        return {
+            "id": instruction_id,
+            "organization_id": "org",
+            "agent_type": "action",
+            "selector": {"labels": {"pad": "x" * 40}},
+        }
+
+    with fresh_database("postgresql", tmp_path) as url:
+        heard = asyncio.run(main(url))
+    expected = [f"ins_{batch:02d}_{n}" for batch in range(30) for n in range(10)]
+    assert heard == expected

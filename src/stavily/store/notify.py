@@ -82,8 +82,8 @@ class WorkChannel:
         self._lost = asyncio.Event()
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._sending: set[asyncio.Task[None]] = set()
-        self._send_lock = asyncio.Lock()  # one operation at a time on a connection
+        self._pending: list[dict[str, Any]] = []
+        self._sender: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float = 10) -> None:
         self._task = asyncio.create_task(self._listen())
@@ -118,24 +118,27 @@ class WorkChannel:
         self._on_work(items)
 
     def publish(self, items: list[dict[str, Any]]) -> None:
-        """Tell the other replicas, without making the caller wait for it."""
+        """Tell the other replicas, without making the caller wait for it. What is
+        published while a notification is on its way goes in the next one, together."""
         if not items or self._connection is None:
             return
-        task = asyncio.create_task(self._send(self._connection, encode(items)))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        self._pending.extend(items)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send(self._connection))
 
-    async def _send(self, connection: asyncpg.Connection, payloads: list[str]) -> None:
-        try:
-            async with self._send_lock:
-                for payload in payloads:
-                    await connection.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("could not publish queued work", error=str(exc))
+    async def _send(self, connection: asyncpg.Connection) -> None:
+        while self._pending:
+            items, self._pending = self._pending, []
+            try:
+                await connection.execute(
+                    "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", CHANNEL, encode(items)
+                )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("could not publish queued work", error=str(exc))
 
     async def close(self) -> None:
-        if self._sending:
-            await asyncio.wait(self._sending, timeout=5)
+        if self._sender is not None:
+            await asyncio.wait([self._sender], timeout=5)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -499,21 +499,11 @@ class Engine:
             )
         now = utcnow()
         params = {"id": instruction_id, "organization_id": agent.organization_id}
+        updated = [key for key in ("status", "execution_log", "max_retries") if key in fields]
         async with self.db.single_statements() as conn:
-            if fields.keys() == {"status"} and not self.db.is_sqlite:
-                # The common report, "started", in one round trip (queries.START).
-                started = await conn.execute(
-                    queries.START,
-                    {
-                        **params,
-                        "agent_id": agent.id,
-                        "now": now,
-                        "grace": self.settings.lease_grace,
-                        "actor": agent.actor,
-                    },
-                )
-                if started.first() is not None:
-                    return ["status"]
+            if "status" in fields and fields.keys() <= {"status", "execution_log"}:
+                if await self._started(conn, agent, params, fields.get("execution_log"), now):
+                    return updated
             # Read, then write only if the instruction is still as read (its agent and
             # status): on PostgreSQL two round trips and no lock held between them; a
             # result or a cancel that came in between makes it read again.
@@ -562,7 +552,31 @@ class Engine:
                     )
                     await audit.append(conn, [entry])
                 break
-        return [key for key in ("status", "execution_log", "max_retries") if key in fields]
+        return updated
+
+    async def _started(
+        self,
+        conn: AsyncConnection,
+        agent: AgentIdentity,
+        params: dict[str, Any],
+        log: list[str] | None,
+        now: datetime,
+    ) -> bool:
+        """PostgreSQL: the common report, "started" (with a log), in one round trip
+        (queries.START). False if it did not apply: the read-then-write path decides."""
+        if self.db.is_sqlite:
+            return False
+        arguments = {
+            **params,
+            "agent_id": agent.id,
+            "now": now,
+            "grace": self.settings.lease_grace,
+            "actor": agent.actor,
+        }
+        if log is not None:
+            arguments["v_execution_log"] = log
+        started = await conn.execute(queries.START[log is not None], arguments)
+        return started.first() is not None
 
     async def result(
         self,

@@ -363,31 +363,41 @@ def guarded_update(dialect: str, columns: tuple[str, ...], executing: bool) -> A
     return statement
 
 
-def _start() -> sa.Select[Any]:
+def _start(log: bool) -> sa.Select[Any]:
     """PostgreSQL: progress's common report, an agent saying it has started what it was
-    leased, in one round trip with no read first: the instruction goes `executing` only
-    if it is still leased to :agent_id, its lease extended to :now plus its timeout and
-    :grace if that is later (as the read-then-write path does), and the start audited.
-    No row back: the caller takes that path."""
+    leased (with a log: :v_execution_log), in one round trip with no read first: the
+    instruction goes `executing` only if it is still leased to :agent_id (and, with a log,
+    has no secrets its log would need masking of), its lease extended to :now plus its
+    timeout and :grace if that is later (as the read-then-write path does), and the start
+    audited. No row back: the caller takes that path."""
     now = param(instructions.c.leased_at, "now")
     second = sa.literal_column("interval '1 second'", type_=sa.Interval)
+    where = [
+        *_owned_where,
+        instructions.c.agent_id == param(instructions.c.agent_id),
+        one_of(instructions.c.status, ["leased"]),
+    ]
+    changes: dict[str, Any] = {
+        "status": sa.literal("executing"),
+        "started_at": now,
+        "lease_expires_at": sa.func.greatest(
+            instructions.c.lease_expires_at,
+            now
+            + (instructions.c.timeout_seconds + sa.bindparam("grace", type_=sa.Integer)) * second,
+        ),
+    }
+    if log:
+        secrets = sa.cast(instructions.c.context.op("->")(sa.literal_column("'secrets'")), sa.Text)
+        where.append(
+            sa.func.coalesce(secrets, sa.literal_column("'{}'")).in_(
+                [sa.literal_column("'{}'"), sa.literal_column("'null'")]
+            )
+        )
+        changes.update(values(instructions, ["execution_log"]))
     rows = (
         instructions.update()
-        .where(
-            *_owned_where,
-            instructions.c.agent_id == param(instructions.c.agent_id),
-            one_of(instructions.c.status, ["leased"]),
-        )
-        .values(
-            status=sa.literal("executing"),
-            started_at=now,
-            lease_expires_at=sa.func.greatest(
-                instructions.c.lease_expires_at,
-                now
-                + (instructions.c.timeout_seconds + sa.bindparam("grace", type_=sa.Integer))
-                * second,
-            ),
-        )
+        .where(*where)
+        .values(changes)
         .returning(
             *(instructions.c[n] for n in ("id", "organization_id", "execution_id", "attempt"))
         )
@@ -396,7 +406,7 @@ def _start() -> sa.Select[Any]:
     return sa.select(rows.c.id).add_cte(_audit(rows, "instruction.executing"))
 
 
-START = prebuilt(_start())
+START = {log: prebuilt(_start(log)) for log in (False, True)}
 
 _UPDATES: dict[tuple[str, tuple[str, ...]], sa.Update] = {}
 

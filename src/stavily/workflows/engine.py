@@ -10,7 +10,7 @@ one execution never advance it at the same time.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -76,6 +76,23 @@ def step_output(report: dict[str, Any]) -> Any:
         if isinstance(wrapped, dict) and "output_data" in wrapped:
             return wrapped["output_data"]
     return result
+
+
+def _page(free: int, sqlite: bool = False) -> int:
+    """How many candidates a claim reads for `free` slots: a few more (the rest are
+    offered to other waiting agents), a power of two (few distinct statements). On
+    PostgreSQL claims race each other for the oldest rows (those locked are skipped): a
+    page of a few would often be all taken by others."""
+    wanted = free * 4 if sqlite else max(32, free * 4)
+    return 1 << (wanted - 1).bit_length()
+
+
+def _oldest_first(rows: Iterable[Any]) -> list[Any]:
+    return sorted(rows, key=lambda r: (r.execution_id, r.id))
+
+
+def _offer(row: Any) -> dict[str, Any]:
+    return {c.name: getattr(row, c.name) for c in queries.OFFER_COLUMNS}
 
 
 def instruction_payload(row: Any) -> dict[str, Any]:
@@ -343,36 +360,59 @@ class Engine:
         if self.db.is_sqlite:
             # Read now, not from the request's start: a long poll may outlive a drain,
             # a disable or a revoke, and must then hand out nothing. (PostgreSQL's
-            # queries.TAKE reads it itself.)
+            # statements read it themselves.)
             current = (await conn.execute(queries.AGENT_NOW, {"agent_id": agent.id})).first()
             if current is None or current.admin_state != "active" or current.revoked_at:
                 return [], []
             free = min(slots, current.capacity - int(current.running))
             if free <= 0:
                 return [], []
+        else:
+            # Candidates and lease in one statement, as long as no candidate's selector
+            # needs Python to tell whether this agent may take it (queries.claim).
+            rows = (
+                await conn.execute(queries.claim(_page(free)), self._lease_params(agent, free, now))
+            ).all()
+            taken = _oldest_first(r for r in rows if r.taken)
+            page = [r for r in rows if not r.taken]
+            free -= len(taken)
+            if free <= 0 or all(r.open for r in page):
+                left = [_offer(r) for r in page if eligible(agent, r.selector)]
+                return [instruction_payload(r) for r in taken], left if taken else []
+            more, left = await self._take(conn, agent, free, now)
+            return [instruction_payload(r) for r in (*taken, *more)], left
+        rows, left = await self._take(conn, agent, free, now)
+        return [instruction_payload(r) for r in rows], left
+
+    async def _take(
+        self, conn: AsyncConnection, agent: AgentIdentity, free: int, now: datetime
+    ) -> tuple[list[Any], list[dict[str, Any]]]:
+        """Candidates read, matched here, then leased: the rows leased, and the eligible
+        ones left to offer others (none if nothing was leased: others hold them)."""
         fitting = await self._fitting(conn, agent, free, now)
         if not fitting:
             return [], []
         if self.db.is_sqlite:
             rows = await self._lease(conn, agent, fitting[:free], now)
         else:
-            params = {
-                "ids": [c.id for c in fitting],
-                "slots": free,
-                "agent_id": agent.id,
-                "now": now,
-                "grace": self.settings.lease_grace,
-                "actor": agent.actor,
-            }
-            rows = sorted(
-                (await conn.execute(queries.TAKE, params)).all(),
-                key=lambda r: (r.execution_id, r.id),
-            )
+            params = {**self._lease_params(agent, free, now), "ids": [c.id for c in fitting]}
+            rows = _oldest_first((await conn.execute(queries.TAKE, params)).all())
         if not rows:  # no room, or others hold them all: they offer what they leave
             return [], []
         taken = {r.id for r in rows}
-        left = [c._asdict() for c in fitting if c.id not in taken]
-        return [instruction_payload(r) for r in rows], left
+        return rows, [c._asdict() for c in fitting if c.id not in taken]
+
+    def _lease_params(self, agent: AgentIdentity, free: int, now: datetime) -> dict[str, Any]:
+        return {
+            "organization_id": agent.organization_id,
+            "agent_type": agent.type,
+            "agent_name": agent.name,
+            "agent_id": agent.id,
+            "now": now,
+            "slots": free,
+            "grace": self.settings.lease_grace,
+            "actor": agent.actor,
+        }
 
     async def _lease(
         self, conn: AsyncConnection, agent: AgentIdentity, chosen: list[Any], now: datetime
@@ -434,10 +474,7 @@ class Engine:
             "agent_id": agent.id,
             "now": now,
         }
-        # PostgreSQL's claims race each other for the oldest rows (those locked are
-        # skipped): a page of a few would often be all taken by others.
-        limit = free * 4 if self.db.is_sqlite else max(32, free * 4)
-        limit = 1 << (limit - 1).bit_length()  # a power of two: few statements
+        limit = _page(free, self.db.is_sqlite)
         statement = queries.candidates(limit)
         while True:
             candidates = (await conn.execute(statement, params)).all()

@@ -157,39 +157,37 @@ def _audit(rows: sa.CTE, action: str) -> sa.CTE:
     )
 
 
-def _take() -> sa.Select[Any]:
-    """PostgreSQL: a whole claim's writes in one statement, so in one round trip and,
-    outside a transaction, without BEGIN and COMMIT. Of the candidates `ids` (oldest
-    first), as many as the agent has room for now (it is read here: a long poll may
-    outlive a drain, a disable or a revoke) are locked, oldest first; rows another claim
-    holds are skipped, not waited for. Each is leased, its step set running (only from a
-    state that may lead there, as set_status would) and the lease audited. Returns the
-    leased rows."""
-    agent_id = param(agents.c.id, "agent_id")
-    now = param(instructions.c.leased_at, "now")
-    free = (
+def _free_slots() -> sa.ScalarSelect[Any]:
+    """How many instructions the agent :agent_id may take now, at most :slots (it is read
+    here: a long poll may outlive a drain, a disable or a revoke)."""
+    return (
         sa.select(
             sa.func.least(sa.bindparam("slots", type_=sa.Integer), agents.c.capacity - _RUNNING)
         )
         .where(
-            agents.c.id == agent_id,
+            agents.c.id == param(agents.c.id, "agent_id"),
             agents.c.admin_state == sa.literal("active"),
             agents.c.revoked_at.is_(None),
         )
         .scalar_subquery()
     )
-    # the candidates in the order given (oldest first), so that the rows are looked up
-    # one by one until enough are locked, not all of them before a sort
-    # (in a sub-select: a plan made for the values given, counting them, looked cheaper
-    # than the one kept for any, so the statement was planned anew at many calls)
-    ids = sa.select(sa.bindparam("ids", type_=ARRAY(sa.String))).scalar_subquery()
-    given = sa.func.unnest(ids).table_valued("id", with_ordinality="n").render_derived()
+
+
+def _lease(source: Any, order: list[Any]) -> sa.Select[Any]:
+    """PostgreSQL: lease the agent :agent_id the instructions of `source` (a FROM
+    clause with an `id` column), in `order`, as many as it has room for. Rows another
+    claim holds are skipped, not waited for. Each is leased, its step set running (only
+    from a state that may lead there, as set_status would) and the lease audited: the
+    leased rows (`leased`, all columns), in one statement, so in one round trip and,
+    outside a transaction, without BEGIN and COMMIT."""
+    agent_id = param(agents.c.id, "agent_id")
+    now = param(instructions.c.leased_at, "now")
     locked = (
         sa.select(instructions.c.id)
-        .join(given, given.c.id == instructions.c.id)
+        .join(source, source.c.id == instructions.c.id)
         .where(_MAY_LEASE, _STEP_MAY_RUN)
-        .order_by(given.c.n)
-        .limit(sa.func.greatest(sa.func.coalesce(free, 0), 0))
+        .order_by(*order)
+        .limit(sa.func.greatest(sa.func.coalesce(_free_slots(), 0), 0))
         .with_for_update(skip_locked=True, of=instructions)
         .cte("locked")
     )
@@ -218,6 +216,74 @@ def _take() -> sa.Select[Any]:
         .cte("started")
     )
     return sa.select(leased).add_cte(started, _audit(leased, "instruction.leased"))
+
+
+def _take() -> sa.Select[Any]:
+    """PostgreSQL: of the candidates `ids` (oldest first, as _fitting chose them), lease
+    the agent those it has room for (see _lease). Returns the leased rows."""
+    # the candidates in the order given (oldest first), so that the rows are looked up
+    # one by one until enough are locked, not all of them before a sort; in a sub-select:
+    # a plan made for the values given, counting them, looked cheaper than the one kept
+    # for any, so the statement was planned anew at many calls
+    ids = sa.select(sa.bindparam("ids", type_=ARRAY(sa.String))).scalar_subquery()
+    given = sa.func.unnest(ids).table_valued("id", with_ordinality="n").render_derived()
+    return _lease(given, [given.c.n])
+
+
+# Selectors any agent of the type meets (fleet.agents.eligible): no agent named, no
+# labels, no pools. Other keys (a routing strategy) do not restrict who may take it.
+_OPEN_TO_ANY = sa.literal_column(
+    "(coalesce(CAST(instructions.selector AS JSONB) ->> 'single_agent', '') = ''"
+    " AND coalesce(CAST(instructions.selector AS JSONB) -> 'labels', '{}') IN ('{}', 'null')"
+    " AND coalesce(CAST(instructions.selector AS JSONB) -> 'pools', '[]') IN ('[]', 'null'))",
+    sa.Boolean,
+)
+_CLAIMS: dict[int, sa.CompoundSelect] = {}
+
+
+def claim(limit: int) -> sa.CompoundSelect:
+    """PostgreSQL: a claim in one round trip, candidates and lease together. Reads the
+    first `limit` candidates (as candidates(limit)) and leases, oldest first, those
+    before the first whose selector restricts who may take it (only Python can tell
+    whether it is this agent: see _OPEN_TO_ANY), as many as the agent has room for (see
+    _lease). Returns the leased rows (`taken` true) and the page's other candidates
+    (`taken` false: the offer columns, `selector` and `open` filled) for the caller to
+    offer to other agents, or to take from itself, by the two-statement way, if a
+    restricted one stopped the lease while the agent had room left."""
+    statement = _CLAIMS.get(limit)
+    if statement is not None:
+        return statement
+    page = (
+        _CANDIDATES.add_columns(_OPEN_TO_ANY.label("open"))
+        .limit(sa.literal_column(str(int(limit)), sa.Integer))
+        .cte("page")
+    )
+    before = page.alias("before")
+    prefix = (
+        sa.select(page.c.id, page.c.execution_id)
+        .where(
+            ~sa.exists().where(
+                ~before.c.open,
+                sa.tuple_(before.c.execution_id, before.c.id)
+                <= sa.tuple_(page.c.execution_id, page.c.id),
+            )
+        )
+        .cte("prefix")
+    )
+    lease = _lease(prefix, [prefix.c.execution_id, prefix.c.id])
+    leased = lease.get_final_froms()[0]
+    taken = lease.add_columns(sa.true().label("taken"), sa.true().label("open"))
+    offered = {c.name for c in OFFER_COLUMNS}
+    others = sa.select(
+        *(
+            page.c[c.name] if c.name in offered else sa.cast(sa.null(), c.type).label(c.name)
+            for c in instructions.c
+        ),
+        sa.false().label("taken"),
+        page.c.open,
+    ).where(page.c.id.not_in(sa.select(leased.c.id)))
+    statement = _CLAIMS[limit] = prebuilt(sa.union_all(taken, others))
+    return statement
 
 
 TAKE = _take()

@@ -232,6 +232,12 @@ def _take() -> sa.Select[Any]:
 
 # Selectors any agent of the type meets (fleet.agents.eligible): no agent named, no
 # labels, no pools. Other keys (a routing strategy) do not restrict who may take it.
+# What an agent is handed of an instruction (engine.instruction_payload).
+PAYLOAD_COLUMNS = (
+    *("id", "plugin_id", "instruction_type", "plugin_configuration", "input_data"),
+    *("timeout_seconds", "max_retries", "correlation_id", "attempt", "context"),
+)
+
 _OPEN_TO_ANY = sa.literal_column(
     "(coalesce(CAST(instructions.selector AS JSONB) ->> 'single_agent', '') = ''"
     " AND coalesce(CAST(instructions.selector AS JSONB) -> 'labels', '{}') IN ('{}', 'null')"
@@ -246,10 +252,10 @@ def claim(limit: int) -> sa.CompoundSelect:
     first `limit` candidates (as candidates(limit)) and leases, oldest first, those
     before the first whose selector restricts who may take it (only Python can tell
     whether it is this agent: see _OPEN_TO_ANY), as many as the agent has room for (see
-    _lease). Returns the leased rows (`taken` true) and the page's other candidates
-    (`taken` false: the offer columns, `selector` and `open` filled) for the caller to
-    offer to other agents, or to take from itself, by the two-statement way, if a
-    restricted one stopped the lease while the agent had room left."""
+    _lease). Returns the leased rows (`taken` true; PAYLOAD_COLUMNS and the offer
+    columns) and the page's other candidates (`taken` false; the offer columns and
+    `open`) for the caller to offer to other agents, or to take from itself, by the
+    two-statement way, if a restricted one stopped the lease while it had room left."""
     statement = _CLAIMS.get(limit)
     if statement is not None:
         return statement
@@ -272,12 +278,15 @@ def claim(limit: int) -> sa.CompoundSelect:
     )
     lease = _lease(prefix, [prefix.c.execution_id, prefix.c.id])
     leased = lease.get_final_froms()[0]
-    taken = lease.add_columns(sa.true().label("taken"), sa.true().label("open"))
     offered = {c.name for c in OFFER_COLUMNS}
+    names = [c.name for c in instructions.c if c.name in offered or c.name in PAYLOAD_COLUMNS]
+    taken = lease.with_only_columns(
+        *(leased.c[n] for n in names), sa.true().label("taken"), sa.true().label("open")
+    )
     others = sa.select(
         *(
-            page.c[c.name] if c.name in offered else sa.cast(sa.null(), c.type).label(c.name)
-            for c in instructions.c
+            page.c[n] if n in offered else sa.cast(sa.null(), instructions.c[n].type).label(n)
+            for n in names
         ),
         sa.false().label("taken"),
         page.c.open,

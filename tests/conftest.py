@@ -39,3 +39,10 @@ def fresh_orchestrator(backend: str, tmp_path: Path) -> Iterator[Orchestrator]:
     """An orchestrator of this test's own, for tests that need an empty fleet or queue."""
     with fresh_database(backend, tmp_path) as url, serve(url, tmp_path) as running:
         yield running
+
+
+@pytest.fixture
+def pg_url(tmp_path: Path) -> Iterator[str]:
+    """A PostgreSQL database of this test's own (tests using it are marked PG_ONLY)."""
+    with fresh_database("postgresql", tmp_path) as url:
+        yield url

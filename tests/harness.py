@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 from sqlalchemy.engine import make_url
 
@@ -31,6 +32,10 @@ from stavily.fleet.agents import AgentIdentity
 
 PG_URL = os.environ.get("STAVILY_TEST_DATABASE_URL")
 ADMIN_TOKEN = "stv_test_admin_token_0123456789abcdef"
+# for tests of PostgreSQL's own ways (its statements, its round trips)
+PG_ONLY = pytest.mark.skipif(
+    not PG_URL, reason="STAVILY_TEST_DATABASE_URL is not set: PostgreSQL runs skipped"
+)
 
 
 def free_port() -> int:

@@ -6,11 +6,8 @@ when this agent meets it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 
 from stavily.config import Settings
@@ -21,21 +18,13 @@ from stavily.store.models import agents, audit_records, instructions, step_runs
 from stavily.timeutil import utcnow
 from stavily.workflows import queries
 from stavily.workflows.engine import Engine
-from tests.harness import PG_URL, fresh_database
-from tests.integration.test_deferred_writes import statements
+from tests.harness import PG_ONLY
+from tests.integration.test_deferred_writes import log_all, statements
 from tests.integration.test_prebuilt import NOW, seed
 
-pytestmark = pytest.mark.skipif(
-    not PG_URL, reason="STAVILY_TEST_DATABASE_URL is not set: PostgreSQL runs skipped"
-)
+pytestmark = PG_ONLY
 
 PROD = {"labels": {"env": "prod"}}
-
-
-@pytest.fixture
-def url(tmp_path: Path) -> Iterator[str]:
-    with fresh_database("postgresql", tmp_path) as database_url:
-        yield database_url
 
 
 async def queue(db: Database, org: str, selectors: dict[str, dict[str, Any]]) -> None:
@@ -84,19 +73,16 @@ async def holders(db: Database) -> dict[str, str | None]:
         return {r.id: r.agent_id for r in rows}
 
 
-def test_claims_in_one_statement_and_as_the_two_statement_way_would(url: str) -> None:
+def test_claims_in_one_statement_and_as_the_two_statement_way_would(pg_url: str) -> None:
     async def main() -> None:
-        db = Database(url, pool_size=1)  # one connection: its statements are all logged
+        db = Database(pg_url, pool_size=1)  # one connection: its statements are all logged
         try:
             await migrate.upgrade(db)
             org = (await seed(db))["org"]
             async with db.engine.begin() as conn:
                 await conn.execute(instructions.delete())
                 await conn.execute(step_runs.update().values(status="queued"))
-            log: list[str] = []
-            async with db.read() as conn:
-                raw = (await conn.get_raw_connection()).dbapi_connection
-                raw._connection.add_query_logger(lambda q: log.append(q.query))
+            log = await log_all(db)
             engine = Engine(db, Settings())
             prod = await add_agent(db, org, "agt-prod", {"env": "prod"})
             dev = await add_agent(db, org, "agt-dev", {"env": "dev"})

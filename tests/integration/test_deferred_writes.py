@@ -5,8 +5,7 @@ what it would have if each had run at once. SQLite runs them at once."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -18,18 +17,10 @@ from stavily.store.db import LATER_AT_MOST, Database
 from stavily.store.models import audit_records, executions, instructions, step_runs
 from stavily.workflows import queries, states
 from stavily.workflows.orchestration import IllegalTransition, set_status
-from tests.harness import PG_URL, fresh_database
+from tests.harness import PG_ONLY
 from tests.integration.test_prebuilt import NOW, seed
 
-pytestmark = pytest.mark.skipif(
-    not PG_URL, reason="STAVILY_TEST_DATABASE_URL is not set: PostgreSQL runs skipped"
-)
-
-
-@pytest.fixture
-def url(tmp_path: Path) -> Iterator[str]:
-    with fresh_database("postgresql", tmp_path) as database_url:
-        yield database_url
+pytestmark = PG_ONLY
 
 
 def on_seeded(url: str, scenario: Callable[[Database, str], Awaitable[None]]) -> None:
@@ -55,6 +46,16 @@ async def sent(conn: Any) -> list[str]:
     return log
 
 
+async def log_all(db: Database) -> list[str]:
+    """The statements asyncpg sends on the one connection of `db` (a pool of one) from
+    now on, as `sent` does."""
+    log: list[str] = []
+    async with db.read() as conn:
+        raw = (await conn.get_raw_connection()).dbapi_connection
+        raw._connection.add_query_logger(lambda q: log.append(q.query))
+    return log
+
+
 async def statements(log: list[str]) -> list[str]:
     await asyncio.sleep(0)  # asyncpg calls its query loggers soon, not at once
     ours = [q for q in log if not q.startswith(("BEGIN", "COMMIT"))]
@@ -76,7 +77,7 @@ DEFERRED_RECORDS = sa.select(audit_records.c.subject_id).where(
 )
 
 
-def test_writes_wait_and_go_with_the_next_statement_of_other_tables(url: str) -> None:
+def test_writes_wait_and_go_with_the_next_statement_of_other_tables(pg_url: str) -> None:
     async def scenario(db: Database, org: str) -> None:
         async with db.write() as conn:
             log = await sent(conn)
@@ -96,10 +97,10 @@ def test_writes_wait_and_go_with_the_next_statement_of_other_tables(url: str) ->
         assert [r.attempts for r in attempts] == [1, 0]
         assert sorted(r.subject_id for r in await read(db, DEFERRED_RECORDS)) == ["ins1", "ins2"]
 
-    on_seeded(url, scenario)
+    on_seeded(pg_url, scenario)
 
 
-def test_a_statement_on_a_table_they_write_is_sent_after_them(url: str) -> None:
+def test_a_statement_on_a_table_they_write_is_sent_after_them(pg_url: str) -> None:
     async def scenario(db: Database, org: str) -> None:
         async with db.write() as conn:
             log = await sent(conn)
@@ -114,10 +115,10 @@ def test_a_statement_on_a_table_they_write_is_sent_after_them(url: str) -> None:
             assert first.startswith("WITH w0 AS (UPDATE step_runs SET status")
             assert second.startswith("UPDATE step_runs SET waiting")
 
-    on_seeded(url, scenario)
+    on_seeded(pg_url, scenario)
 
 
-def test_writes_sent_beside_a_statement_that_finds_nothing(url: str) -> None:
+def test_writes_sent_beside_a_statement_that_finds_nothing(pg_url: str) -> None:
     async def scenario(db: Database, org: str) -> None:
         async with db.write() as conn:
             await set_status(conn, instructions, states.INSTRUCTION, "ins1", "leased")
@@ -125,10 +126,10 @@ def test_writes_sent_beside_a_statement_that_finds_nothing(url: str) -> None:
             assert missing.all() == []
         assert (await read(db, sa.select(instructions.c.status)))[0].status == "leased"
 
-    on_seeded(url, scenario)
+    on_seeded(pg_url, scenario)
 
 
-def test_two_writes_to_one_row_are_sent_one_after_the_other(url: str) -> None:
+def test_two_writes_to_one_row_are_sent_one_after_the_other(pg_url: str) -> None:
     async def scenario(db: Database, org: str) -> None:
         async with db.write() as conn:
             log = await sent(conn)
@@ -138,10 +139,10 @@ def test_two_writes_to_one_row_are_sent_one_after_the_other(url: str) -> None:
             assert len(await statements(log)) == 1
         assert (await read(db, sa.select(instructions.c.status)))[0].status == "executing"
 
-    on_seeded(url, scenario)
+    on_seeded(pg_url, scenario)
 
 
-def test_a_refused_transition_fails_the_whole_transaction_when_sent(url: str) -> None:
+def test_a_refused_transition_fails_the_whole_transaction_when_sent(pg_url: str) -> None:
     async def scenario(db: Database, org: str) -> None:
         with pytest.raises(IllegalTransition, match="instructions ins1 cannot become completed"):
             async with db.write() as conn:
@@ -156,10 +157,10 @@ def test_a_refused_transition_fails_the_whole_transaction_when_sent(url: str) ->
         assert (await read(db, sa.select(instructions.c.status)))[0].status == "queued"
         assert await read(db, DEFERRED_RECORDS) == []
 
-    on_seeded(url, scenario)
+    on_seeded(pg_url, scenario)
 
 
-def test_writes_deferred_in_a_savepoint_that_fails_are_dropped(url: str) -> None:
+def test_writes_deferred_in_a_savepoint_that_fails_are_dropped(pg_url: str) -> None:
     async def scenario(db: Database, org: str) -> None:
         async with db.write() as conn:
             await set_status(conn, instructions, states.INSTRUCTION, "ins1", "leased")
@@ -173,10 +174,10 @@ def test_writes_deferred_in_a_savepoint_that_fails_are_dropped(url: str) -> None
         assert [r.status for r in statuses] == ["pending", "pending"]
         assert len(await read(db, DEFERRED_RECORDS)) == 1
 
-    on_seeded(url, scenario)
+    on_seeded(pg_url, scenario)
 
 
-def test_many_writes_go_in_statements_of_a_bounded_size(url: str) -> None:
+def test_many_writes_go_in_statements_of_a_bounded_size(pg_url: str) -> None:
     async def scenario(db: Database, org: str) -> None:
         many = [entry(org, f"ins{i}") for i in range(3 * LATER_AT_MOST + 1)]
         async with db.write() as conn:
@@ -185,4 +186,4 @@ def test_many_writes_go_in_statements_of_a_bounded_size(url: str) -> None:
         assert len(await statements(log)) == 4
         assert len(await read(db, DEFERRED_RECORDS)) == len(many)
 
-    on_seeded(url, scenario)
+    on_seeded(pg_url, scenario)

@@ -5,9 +5,7 @@ takes that path."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -20,19 +18,11 @@ from stavily.store.db import Database
 from stavily.store.models import audit_records, instructions
 from stavily.timeutil import utcnow
 from stavily.workflows.engine import Engine
-from tests.harness import PG_URL, fresh_database
-from tests.integration.test_deferred_writes import statements
+from tests.harness import PG_ONLY
+from tests.integration.test_deferred_writes import log_all, statements
 from tests.integration.test_prebuilt import seed
 
-pytestmark = pytest.mark.skipif(
-    not PG_URL, reason="STAVILY_TEST_DATABASE_URL is not set: PostgreSQL runs skipped"
-)
-
-
-@pytest.fixture
-def url(tmp_path: Path) -> Iterator[str]:
-    with fresh_database("postgresql", tmp_path) as database_url:
-        yield database_url
+pytestmark = PG_ONLY
 
 
 def agent(org: str, agent_id: str = "agt1") -> AgentIdentity:
@@ -40,10 +30,10 @@ def agent(org: str, agent_id: str = "agt1") -> AgentIdentity:
 
 
 def test_started_is_one_statement_and_writes_what_the_long_way_would(
-    url: str, monkeypatch: pytest.MonkeyPatch
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def main() -> None:
-        db = Database(url, pool_size=1)  # one connection: its statements are all logged
+        db = Database(pg_url, pool_size=1)  # one connection: its statements are all logged
         try:
             await migrate.upgrade(db)
             org = (await seed(db))["org"]
@@ -54,10 +44,7 @@ def test_started_is_one_statement_and_writes_what_the_long_way_would(
                         status="leased", agent_id="agt1", lease_expires_at=leased_until
                     )
                 )
-            log: list[str] = []
-            async with db.read() as conn:
-                raw = (await conn.get_raw_connection()).dbapi_connection
-                raw._connection.add_query_logger(lambda q: log.append(q.query))
+            log = await log_all(db)
             engine = Engine(db, Settings())
             me = agent(org)
 

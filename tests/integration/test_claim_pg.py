@@ -102,16 +102,25 @@ def test_claims_in_one_statement_and_as_the_two_statement_way_would(pg_url: str)
                 )
             assert audited == 2
 
-            # a restricted one first stops it: the rest the two-statement way
+            # a restricted one first stops it: the page it read is matched here and what
+            # fits leased, one statement more (as many as the two-statement way)
             await queue(db, org, {"i1": {}, "i2": PROD, "i3": {}, "i4": PROD})
             log.clear()
             assert [p["id"] for p in await engine.claim(prod, 3)] == ["i1", "i2", "i3"]
-            assert len(await statements(log)) == 3
+            assert len(await statements(log)) == 2
+            log.clear()
             assert [p["id"] for p in await engine.claim(dev, 3)] == []  # only i4 left
+            assert len(await statements(log)) == 1  # nothing fits: nothing more to send
 
             await queue(db, org, {"i1": PROD, "i2": {}, "i3": PROD, "i4": {}})
             assert [p["id"] for p in await engine.claim(dev, 3)] == ["i2", "i4"]
             assert (await holders(db))["i1"] is None
+
+            # a full page with nothing for this agent: the next pages are read
+            await queue(db, org, {**{f"p{n:02d}": PROD for n in range(32)}, "q": {}})
+            log.clear()
+            assert [p["id"] for p in await engine.claim(dev, 1)] == ["q"]
+            assert len(await statements(log)) == 4  # claim; candidates, the next page; take
 
             # what a claim saw and left is offered to the agents waiting
             await queue(db, org, {"i1": {}, "i2": {}, "i3": PROD})

@@ -370,26 +370,40 @@ class Engine:
         else:
             # Candidates and lease in one statement, as long as no candidate's selector
             # needs Python to tell whether this agent may take it (queries.claim).
+            limit = _page(free)
             rows = (
-                await conn.execute(queries.claim(_page(free)), self._lease_params(agent, free, now))
+                await conn.execute(queries.claim(limit), self._lease_params(agent, free, now))
             ).all()
             taken = _oldest_first(r for r in rows if r.taken)
-            page = [r for r in rows if not r.taken]
+            page = _oldest_first(r for r in rows if not r.taken)
             free -= len(taken)
+            fitting = [r for r in page if eligible(agent, r.selector)]
             if free <= 0 or all(r.open for r in page):
-                left = [_offer(r) for r in page if eligible(agent, r.selector)]
-                return [instruction_payload(r) for r in taken], left if taken else []
-            more, left = await self._take(conn, agent, free, now)
+                left = [_offer(r) for r in fitting] if taken else []
+                return [instruction_payload(r) for r in taken], left
+            # One whose selector only Python matches stopped it: the page is matched here
+            # and what fits leased (the pages are read again only if none of a full one
+            # fits this agent).
+            more, left = await self._take(
+                conn, agent, free, now, fitting if fitting or len(rows) < limit else None
+            )
             return [instruction_payload(r) for r in (*taken, *more)], left
         rows, left = await self._take(conn, agent, free, now)
         return [instruction_payload(r) for r in rows], left
 
     async def _take(
-        self, conn: AsyncConnection, agent: AgentIdentity, free: int, now: datetime
+        self,
+        conn: AsyncConnection,
+        agent: AgentIdentity,
+        free: int,
+        now: datetime,
+        fitting: list[Any] | None = None,
     ) -> tuple[list[Any], list[dict[str, Any]]]:
-        """Candidates read, matched here, then leased: the rows leased, and the eligible
-        ones left to offer others (none if nothing was leased: others hold them)."""
-        fitting = await self._fitting(conn, agent, free, now)
+        """Candidates (`fitting`, or read and matched here), then leased: the rows
+        leased, and the eligible ones left to offer others (none if nothing was leased:
+        others hold them)."""
+        if fitting is None:
+            fitting = await self._fitting(conn, agent, free, now)
         if not fitting:
             return [], []
         if self.db.is_sqlite:
@@ -400,7 +414,7 @@ class Engine:
         if not rows:  # no room, or others hold them all: they offer what they leave
             return [], []
         taken = {r.id for r in rows}
-        return rows, [c._asdict() for c in fitting if c.id not in taken]
+        return rows, [_offer(c) for c in fitting if c.id not in taken]
 
     def _lease_params(self, agent: AgentIdentity, free: int, now: datetime) -> dict[str, Any]:
         return {

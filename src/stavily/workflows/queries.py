@@ -173,6 +173,13 @@ def _free_slots() -> sa.ScalarSelect[Any]:
     )
 
 
+def _lease_end(now: Any) -> Any:
+    """PostgreSQL: when a lease taken or extended `now` ends: after the instruction's
+    timeout and :grace seconds more."""
+    second = sa.literal_column("interval '1 second'", type_=sa.Interval)
+    return now + (instructions.c.timeout_seconds + sa.bindparam("grace", type_=sa.Integer)) * second
+
+
 def _lease(source: Any, order: list[Any]) -> sa.Select[Any]:
     """PostgreSQL: lease the agent :agent_id the instructions of `source` (a FROM
     clause with an `id` column), in `order`, as many as it has room for. Rows another
@@ -191,7 +198,6 @@ def _lease(source: Any, order: list[Any]) -> sa.Select[Any]:
         .with_for_update(skip_locked=True, of=instructions)
         .cte("locked")
     )
-    second = sa.literal_column("interval '1 second'", type_=sa.Interval)
     leased = (
         instructions.update()
         .where(instructions.c.id == locked.c.id)
@@ -199,8 +205,7 @@ def _lease(source: Any, order: list[Any]) -> sa.Select[Any]:
             status=sa.literal("leased"),
             agent_id=agent_id,
             leased_at=now,
-            lease_expires_at=now
-            + (instructions.c.timeout_seconds + sa.bindparam("grace", type_=sa.Integer)) * second,
+            lease_expires_at=_lease_end(now),
         )
         .returning(*instructions.c)
         .cte("leased")
@@ -230,14 +235,14 @@ def _take() -> sa.Select[Any]:
     return _lease(given, [given.c.n])
 
 
-# Selectors any agent of the type meets (fleet.agents.eligible): no agent named, no
-# labels, no pools. Other keys (a routing strategy) do not restrict who may take it.
 # What an agent is handed of an instruction (engine.instruction_payload).
 PAYLOAD_COLUMNS = (
     *("id", "plugin_id", "instruction_type", "plugin_configuration", "input_data"),
     *("timeout_seconds", "max_retries", "correlation_id", "attempt", "context"),
 )
 
+# Selectors any agent of the type meets (fleet.agents.eligible): no agent named, no
+# labels, no pools. Other keys (a routing strategy) do not restrict who may take it.
 _OPEN_TO_ANY = sa.literal_column(
     "(coalesce(CAST(instructions.selector AS JSONB) ->> 'single_agent', '') = ''"
     " AND coalesce(CAST(instructions.selector AS JSONB) -> 'labels', '{}') IN ('{}', 'null')"
@@ -254,8 +259,8 @@ def claim(limit: int) -> sa.CompoundSelect:
     whether it is this agent: see _OPEN_TO_ANY), as many as the agent has room for (see
     _lease). Returns the leased rows (`taken` true; PAYLOAD_COLUMNS and the offer
     columns) and the page's other candidates (`taken` false; the offer columns and
-    `open`) for the caller to offer to other agents, or to take from itself, by the
-    two-statement way, if a restricted one stopped the lease while it had room left."""
+    `open`) for the caller to offer to other agents, or, if a restricted one stopped the
+    lease while the agent had room left, to match and lease itself (TAKE)."""
     statement = _CLAIMS.get(limit)
     if statement is not None:
         return statement
@@ -446,7 +451,6 @@ def _start(log: bool) -> sa.Select[Any]:
     timeout and :grace if that is later (as the read-then-write path does), and the start
     audited. No row back: the caller takes that path."""
     now = param(instructions.c.leased_at, "now")
-    second = sa.literal_column("interval '1 second'", type_=sa.Interval)
     where = [
         *_owned_where,
         instructions.c.agent_id == param(instructions.c.agent_id),
@@ -455,11 +459,7 @@ def _start(log: bool) -> sa.Select[Any]:
     changes: dict[str, Any] = {
         "status": sa.literal("executing"),
         "started_at": now,
-        "lease_expires_at": sa.func.greatest(
-            instructions.c.lease_expires_at,
-            now
-            + (instructions.c.timeout_seconds + sa.bindparam("grace", type_=sa.Integer)) * second,
-        ),
+        "lease_expires_at": sa.func.greatest(instructions.c.lease_expires_at, _lease_end(now)),
     }
     if log:
         secrets = sa.cast(instructions.c.context.op("->")(sa.literal_column("'secrets'")), sa.Text)

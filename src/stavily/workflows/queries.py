@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 
 from stavily.store import notify
 from stavily.store.models import (
@@ -231,8 +231,15 @@ def _take() -> sa.Select[Any]:
     # a plan made for the values given, counting them, looked cheaper than the one kept
     # for any, so the statement was planned anew at many calls
     ids = sa.select(sa.bindparam("ids", type_=ARRAY(sa.String))).scalar_subquery()
+    return _lease(*_in_order(ids))
+
+
+def _in_order(ids: Any) -> tuple[Any, list[Any]]:
+    """An array of ids as a FROM clause with an `id` column, and its order: PostgreSQL
+    knows the rows of `unnest(...) WITH ORDINALITY` come in that order, so a lease of
+    them needs no sort."""
     given = sa.func.unnest(ids).table_valued("id", with_ordinality="n").render_derived()
-    return _lease(given, [given.c.n])
+    return given, [given.c.n]
 
 
 # What an agent is handed of an instruction (engine.instruction_payload).
@@ -270,8 +277,16 @@ def claim(limit: int) -> sa.CompoundSelect:
         .cte("page")
     )
     before = page.alias("before")
+    # The ids before the first restricted one, oldest first, handed to the lease as TAKE
+    # hands its own: looked up and locked one by one until the agent has enough, not all
+    # of the page looked up, then sorted, then locked.
     prefix = (
-        sa.select(page.c.id, page.c.execution_id)
+        sa.select(
+            sa.func.array_agg(
+                aggregate_order_by(page.c.id, page.c.execution_id, page.c.id),
+                type_=ARRAY(sa.String),
+            )
+        )
         .where(
             ~sa.exists().where(
                 ~before.c.open,
@@ -279,9 +294,9 @@ def claim(limit: int) -> sa.CompoundSelect:
                 <= sa.tuple_(page.c.execution_id, page.c.id),
             )
         )
-        .cte("prefix")
+        .scalar_subquery()
     )
-    lease = _lease(prefix, [prefix.c.execution_id, prefix.c.id])
+    lease = _lease(*_in_order(prefix))
     leased = lease.get_final_froms()[0]
     offered = {c.name for c in OFFER_COLUMNS}
     names = [c.name for c in instructions.c if c.name in offered or c.name in PAYLOAD_COLUMNS]

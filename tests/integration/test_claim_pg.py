@@ -133,3 +133,50 @@ def test_claims_in_one_statement_and_as_the_two_statement_way_would(pg_url: str)
             await db.dispose()
 
     asyncio.run(main())
+
+
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    return [plan, *(n for child in plan.get("Plans", []) for n in _nodes(child))]
+
+
+def test_a_claim_looks_up_and_locks_only_what_it_leases(pg_url: str) -> None:
+    """Of a full page, a claim for one slot looks up and locks one row, oldest first,
+    without sorting the page (the claim is the busiest statement of all)."""
+
+    async def main() -> None:
+        db = Database(pg_url)
+        try:
+            await migrate.upgrade(db)
+            org = (await seed(db))["org"]
+            agent = await add_agent(db, org, "agt-one", {})
+            await queue(db, org, {f"i{n}": {} for n in range(8)})
+            params = Engine(db, Settings())._lease_params(agent, 1, utcnow())
+            compiled = queries.claim(8).compile(dialect=db.engine.dialect)
+            async with db.engine.connect() as conn:
+                raw = (await conn.get_raw_connection()).dbapi_connection._connection
+                transaction = raw.transaction()
+                await transaction.start()
+                try:
+                    (plan,) = await raw.fetchval(
+                        "EXPLAIN (ANALYZE, FORMAT JSON) " + str(compiled),
+                        *[{**compiled.params, **params}[k] for k in compiled.positiontup],
+                    )
+                    leased = await raw.fetch(
+                        "SELECT id FROM instructions WHERE agent_id = $1", agent.id
+                    )
+                    assert [r["id"] for r in leased] == ["i0"]  # the oldest
+                finally:
+                    await transaction.rollback()
+            locked = next(n for n in _nodes(plan["Plan"]) if n.get("Subplan Name") == "CTE locked")
+            assert not [n for n in _nodes(locked) if n["Node Type"] == "Sort"]
+            lock = next(n for n in _nodes(locked) if n["Node Type"] == "LockRows")
+            read = [
+                n["Actual Loops"] * n["Actual Rows"]
+                for n in _nodes(lock)
+                if n.get("Relation Name") == "instructions"
+            ]
+            assert sum(read) == 1
+        finally:
+            await db.dispose()
+
+    asyncio.run(main())

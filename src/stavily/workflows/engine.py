@@ -91,6 +91,11 @@ def _oldest_first(rows: Iterable[Any]) -> list[Any]:
     return sorted(rows, key=lambda r: (r.execution_id, r.id))
 
 
+def _released(row: Any) -> bool:
+    """A dependent in REPORTED_RELEASING's rows, not the reported row."""
+    return bool(getattr(row, "released", False))
+
+
 def _offer(row: Any) -> dict[str, Any]:
     return {c.name: getattr(row, c.name) for c in queries.OFFER_COLUMNS}
 
@@ -672,10 +677,17 @@ class Engine:
         now: datetime,
     ) -> list[Progression]:
         # One read for the instruction, its execution and its step; on PostgreSQL it
-        # locks the execution, then the instruction: the lock order everywhere.
-        query = queries.REPORTED if self.db.is_sqlite else queries.REPORTED_LOCKED
+        # locks the execution, then the instruction: the lock order everywhere. A result
+        # that completes its step releases the step's dependents in the same statement.
         params = {"id": instruction_id, "organization_id": agent.organization_id}
-        row = self._own((await conn.execute(query, params)).first(), agent, instruction_id)
+        if self.db.is_sqlite:
+            query = queries.REPORTED
+        elif final == "completed":
+            query, params["agent_id"] = queries.REPORTED_RELEASING, agent.id
+        else:
+            query = queries.REPORTED_LOCKED
+        rows = (await conn.execute(query, params)).all()
+        row = self._own(next((r for r in rows if not _released(r)), None), agent, instruction_id)
         if row.status in ("completed", "failed") and row.result_digest == digest:
             return []  # the same report again: acknowledged, nothing changes
         if row.status not in ACTIVE_INSTRUCTION:
@@ -713,8 +725,17 @@ class Engine:
         step = queries.part(row, "step__", step_runs)
         if step is not None and step["instruction_id"] == row.id and step["status"] == "running":
             if final == "completed":
+                # (REPORTED_RELEASING released its dependents on the same conditions)
+                released = None
+                if query is queries.REPORTED_RELEASING:
+                    released = [queries.part(r, "step__", step_runs) for r in rows if _released(r)]
                 await progression.step_ended(
-                    step, "succeeded", output=step_output(report), error=None, finished_at=now
+                    step,
+                    "succeeded",
+                    released=released,
+                    output=step_output(report),
+                    error=None,
+                    finished_at=now,
                 )
             else:
                 await progression.retry_or_fail(step, row, ERROR, error or "failed")

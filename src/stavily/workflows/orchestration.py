@@ -256,9 +256,16 @@ class Progression:
         )
         await self._drain()
 
-    async def step_ended(self, step: dict[str, Any], new: str, **values: Any) -> None:
-        """A step (or a fan-out item) reached a final state: move everything it unblocks."""
-        await self._final(step, new, **values)
+    async def step_ended(
+        self,
+        step: dict[str, Any],
+        new: str,
+        released: list[dict[str, Any]] | None = None,
+        **values: Any,
+    ) -> None:
+        """A step (or a fan-out item) reached a final state: move everything it unblocks.
+        `released`: its dependents, already released by the caller (see _final)."""
+        await self._final(step, new, released, **values)
         await self._drain()
 
     async def retry_or_fail(
@@ -304,17 +311,27 @@ class Progression:
 
     # -- the event loop of one transaction -----------------------------------------------------
 
-    async def _final(self, step: dict[str, Any], new: str, **values: Any) -> None:
-        released: list[dict[str, Any]] = []
-        if step["parent_id"] is None and step.get("dependents"):
-            # Its dependents wait on one step fewer. Done before its own write, which does
-            # not change what this returns: on PostgreSQL the two writes to step_runs
-            # would otherwise go in two round trips (db.write_later), not one.
+    async def _final(
+        self,
+        step: dict[str, Any],
+        new: str,
+        released: list[dict[str, Any]] | None = None,
+        **values: Any,
+    ) -> None:
+        if step["parent_id"] is not None or not step.get("dependents"):
+            released = []
+        elif released is None:
+            # Its dependents wait on one step fewer (unless the caller's read did it, as
+            # a result's does on PostgreSQL: queries.REPORTED_RELEASING). Done before its
+            # own write, which does not change what this returns: on PostgreSQL the two
+            # writes to step_runs would otherwise go in two round trips
+            # (db.write_later), not one.
             rows = await self.conn.execute(
                 queries.RELEASE_DEPENDENTS[self.conn.dialect.name],
                 {"b_execution_id": self.execution["id"], "names": step["dependents"]},
             )
-            released = [dict(r) for r in rows.mappings() if r["waiting"] == 0]
+            released = [dict(r) for r in rows.mappings()]
+        released = [r for r in released if r["waiting"] == 0]
         await self._step(step, new, **values)
         self._ended.add(step["id"])
         if step["parent_id"] is not None:

@@ -360,6 +360,49 @@ REPORTED = (
 REPORTED_LOCKED = REPORTED.with_for_update(of=[executions, instructions])
 
 
+def _reported_releasing() -> sa.CompoundSelect:
+    """PostgreSQL: REPORTED_LOCKED for a result that completes its step, and in the same
+    statement the step's dependents released (as RELEASE_DEPENDENTS) when the engine
+    will end the step: the instruction active and leased to :agent_id, the step running
+    on it, not a fan-out item. The reported row comes first (`released` false), then the
+    dependents after the release, in its `step__` columns (`released` true).
+
+    The release runs after the locks are taken (the UNION reads the reported row first),
+    so in the lock order kept everywhere; and an UPDATE changes the latest version of a
+    row, whatever the statement's snapshot: a concurrent release of the same dependents
+    that committed while this one waited for the execution is counted."""
+    reported = REPORTED_LOCKED.add_columns(sa.false().label("released")).cte("reported")
+    names = sa.func.json_array_elements_text(reported.c.step__dependents).column_valued()
+    release = (
+        step_runs.update()
+        .where(
+            step_runs.c.execution_id == reported.c.execution_id,
+            step_runs.c.parent_id.is_(None),
+            step_runs.c.name.in_(sa.select(names)),
+            one_of(reported.c.status, ACTIVE_INSTRUCTION),
+            reported.c.agent_id == param(agents.c.id, "agent_id"),
+            reported.c.step__instruction_id == reported.c.id,
+            one_of(reported.c.step__status, ("running",)),
+            reported.c.step__parent_id.is_(None),
+        )
+        .values(waiting=step_runs.c.waiting - 1)
+        .returning(*step_runs.c)
+        .cte("release")
+    )
+    empty = [
+        sa.cast(sa.null(), c.type).label(c.name)
+        for c in reported.c
+        if c.name != "released" and not c.name.startswith("step__")
+    ]
+    return sa.union_all(
+        sa.select(reported),
+        sa.select(*empty, *(release.c[c.name] for c in step_runs.c), sa.true()),
+    )
+
+
+REPORTED_RELEASING = _reported_releasing()
+
+
 def part(row: Any, prefix: str, table: sa.Table) -> dict[str, Any] | None:
     """One table's columns of a REPORTED row, by their own names (None: no such row)."""
     if getattr(row, f"{prefix}id") is None:
@@ -412,6 +455,7 @@ for _statement in (
     LEASE,
     REPORTED,
     REPORTED_LOCKED,
+    REPORTED_RELEASING,
     OWNED,
     EXECUTION,
     EXECUTION_LOCKED,

@@ -52,7 +52,13 @@ def _id() -> sa.Column[str]:
     return sa.Column("id", sa.String(40), primary_key=True)
 
 
-def _org() -> sa.Column[str]:
+def _org(key: bool = True) -> sa.Column[str]:
+    """The owning organization. The rows a step writes go without the foreign key
+    (`key` off): their execution's row has it, their execution's they must be (the
+    engine copies it), and the key was checked at each of them, the organization's row
+    locked FOR KEY SHARE by every transaction of every agent at once."""
+    if not key:
+        return sa.Column("organization_id", sa.String(40), nullable=False)
     return sa.Column(
         "organization_id", sa.String(40), sa.ForeignKey("organizations.id"), nullable=False
     )
@@ -215,7 +221,7 @@ step_runs = sa.Table(
     "step_runs",
     metadata,
     _id(),
-    _org(),
+    _org(key=False),
     sa.Column("execution_id", sa.String(40), sa.ForeignKey("executions.id"), nullable=False),
     sa.Column("stage", sa.String(20), nullable=False),
     sa.Column("name", sa.String(200), nullable=False),
@@ -250,7 +256,7 @@ instructions = sa.Table(
     "instructions",
     metadata,
     _id(),
-    _org(),
+    _org(key=False),
     sa.Column("execution_id", sa.String(40), sa.ForeignKey("executions.id")),
     sa.Column("step_run_id", sa.String(40), sa.ForeignKey("step_runs.id")),
     sa.Column("attempt", sa.Integer, nullable=False),

@@ -372,19 +372,33 @@ def _reported_releasing() -> sa.CompoundSelect:
     row, whatever the statement's snapshot: a concurrent release of the same dependents
     that committed while this one waited for the execution is counted."""
     reported = REPORTED_LOCKED.add_columns(sa.false().label("released")).cte("reported")
-    names = sa.func.json_array_elements_text(reported.c.step__dependents).column_valued()
-    release = (
-        step_runs.update()
+    # The dependents' ids, each looked up by its name (one probe of the execution's
+    # unique names; a scan of all the execution's steps otherwise), then changed by id.
+    name = sa.func.json_array_elements_text(reported.c.step__dependents).table_valued("value")
+    dependent = step_runs.alias("dependent")
+    ids = (
+        sa.select(
+            sa.select(dependent.c.id)
+            .where(
+                dependent.c.execution_id == reported.c.execution_id,
+                dependent.c.name == name.c.value,
+                dependent.c.parent_id.is_(None),
+            )
+            .scalar_subquery()
+            .correlate(reported, name)
+        )
+        .select_from(reported, name)
         .where(
-            step_runs.c.execution_id == reported.c.execution_id,
-            step_runs.c.parent_id.is_(None),
-            step_runs.c.name.in_(sa.select(names)),
             one_of(reported.c.status, ACTIVE_INSTRUCTION),
             reported.c.agent_id == param(agents.c.id, "agent_id"),
             reported.c.step__instruction_id == reported.c.id,
             one_of(reported.c.step__status, ("running",)),
             reported.c.step__parent_id.is_(None),
         )
+    )
+    release = (
+        step_runs.update()
+        .where(step_runs.c.id == sa.any_(sa.func.array(ids.scalar_subquery())))
         .values(waiting=step_runs.c.waiting - 1)
         .returning(*step_runs.c)
         .cte("release")

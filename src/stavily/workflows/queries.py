@@ -360,6 +360,29 @@ REPORTED = (
 REPORTED_LOCKED = REPORTED.with_for_update(of=[executions, instructions])
 
 
+def _named(execution_id: Any, names: Any, *where: Any, after: Any = None) -> sa.ColumnElement[bool]:
+    """PostgreSQL: `step_runs.id = ANY(...)` for the top-level steps of the execution
+    named in `names` (a table-valued function, column `value`, FROM `after` if given,
+    whose columns it may take) where `where` holds: each looked up by its name, one
+    probe of the execution's unique names, then changed by id. Filtering the
+    execution's steps by a list of names made PostgreSQL read all of them, at every
+    step of a long workflow."""
+    step = step_runs.alias("named")
+    one = (
+        sa.select(step.c.id)
+        .where(
+            step.c.execution_id == execution_id,
+            step.c.name == names.c.value,
+            step.c.parent_id.is_(None),
+        )
+        .scalar_subquery()
+        .correlate_except(step)
+    )
+    froms = (names,) if after is None else (after, names)
+    ids = sa.select(one).select_from(*froms).where(*where).scalar_subquery()
+    return step_runs.c.id == sa.any_(sa.func.array(ids))
+
+
 def _reported_releasing() -> sa.CompoundSelect:
     """PostgreSQL: REPORTED_LOCKED for a result that completes its step, and in the same
     statement the step's dependents released (as RELEASE_DEPENDENTS) when the engine
@@ -372,33 +395,21 @@ def _reported_releasing() -> sa.CompoundSelect:
     row, whatever the statement's snapshot: a concurrent release of the same dependents
     that committed while this one waited for the execution is counted."""
     reported = REPORTED_LOCKED.add_columns(sa.false().label("released")).cte("reported")
-    # The dependents' ids, each looked up by its name (one probe of the execution's
-    # unique names; a scan of all the execution's steps otherwise), then changed by id.
-    name = sa.func.json_array_elements_text(reported.c.step__dependents).table_valued("value")
-    dependent = step_runs.alias("dependent")
-    ids = (
-        sa.select(
-            sa.select(dependent.c.id)
-            .where(
-                dependent.c.execution_id == reported.c.execution_id,
-                dependent.c.name == name.c.value,
-                dependent.c.parent_id.is_(None),
-            )
-            .scalar_subquery()
-            .correlate(reported, name)
-        )
-        .select_from(reported, name)
-        .where(
-            one_of(reported.c.status, ACTIVE_INSTRUCTION),
-            reported.c.agent_id == param(agents.c.id, "agent_id"),
-            reported.c.step__instruction_id == reported.c.id,
-            one_of(reported.c.step__status, ("running",)),
-            reported.c.step__parent_id.is_(None),
-        )
-    )
+    names = sa.func.json_array_elements_text(reported.c.step__dependents).table_valued("value")
     release = (
         step_runs.update()
-        .where(step_runs.c.id == sa.any_(sa.func.array(ids.scalar_subquery())))
+        .where(
+            _named(
+                reported.c.execution_id,
+                names,
+                one_of(reported.c.status, ACTIVE_INSTRUCTION),
+                reported.c.agent_id == param(agents.c.id, "agent_id"),
+                reported.c.step__instruction_id == reported.c.id,
+                one_of(reported.c.step__status, ("running",)),
+                reported.c.step__parent_id.is_(None),
+                after=reported,
+            )
+        )
         .values(waiting=step_runs.c.waiting - 1)
         .returning(*step_runs.c)
         .cte("release")
@@ -460,7 +471,12 @@ RELEASE_DEPENDENTS = {
         step_runs.c.name.in_(sa.bindparam("names", expanding=True, type_=sa.String))
     ),
     "postgresql": _release_dependents(
-        step_runs.c.name == sa.any_(sa.bindparam("names", type_=ARRAY(sa.String)))
+        _named(
+            param(step_runs.c.execution_id, "b_execution_id"),
+            sa.func.unnest(sa.bindparam("names", type_=ARRAY(sa.String)))
+            .table_valued("value")
+            .render_derived(),
+        )
     ),
 }
 

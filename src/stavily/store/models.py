@@ -53,10 +53,10 @@ def _id() -> sa.Column[str]:
 
 
 def _org(key: bool = True) -> sa.Column[str]:
-    """The owning organization. The rows a step writes go without the foreign key
-    (`key` off): their execution's row has it, their execution's they must be (the
-    engine copies it), and the key was checked at each of them, the organization's row
-    locked FOR KEY SHARE by every transaction of every agent at once."""
+    """The owning organization. Rows a step writes (`key` off) carry no foreign key:
+    their execution's row has one, and the engine copies its organization into them.
+    Checking the key at each of them locked the organization's row FOR KEY SHARE from
+    every agent's transaction at once."""
     if not key:
         return sa.Column("organization_id", sa.String(40), nullable=False)
     return sa.Column(

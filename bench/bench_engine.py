@@ -53,9 +53,9 @@ database itself (no step with two instructions, no instruction leased twice). Ex
 status 1 when a check failed.
 
 With --profile, the chain test (with --only throughput: the throughput test) is run
-once more on SQLite with the server under pyinstrument, and the profile of its timed
-window is summarised; those timings are slowed by the profiler and are not the
-benchmark's.
+once more with the server under pyinstrument, on the backend given (SQLite with
+--backend both), and the profile of its timed window is summarised; those timings are
+slowed by the profiler and are not the benchmark's.
 
 Run time: the throughput tests' fixed work (twice 30,000 steps and starting 20,000 runs
 on each backend) dominates: about 15 minutes at 900 steps/s on SQLite and 200 on
@@ -948,17 +948,19 @@ def bench_backend(backend: str, options: argparse.Namespace) -> dict[str, Any]:
 
 
 def profile_shape(options: argparse.Namespace) -> dict[str, Any]:
-    """The chain (or with --only throughput, the throughput test) once more on SQLite,
-    the server under pyinstrument; the timed window is cut out of its profile."""
+    """The chain (or with --only throughput, the throughput test) once more on the
+    backend given (SQLite for both), the server under pyinstrument; the timed window is
+    cut out of its profile."""
     shape = options.only or "chain"
+    backend = "sqlite" if options.backend == "both" else options.backend
     tmp = Path(tempfile.mkdtemp(prefix="stavily-bench-engine-profile-"))
     options.profile_dir.mkdir(parents=True, exist_ok=True)
-    session = options.profile_dir / "server-sqlite-whole.pyisession"
-    report: dict[str, Any] = {"backend": "sqlite"}
+    session = options.profile_dir / f"server-{backend}-whole.pyisession"
+    report: dict[str, Any] = {"backend": backend}
     try:
-        with fresh_database("sqlite", tmp, options.pg_url) as database_url:
-            server = Server("sqlite", database_url, tmp / "data", tmp / "server.log", session)
-            say(f"\n== profile: sqlite server under pyinstrument on {server.url} ==")
+        with fresh_database(backend, tmp, options.pg_url) as database_url:
+            server = Server(backend, database_url, tmp / "data", tmp / "server.log", session)
+            say(f"\n== profile: {backend} server under pyinstrument on {server.url} ==")
             server.start()
             try:
                 if shape == "chain":
@@ -969,10 +971,11 @@ def profile_shape(options: argparse.Namespace) -> dict[str, Any]:
                 server.stop()
             timed = report["chain"]["poll"] if shape == "chain" else report["tp"]
             summary = summarise_profile(
-                session, options.profile_dir, "sqlite", shape, timed["window"]
+                session, options.profile_dir, backend, shape, timed["window"]
             )
-            cut = options.profile_dir / f"server-sqlite-{shape}.pyisession"
+            cut = options.profile_dir / f"server-{backend}-{shape}.pyisession"
             return {
+                "backend": backend,
                 "shape": shape,
                 "timed": timed,
                 "profile": summary,
@@ -989,7 +992,7 @@ def _short(path: str) -> str:
     return path
 
 
-IDLE = "(idle: the event loop waiting for I/O and the aiosqlite thread)"
+IDLE = "(the event loop: waiting for I/O, and C code under it: uvloop, asyncpg's protocol)"
 GREENLET = "(SQLAlchemy core in its greenlet: compiling and executing our statements)"
 HTTP = "(HTTP outside our routes: uvicorn, starlette, fastapi parsing and validation)"
 
@@ -1604,7 +1607,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="also run the chain (--only throughput: that) on SQLite under pyinstrument",
+        help="also run the chain (--only throughput: that) under pyinstrument",
     )
     parser.add_argument("--executions", type=int, help="throughput runs (10000; quick 1000)")
     parser.add_argument("--chain-steps", type=int, default=400)
@@ -1698,7 +1701,7 @@ def main() -> int:
             f"\nUnder pyinstrument the {profiled['shape']} test took {timed['elapsed']:.2f} s "
             f"({rate}; slowed by the profiler)"
         )
-        print_profile("sqlite", profiled["profile"])
+        print_profile(profiled["backend"], profiled["profile"])
         print_places(profiled["places"])
     print_table(reports, peer, options)
     say(f"\ntotal wall time {time.monotonic() - began:.0f} s")

@@ -19,7 +19,7 @@ from stavily.timeutil import utcnow
 from stavily.workflows import queries
 from stavily.workflows.engine import Engine
 from tests.harness import PG_ONLY
-from tests.integration.test_deferred_writes import log_all, statements
+from tests.integration.test_deferred_writes import LOGGED_POOL, log_all, statements
 from tests.integration.test_prebuilt import NOW, seed
 
 pytestmark = PG_ONLY
@@ -75,7 +75,7 @@ async def holders(db: Database) -> dict[str, str | None]:
 
 def test_claims_in_one_statement_and_as_the_two_statement_way_would(pg_url: str) -> None:
     async def main() -> None:
-        db = Database(pg_url, pool_size=1)  # one connection: its statements are all logged
+        db = Database(pg_url, pool_size=LOGGED_POOL)  # every statement logged
         try:
             await migrate.upgrade(db)
             org = (await seed(db))["org"]

@@ -47,13 +47,17 @@ async def sent(conn: Any) -> list[str]:
 
 
 async def log_all(db: Database) -> list[str]:
-    """The statements asyncpg sends on the one connection of `db` (a pool of one) from
-    now on, as `sent` does."""
+    """The statements asyncpg sends on the connections of `db`, made with a pool of two
+    (one kept for writes, one for the rest: LOGGED_POOL), from now on, as `sent` does."""
     log: list[str] = []
-    async with db.read() as conn:
-        raw = (await conn.get_raw_connection()).dbapi_connection
-        raw._connection.add_query_logger(lambda q: log.append(q.query))
+    async with db.write() as kept, db.read() as pooled:
+        for conn in (kept, pooled):
+            raw = (await conn.get_raw_connection()).dbapi_connection
+            raw._connection.add_query_logger(lambda q: log.append(q.query))
     return log
+
+
+LOGGED_POOL = 2  # see log_all
 
 
 async def statements(log: list[str]) -> list[str]:

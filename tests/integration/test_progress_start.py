@@ -19,7 +19,7 @@ from stavily.store.models import audit_records, instructions
 from stavily.timeutil import utcnow
 from stavily.workflows.engine import Engine
 from tests.harness import PG_ONLY
-from tests.integration.test_deferred_writes import log_all, statements
+from tests.integration.test_deferred_writes import LOGGED_POOL, log_all, statements
 from tests.integration.test_prebuilt import seed
 
 pytestmark = PG_ONLY
@@ -33,7 +33,7 @@ def test_started_is_one_statement_and_writes_what_the_long_way_would(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def main() -> None:
-        db = Database(pg_url, pool_size=1)  # one connection: its statements are all logged
+        db = Database(pg_url, pool_size=LOGGED_POOL)  # every statement logged
         try:
             await migrate.upgrade(db)
             org = (await seed(db))["org"]

@@ -23,7 +23,8 @@ class Settings(BaseSettings):
         le=1000,
         description="PostgreSQL connections each server process keeps open. A request "
         "waits for a free one rather than opening more: opening and closing a connection "
-        "per request costs far more than the wait.",
+        "per request costs far more than the wait. Half of them serve write transactions "
+        "and single statements, the rest reads.",
     )
     bootstrap_token: str | None = Field(
         default=None, description="Admin API token created on first start."

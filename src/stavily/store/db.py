@@ -227,8 +227,8 @@ class Database:
             None if self.is_sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
         )
         # PostgreSQL: half the pool is kept out of it for write() and single_statements()
-        # (see _kept); the rest serves reads. 0 (a pool of 1), or an adapter prebuilt does
-        # not know (then False): each use checks a connection out of the pool.
+        # (see _driver); the rest serves reads. With none (a pool of 1), or an adapter
+        # prebuilt does not know (_kept_usable False), each use checks one out of the pool.
         self._kept_limit = 0 if self.is_sqlite else pool_size // 2
         self._kept_slots = asyncio.Semaphore(max(1, self._kept_limit))
         self._kept_idle: list[_Kept] = []
@@ -327,8 +327,8 @@ class Database:
                     finally:
                         await self._give_back(kept, True)
                     return
-        source = self._autocommit if autocommit else None
-        async with source.connect() if source else self.engine.begin() as conn:
+        pooled = self._autocommit if autocommit else self.engine
+        async with pooled.connect() if autocommit else pooled.begin() as conn:
             driver = DriverConnection(conn)
             yield driver
             await driver.flush()

@@ -38,12 +38,13 @@ def on_seeded(url: str, scenario: Callable[[Database, str], Awaitable[None]]) ->
     asyncio.run(main())
 
 
-async def sent(conn: Any) -> list[str]:
-    """The statements asyncpg sends on `conn` from now on (BEGIN and COMMIT aside)."""
+async def sent(conn: Any, log: list[str] | None = None) -> list[str]:
+    """The statements asyncpg sends on `conn` from now on (BEGIN and COMMIT aside),
+    appended to `log` if given."""
     raw = await conn.get_raw_connection()
-    log: list[str] = []
-    raw.dbapi_connection._connection.add_query_logger(lambda q: log.append(q.query))
-    return log
+    into: list[str] = [] if log is None else log
+    raw.dbapi_connection._connection.add_query_logger(lambda q: into.append(q.query))
+    return into
 
 
 async def log_all(db: Database) -> list[str]:
@@ -52,8 +53,7 @@ async def log_all(db: Database) -> list[str]:
     log: list[str] = []
     async with db.write() as kept, db.read() as pooled:
         for conn in (kept, pooled):
-            raw = (await conn.get_raw_connection()).dbapi_connection
-            raw._connection.add_query_logger(lambda q: log.append(q.query))
+            await sent(conn, log)
     return log
 
 

@@ -125,7 +125,8 @@ def test_claims_in_one_statement_and_as_the_two_statement_way_would(pg_url: str)
             # what a claim saw and left is offered to the agents waiting
             await queue(db, org, {"i1": {}, "i2": {}, "i3": PROD})
             async with db.single_statements() as conn:
-                payloads, left = await engine._claim(conn, dev, 1, utcnow())
+                payloads, offers = await engine._claim(conn, dev, 1, utcnow())
+            left = list(offers)  # built as they are read
             assert [p["id"] for p in payloads] == ["i1"]
             assert [item["id"] for item in left] == ["i2"]  # i3 is not dev's to take
             assert set(left[0]) == {c.name for c in queries.OFFER_COLUMNS}

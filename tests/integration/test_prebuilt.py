@@ -311,3 +311,22 @@ def test_parameters_are_put_in_place_as_sqlalchemy_puts_them(dialect_name: str) 
         missing = {k: v for k, v in wanted.items() if k != required}
         with pytest.raises(sa.exc.InvalidRequestError, match=required):
             plan.positional(missing)
+
+
+@pytest.mark.parametrize("dialect_name", ["sqlite", "postgresql"])
+def test_every_column_type_reads_null_as_none(dialect_name: str) -> None:
+    """Prebuilt results leave a NULL None without calling its type's result processor:
+    true only while every type of the schema turns None into None, as these do."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    from stavily.store.models import metadata
+
+    dialect = sqlite.dialect() if dialect_name == "sqlite" else postgresql.asyncpg.dialect()
+    converting = 0
+    for table in metadata.tables.values():
+        for column in table.columns:
+            process = column.type._cached_result_processor(dialect, None)
+            if process is not None:
+                converting += 1
+                assert process(None) is None, f"{table.name}.{column.name}"
+    assert converting  # JSON and the datetimes at least

@@ -40,6 +40,25 @@ def test_each_item_wakes_one_waiter_the_longest_waiting_first() -> None:
         waiters.offer([work()])  # nobody left asleep: nothing to do, nothing breaks
 
 
+def test_offers_are_read_only_as_far_as_there_are_waiters_to_wake() -> None:
+    """A claim's offers are built as they are read: none while nobody waits, and no more
+    once every waiter is awake."""
+    read: list[int] = []
+
+    def offers(n: int) -> Any:
+        for i in range(n):
+            read.append(i)
+            yield work()
+
+    waiters = Waiters()
+    waiters.offer(offers(5))
+    assert read == []
+    first, second = Waiter(agent("a")), Waiter(agent("b"))
+    with waiters.register(first), waiters.register(second):
+        waiters.offer(offers(5))
+    assert read == [0, 1] and first.woken and second.woken
+
+
 def test_only_waiters_that_may_take_the_item_are_woken() -> None:
     waiters = Waiters()
     other_org = Waiter(agent("x", org="elsewhere"))

@@ -85,16 +85,18 @@ class Waiters:
         """Queued instructions: wake one waiter that may take each, preferring the agent
         each was routed to. Waiters already woken will look anyway and are not counted."""
         sleeping = [w for w in self._waiters if not w.woken]
+        if not sleeping:
+            return  # `work` not looked at: it may be built as it is read (engine._offers)
         now = utcnow()
         for item in work:
-            if not sleeping:
-                return
             # While a preference holds, only the preferred agent may take the item.
             for i, waiter in enumerate(sleeping):
                 if may_take(waiter.agent, item, now):
                     waiter.wake()
                     del sleeping[i]
                     break
+            if not sleeping:
+                return
 
     def offer_later(self, delay: float, work: list[dict[str, Any]]) -> None:
         asyncio.get_running_loop().call_later(max(delay, 0.0), self.offer, work)

@@ -90,6 +90,10 @@ class _Plan:
             self.result_processors = [
                 c.type._cached_result_processor(dialect, None) for c in columns
             ]
+        # The columns a result processor converts, by position. A NULL is left None
+        # unconverted, as every type's processor would return it (tested for each type
+        # of the schema: test_prebuilt).
+        self.converted = [(i, p) for i, p in enumerate(self.result_processors) if p]
 
     def sql_for(self, lengths: dict[str, int]) -> str:
         sql = self.sql
@@ -163,14 +167,9 @@ def run(connection: Connection, statement: Any, parameters: Any) -> Result:
             cursor.executemany(sql, [plan.positional(p) for p in batch])
             return Result(None, [], cursor.rowcount)
         cursor.execute(sql, plan.positional(batch[0]))
-        rows: list[Any] = []
-        if plan.row_type is not None:
-            make, processors = plan.row_type._make, plan.result_processors
-            rows = [
-                make(p(v) if p else v for p, v in zip(processors, raw, strict=True))
-                for raw in cursor.fetchall()
-            ]
-        return Result(plan.row_type, rows, cursor.rowcount)
+        if plan.row_type is None:
+            return Result(None, [], cursor.rowcount)
+        return _rows(plan, cursor.fetchall(), cursor.rowcount)
     finally:
         cursor.close()
 
@@ -201,13 +200,21 @@ async def run_asyncpg(adapted: Any, dialect: Dialect, statement: Any, parameters
     return _rows(plan, records)
 
 
-def _rows(plan: _Plan, records: list[Any]) -> Result:
-    make, processors = plan.row_type._make, plan.result_processors  # type: ignore[union-attr]
-    rows = [
-        make(p(v) if p else v for p, v in zip(processors, record, strict=True))
-        for record in records
-    ]
-    return Result(plan.row_type, rows, len(rows))
+def _rows(plan: _Plan, records: list[Any], rowcount: int | None = None) -> Result:
+    """Result rows as SQLAlchemy would give them, converted by each column's type."""
+    make, converted = plan.row_type._make, plan.converted  # type: ignore[union-attr]
+    count = len(records) if rowcount is None else rowcount
+    if not converted:
+        return Result(plan.row_type, [make(r) for r in records], count)
+    rows = []
+    for record in records:
+        values = list(record)
+        for i, process in converted:
+            value = values[i]
+            if value is not None:  # NULL is None in every type (_Plan.converted)
+                values[i] = process(value)
+        rows.append(make(values))
+    return Result(plan.row_type, rows, count)
 
 
 class Deferred(NamedTuple):

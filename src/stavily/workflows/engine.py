@@ -10,7 +10,7 @@ one execution never advance it at the same time.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -98,6 +98,15 @@ def _released(row: Any) -> bool:
 
 def _offer(row: Any) -> dict[str, Any]:
     return {c.name: getattr(row, c.name) for c in queries.OFFER_COLUMNS}
+
+
+def _offers(rows: Iterable[Any], agent: AgentIdentity | None = None) -> Iterator[dict[str, Any]]:
+    """What a claim saw and left (those `agent` may take, if given), oldest first, as
+    offers to the other waiting agents: built one by one as Waiters.offer takes them, so
+    none while nobody waits (a claim reads a page of 32 and leases one)."""
+    for row in _oldest_first(rows):
+        if agent is None or eligible(agent, row.selector):
+            yield _offer(row)
 
 
 def instruction_payload(row: Any) -> dict[str, Any]:
@@ -357,10 +366,10 @@ class Engine:
 
     async def _claim(
         self, conn: AsyncConnection, agent: AgentIdentity, slots: int, now: datetime
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    ) -> tuple[list[dict[str, Any]], Iterable[dict[str, Any]]]:
         """Lease up to `slots` instructions to the agent on `conn` (in the caller's
         transaction, or on PostgreSQL outside any): what it hands out, and what it saw
-        eligible but left for others."""
+        eligible but left for others (built as they are taken: see _offers)."""
         free = slots
         if self.db.is_sqlite:
             # Read now, not from the request's start: a long poll may outlive a drain,
@@ -380,12 +389,12 @@ class Engine:
                 await conn.execute(queries.claim(limit), self._lease_params(agent, free, now))
             ).all()
             taken = _oldest_first(r for r in rows if r.taken)
-            page = _oldest_first(r for r in rows if not r.taken)
+            page = [r for r in rows if not r.taken]
             free -= len(taken)
-            fitting = [r for r in page if eligible(agent, r.selector)]
             if free <= 0 or all(r.open for r in page):
-                left = [_offer(r) for r in fitting] if taken else []
+                left = _offers(page, agent) if taken else ()
                 return [instruction_payload(r) for r in taken], left
+            fitting = _oldest_first(r for r in page if eligible(agent, r.selector))
             # One whose selector only Python matches stopped it: the page is matched here
             # and what fits leased (the pages are read again only if none of a full one
             # fits this agent).
@@ -403,7 +412,7 @@ class Engine:
         free: int,
         now: datetime,
         fitting: list[Any] | None = None,
-    ) -> tuple[list[Any], list[dict[str, Any]]]:
+    ) -> tuple[list[Any], Iterable[dict[str, Any]]]:
         """Candidates (`fitting`, or read and matched here), then leased: the rows
         leased, and the eligible ones left to offer others (none if nothing was leased:
         others hold them)."""
@@ -419,7 +428,7 @@ class Engine:
         if not rows:  # no room, or others hold them all: they offer what they leave
             return [], []
         taken = {r.id for r in rows}
-        return rows, [_offer(c) for c in fitting if c.id not in taken]
+        return rows, _offers(c for c in fitting if c.id not in taken)
 
     def _lease_params(self, agent: AgentIdentity, free: int, now: datetime) -> dict[str, Any]:
         return {
@@ -505,7 +514,7 @@ class Engine:
             limit = min(limit * 4, 1024)
             statement = queries.candidates(limit, after=True)
 
-    def _claimed(self, payloads: list[dict[str, Any]], left: list[dict[str, Any]]) -> None:
+    def _claimed(self, payloads: list[dict[str, Any]], left: Iterable[dict[str, Any]]) -> None:
         """After the commit: routing preferences of what was taken are settled, and what
         the claim left is offered to the other waiting agents."""
         for payload in payloads:
@@ -657,7 +666,7 @@ class Engine:
             )
         now = utcnow()
         payloads: list[dict[str, Any]] = []
-        left: list[dict[str, Any]] = []
+        left: Iterable[dict[str, Any]] = ()
         async with self.db.write() as conn:
             done = await self._record(conn, agent, instruction_id, report, digest, final, now)
             if claim_next and agent.admin_state == "active":

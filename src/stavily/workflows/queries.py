@@ -271,12 +271,16 @@ def claim(limit: int) -> sa.CompoundSelect:
     statement = _CLAIMS.get(limit)
     if statement is not None:
         return statement
-    page = (
+    read = (
         _CANDIDATES.add_columns(_OPEN_TO_ANY.label("open"))
         .limit(sa.literal_column(str(int(limit)), sa.Integer))
-        .cte("page")
+        .subquery("read")
     )
-    before = page.alias("before")
+    # `clear`: no restricted one up to this row. A running bool_and over the rows as
+    # read (in order: no sort), not a look at the rows before each.
+    order = (read.c.execution_id, read.c.id)
+    clear = sa.func.bool_and(read.c.open).over(order_by=order).label("clear")
+    page = sa.select(read, clear).cte("page")
     # The ids before the first restricted one, oldest first, handed to the lease as TAKE
     # hands its own: looked up and locked one by one until the agent has enough, not all
     # of the page looked up, then sorted, then locked.
@@ -287,13 +291,7 @@ def claim(limit: int) -> sa.CompoundSelect:
                 type_=ARRAY(sa.String),
             )
         )
-        .where(
-            ~sa.exists().where(
-                ~before.c.open,
-                sa.tuple_(before.c.execution_id, before.c.id)
-                <= sa.tuple_(page.c.execution_id, page.c.id),
-            )
-        )
+        .where(page.c.clear)
         .scalar_subquery()
     )
     lease = _lease(*_in_order(prefix))

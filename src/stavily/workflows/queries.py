@@ -250,10 +250,12 @@ PAYLOAD_COLUMNS = (
 
 # Selectors any agent of the type meets (fleet.agents.eligible): no agent named, no
 # labels, no pools. Other keys (a routing strategy) do not restrict who may take it.
+# Read from the JSON text as written (compact: db.dumps), not a JSONB made of it three
+# times a row: an empty value written otherwise ('{ }') only leaves the match to Python.
 _OPEN_TO_ANY = sa.literal_column(
-    "(coalesce(CAST(instructions.selector AS JSONB) ->> 'single_agent', '') = ''"
-    " AND coalesce(CAST(instructions.selector AS JSONB) -> 'labels', '{}') IN ('{}', 'null')"
-    " AND coalesce(CAST(instructions.selector AS JSONB) -> 'pools', '[]') IN ('[]', 'null'))",
+    "(coalesce(instructions.selector ->> 'single_agent', '') = ''"
+    " AND coalesce(CAST(instructions.selector -> 'labels' AS TEXT), '{}') IN ('{}', 'null')"
+    " AND coalesce(CAST(instructions.selector -> 'pools' AS TEXT), '[]') IN ('[]', 'null'))",
     sa.Boolean,
 )
 _CLAIMS: dict[int, sa.CompoundSelect] = {}

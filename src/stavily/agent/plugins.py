@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import os
 import re
@@ -10,12 +11,15 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from stavily.security.environment import PASSED_ENV as _PASSED_ENV
+from stavily.security.environment import refusal
 from stavily.workflows.definition import parse_duration
 
 _SAFE_ID = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
@@ -37,8 +41,12 @@ _RUNTIMES = {
     "shell": ["sh"],
     "bash": ["bash"],
 }
-_PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")
 STDERR_KEPT = 64 * 1024
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class Refused(Exception):
+    """A step asks for something the agent does not do; the step fails with this message."""
 
 
 @dataclass
@@ -95,6 +103,150 @@ def _command(folder: Path, entry: Path, manifest: dict[str, Any]) -> list[str]:
     return [str(entry)]
 
 
+def _kind(value: Any) -> str:
+    """A JSON value's kind, for messages (never the value: it may be a secret)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int | float):
+        return "a number"
+    return f"a {type(value).__name__}"
+
+
+def _patterns(value: Any) -> tuple[str, ...] | None:
+    """A list of names or glob patterns; None when it is not one."""
+    if value is None:
+        return ()
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    return None
+
+
+def _allowed(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def plugin_environment(
+    instruction: dict[str, Any],
+    configuration: dict[str, Any],
+    manifest: dict[str, Any],
+    allow_env: Sequence[str] = (),
+) -> dict[str, str]:
+    """The agent's base, then each step variable the manifest's `permissions.environment`,
+    the agent's `allow_env` or the step's secrets allow; never a refused one."""
+    requested = configuration.get("environment")
+    if requested is None:
+        requested = {}
+    if not isinstance(requested, dict):
+        raise Refused(
+            "plugin_configuration.environment must be a mapping of names to values, "
+            f"not {_kind(requested)}"
+        )
+    context = instruction.get("context")
+    secrets = context.get("secret_environment") if isinstance(context, dict) else None
+    secret_names = set(_patterns(secrets) or ())
+    permissions = manifest.get("permissions")
+    declared = _patterns(permissions.get("environment") if isinstance(permissions, dict) else None)
+    env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
+    # In name order, and every refused name before any unallowed one: the step's message
+    # names the variable that matters most, the same one each time.
+    texts: dict[str, str] = {}
+    for name in sorted(requested, key=str):
+        value = requested[name]
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            raise Refused(
+                f"environment variable name {str(name)!r} is invalid: letters, digits and "
+                "underscores, not starting with a digit"
+            )
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str | int | float):
+            text = str(value)
+        else:
+            raise Refused(
+                f"environment variable '{name}' must be a string, number or boolean, "
+                f"not {_kind(value)}"
+            )
+        if "\0" in text:
+            raise Refused(f"environment variable '{name}' holds a NUL character")
+        reason = refusal(name)
+        if reason is not None:
+            raise Refused(f"environment variable '{name}' is refused: {reason}")
+        texts[name] = text
+    for name, text in texts.items():
+        if name not in secret_names and not _allowed(name, allow_env):
+            if declared is None:
+                raise Refused(
+                    f"environment variable '{name}' is not allowed: the plugin's manifest "
+                    "permissions.environment must be a list of variable names"
+                )
+            if not _allowed(name, declared):
+                raise Refused(
+                    f"environment variable '{name}' is not allowed by the plugin's manifest "
+                    "(permissions.environment) or the agent's --allow-env"
+                )
+        env[name] = text
+    env["STAVILY_INSTRUCTION_ID"] = str(instruction.get("id", ""))
+    return env
+
+
+def plugin_arguments(configuration: dict[str, Any]) -> list[str]:
+    """The step's `arguments`: strings and numbers, passed after the entry point."""
+    arguments = configuration.get("arguments")
+    if arguments is None:
+        return []
+    if not isinstance(arguments, list):
+        raise Refused(
+            "plugin_configuration.arguments must be a list of strings or numbers, "
+            f"not {_kind(arguments)}"
+        )
+    texts = []
+    for index, argument in enumerate(arguments):
+        if isinstance(argument, bool) or not isinstance(argument, str | int | float):
+            raise Refused(
+                f"plugin_configuration.arguments[{index}] must be a string or a number, "
+                f"not {_kind(argument)}"
+            )
+        text = str(argument)
+        if "\0" in text:
+            raise Refused(f"plugin_configuration.arguments[{index}] holds a NUL character")
+        texts.append(text)
+    return texts
+
+
+def plugin_entry(folder: Path, configuration: dict[str, Any], manifest: dict[str, Any]) -> Path:
+    """The manifest's `runtime.entry_point`, which a step may name but not change; the
+    step's `entrypoint` only for a plugin whose manifest names none."""
+    asked = configuration.get("entrypoint")
+    if asked is not None and not isinstance(asked, str):
+        raise Refused(f"plugin_configuration.entrypoint must be a string, not {_kind(asked)}")
+    runtime = manifest.get("runtime")
+    declared = runtime.get("entry_point") if isinstance(runtime, dict) else None
+    if declared:
+        entry = (folder / str(declared)).resolve()
+        if asked and (folder / asked).resolve() != entry:
+            raise Refused(
+                f"entrypoint '{asked}' is refused: the plugin's manifest runs '{declared}' "
+                "(runtime.entry_point)"
+            )
+        name = str(declared)
+    elif asked:
+        entry = (folder / asked).resolve()
+        name = asked
+    else:
+        raise Refused("entrypoint is required")
+    if folder not in entry.parents or not entry.is_file():
+        raise Refused(f"entrypoint '{name}' is not in the plugin")
+    return entry
+
+
 def parse_output(text: str) -> Any:
     """One JSON object becomes the result; anything else comes back as raw output."""
     stripped = text.strip()
@@ -105,7 +257,11 @@ def parse_output(text: str) -> Any:
     return value if isinstance(value, dict) else {"raw_output": text}
 
 
-async def run_plugin(plugins_dir: Path, instruction: dict[str, Any]) -> Outcome:
+async def run_plugin(
+    plugins_dir: Path, instruction: dict[str, Any], allow_env: Sequence[str] = ()
+) -> Outcome:
+    """Run one `execute` instruction's plugin; `allow_env` is the agent's own allow list
+    (`--allow-env`), beside the manifest's `permissions.environment`."""
     started = time.monotonic()
     plugin_id = str(instruction.get("plugin_id") or "")
     if not _SAFE_ID.match(plugin_id):
@@ -114,19 +270,21 @@ async def run_plugin(plugins_dir: Path, instruction: dict[str, Any]) -> Outcome:
     if not folder.is_dir():
         return Outcome(False, error_message=f"plugin '{plugin_id}' is not installed")
     manifest = load_manifest(folder)
-    configuration = instruction.get("plugin_configuration") or {}
-    entry_name = configuration.get("entrypoint") or (manifest.get("runtime") or {}).get(
-        "entry_point"
-    )
-    if not entry_name:
-        return Outcome(False, error_message="entrypoint is required")
-    entry = (folder / str(entry_name)).resolve()
-    if folder not in entry.parents or not entry.is_file():
-        return Outcome(False, error_message=f"entrypoint '{entry_name}' is not in the plugin")
-    arguments = [str(a) for a in configuration.get("arguments") or []]
-    env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
-    env.update({str(k): str(v) for k, v in (configuration.get("environment") or {}).items()})
-    env["STAVILY_INSTRUCTION_ID"] = str(instruction.get("id", ""))
+    configuration = instruction.get("plugin_configuration")
+    if configuration is None:
+        configuration = {}
+    if not isinstance(configuration, dict):
+        return Outcome(
+            False,
+            error_message=f"plugin_configuration must be a mapping, not {_kind(configuration)}",
+        )
+    try:
+        entry = plugin_entry(folder, configuration, manifest)
+        # After the entry point only: they reach the plugin, never its interpreter.
+        arguments = plugin_arguments(configuration)
+        env = plugin_environment(instruction, configuration, manifest, allow_env)
+    except Refused as refused:
+        return Outcome(False, error_message=str(refused), duration=time.monotonic() - started)
     timeout = _time_limit(instruction, manifest)
     memory = _memory_limit(manifest)
 

@@ -10,6 +10,7 @@ import os
 import platform
 import signal
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +20,7 @@ import httpx
 import structlog
 
 from stavily import __version__
-from stavily.agent.plugins import run_plugin
+from stavily.agent.plugins import refusal, run_plugin
 from stavily.agent.system import SystemFigures
 
 log = structlog.get_logger("stavily.agent")
@@ -37,6 +38,20 @@ class AgentConfig:
     poll_wait: float = 25
     result_retry_seconds: float = 600
     capacity: int = 1
+    # Step environment variables any plugin may receive (names or globs, `--allow-env`).
+    allow_env: tuple[str, ...] = ()
+
+
+def allow_env_patterns(options: Iterable[str] | None, variable: str | None) -> tuple[str, ...]:
+    """The agent's allow list: each `--allow-env` and STAVILY_AGENT_ALLOW_ENV's entries,
+    both comma-separated, in order, without blanks or repeats."""
+    patterns: list[str] = []
+    for value in [*(options or ()), variable or ""]:
+        for part in value.split(","):
+            pattern = part.strip()
+            if pattern and pattern not in patterns:
+                patterns.append(pattern)
+    return tuple(patterns)
 
 
 def _now() -> str:
@@ -299,7 +314,9 @@ class Agent:
                 "execution_log": execution_log,
             }
         else:
-            outcome = await run_plugin(self.config.plugins_dir, instruction)
+            outcome = await run_plugin(
+                self.config.plugins_dir, instruction, allow_env=self.config.allow_env
+            )
             execution_log.append(
                 f"[{_now()}] Plugin finished in {outcome.duration:.3f}s: "
                 + ("success" if outcome.success else str(outcome.error_message))
@@ -545,5 +562,12 @@ async def run_agent(config: AgentConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)
-    log.info("agent started", agent_id=config.agent_id, url=config.url)
+    for pattern in config.allow_env:
+        if refusal(pattern) is not None:  # a name (or prefix) on the deny list
+            log.warning(
+                "--allow-env names variables that are never passed to plugins",
+                pattern=pattern,
+                reason=refusal(pattern),
+            )
+    log.info("agent started", agent_id=config.agent_id, url=config.url, allow_env=config.allow_env)
     return await agent.run()

@@ -27,7 +27,16 @@ class Settings(BaseSettings):
         "and single statements, the rest reads.",
     )
     bootstrap_token: str | None = Field(
-        default=None, description="Admin API token created on first start."
+        default=None,
+        repr=False,
+        description="Admin API token created on start (at least 32 characters, 10 distinct); "
+        "changing it revokes the one an earlier start created.",
+    )
+    agent_jwt_key: str | None = Field(
+        default=None,
+        repr=False,
+        description="The key agent JWTs are signed with (at least 32 characters), the same "
+        "on every replica; unset: the file agent-jwt.key in data_dir, made on first start.",
     )
     host: str = "127.0.0.1"
     port: int = 8700
@@ -105,9 +114,49 @@ class Settings(BaseSettings):
         default=30.0,
         description="How long a checked credential is trusted without a lookup (longer than "
         "heartbeat intervals, so a heartbeat costs no read). Revocations apply at once on the "
-        "replica that made them, on others within this time.",
+        "replica that made them and, on PostgreSQL, on the others as soon as they hear of it "
+        "(LISTEN/NOTIFY); a replica that missed the message, within this time.",
+    )
+    secret_env_prefix: str = Field(
+        default="STAVILY_SECRET_",
+        description="Environment variables of the server a workflow's `secrets: {x: {env: "
+        "NAME}}` may read: those starting with this prefix (empty: none by prefix).",
+    )
+    secret_env_names: str = Field(
+        default="",
+        description="More variables a workflow's secrets may read, comma-separated. Never "
+        "the server's own settings (other STAVILY_* variables), whatever this says.",
+    )
+    template_timeout: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="Seconds a step's templates may take to render (off the event loop); "
+        "past it the step fails.",
+    )
+    template_max_output_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="The largest configuration a step's templates may render, in bytes.",
+    )
+    max_workflow_steps: int = Field(
+        default=2000, ge=1, le=100_000, description="Steps one workflow may have."
+    )
+    max_json_depth: int = Field(
+        default=128,
+        ge=8,
+        le=250,
+        description="How deeply a JSON request body may nest; deeper bodies get 422 (and an "
+        "agent's result that deep fails its step).",
     )
     log_level: str = "info"
+
+    @classmethod
+    def variables(cls) -> list[str]:
+        """The environment variables these settings are read from."""
+        prefix = cls.model_config.get("env_prefix", "")
+        return [f"{prefix}{name}".upper() for name in cls.model_fields]
 
     @cached_property
     def effective_database_url(self) -> str:

@@ -557,13 +557,13 @@ actions:
 def test_secrets_reach_the_agent_but_are_masked_in_what_is_stored(
     orchestrator: Orchestrator,
 ) -> None:
-    os.environ["STAVILY_TEST_SECRET_TOKEN"] = "s3cr3t-value"
+    os.environ["STAVILY_SECRET_TEST_TOKEN"] = "s3cr3t-value"
     name, agent = pinned(
         orchestrator,
         """
 secrets:
-  api_token: {env: STAVILY_TEST_SECRET_TOKEN}
-  missing: {env: STAVILY_TEST_SECRET_NOT_SET}
+  api_token: {env: STAVILY_SECRET_TEST_TOKEN}
+  missing: {env: STAVILY_SECRET_TEST_NOT_SET}
 actions:
   steps:
     - {name: call, plugin: echo, config: {header: "Bearer {{ secrets.api_token }}"}}
@@ -581,7 +581,7 @@ actions:
     assert got["call"] == {"header": "Bearer s3cr3t-value"}
     done = orchestrator.execution(execution["id"])
     assert steps_of(done)["call"]["result"] == {"echo": "Bearer ***"}
-    assert "STAVILY_TEST_SECRET_NOT_SET is not set" in steps_of(done)["broken"]["error"]
+    assert "STAVILY_SECRET_TEST_NOT_SET is not set" in steps_of(done)["broken"]["error"]
     assert "s3cr3t" not in orchestrator.api.get(f"/api/v1/executions/{execution['id']}").text
 
 

@@ -97,12 +97,12 @@ def test_started_is_one_statement_and_writes_what_the_long_way_would(
             assert row["status"] == "executing" and row["execution_log"] == lines
 
             # a log to mask (the instruction has secrets): the long way, which masks it
-            monkeypatch.setenv("STAVILY_TEST_SECRET", "hunter2")
+            monkeypatch.setenv("STAVILY_SECRET_TEST", "hunter2")
             async with db.engine.begin() as conn:
                 await conn.execute(
                     instructions.update().values(
                         status="leased",
-                        context={"step": "a", "secrets": {"pw": {"env": "STAVILY_TEST_SECRET"}}},
+                        context={"step": "a", "secrets": {"pw": {"env": "STAVILY_SECRET_TEST"}}},
                     )
                 )
             log.clear()

@@ -249,3 +249,121 @@ def test_random_graphs_are_accepted_exactly_when_they_are_dags(
     assert unique and known and acyclic()
     order = [s["name"] for s in plan(definition)]
     assert sorted(order) == sorted(names_seen)
+
+
+# -- hardening: size, linear checks, strict types, secrets -------------------------------------
+
+
+def _chain(count: int, cycle: bool = False, config: str = "") -> dict:
+    steps = []
+    for i in range(count):
+        step: dict = {"name": f"s{i}", "plugin": "echo"}
+        if i or cycle:
+            step["depends_on"] = [f"s{(i - 1) % count}"]
+        if config and i:
+            step["config"] = {"x": config}
+        steps.append(step)
+    return {"name": "chain", "actions": {"steps": steps}}
+
+
+def test_a_workflow_has_at_most_max_steps() -> None:
+    validate(_chain(2000))
+    with pytest.raises(InvalidInput) as refused:
+        validate(_chain(2001))
+    assert refused.value.details == [
+        {"path": "(root)", "message": "2001 steps: a workflow has at most 2000"}
+    ]
+    validate(_chain(2001), max_steps=2001)
+
+
+def test_a_long_cycle_is_found_without_recursion() -> None:
+    with pytest.raises(InvalidInput) as refused:
+        validate(_chain(5000, cycle=True), max_steps=5000)
+    (problem,) = [p for p in refused.value.details if "cycle" in p["message"]]
+    assert problem["path"] == "actions.steps"
+    assert problem["message"].count(" -> ") == 5000
+
+
+def test_reading_an_early_step_from_a_long_chain_is_checked_quickly() -> None:
+    """Every step reads the first: upstream checks over a 6,000-step chain (each was a
+    walk of its ancestors before: quadratic)."""
+    definition = validate(_chain(6000, config="{{ steps.s0.result }}"), max_steps=6000)
+    planned = plan(definition)
+    assert planned[0]["dependents"] == ["s1"] and planned[-1]["dependents"] == []
+    bad = _chain(3, config="{{ steps.s2.result }}")
+    with pytest.raises(InvalidInput) as refused:
+        validate(bad)
+    assert {p["message"] for p in refused.value.details} == {
+        "'steps.s2' is not upstream of this step"
+    }
+
+
+def test_outputs_read_every_action_upstream() -> None:
+    definition = validate(
+        {
+            "name": "w",
+            "actions": {"steps": [{"name": "a", "plugin": "p"}, {"name": "b", "plugin": "p"}]},
+            "outputs": {
+                "steps": [
+                    {"name": "o", "plugin": "p", "config": {"x": "{{ steps.a.result }}"}},
+                    {
+                        "name": "p",
+                        "plugin": "p",
+                        "depends_on": ["o"],
+                        "config": {"y": "{{ steps.o.result }}"},
+                    },
+                ]
+            },
+        }
+    )
+    assert [s["depends_on"] for s in plan(definition)] == [[], [], ["a", "b"], ["a", "b", "o"]]
+
+
+@pytest.mark.parametrize(
+    ("step", "path"),
+    [
+        ({"error_handling": {"max_retries": "3"}}, "actions.steps[0].error_handling.max_retries"),
+        ({"error_handling": {"max_retries": True}}, "actions.steps[0].error_handling.max_retries"),
+        ({"error_handling": {"jitter": "yes"}}, "actions.steps[0].error_handling.jitter"),
+        ({"parallel": "2", "for_each": [1]}, "actions.steps[0].parallel"),
+    ],
+)
+def test_types_are_not_coerced(step: dict, path: str) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        validate({"name": "w", "actions": {"steps": [{"name": "a", "plugin": "p", **step}]}})
+    assert path in {p["path"] for p in refused.value.details}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("config", "{{ secrets.tok | upper }}", "a secret is inserted as it is"),
+        ("when", "secrets.tok == 'x'", "secrets cannot be used in when"),
+        ("for_each", "{{ secrets.tok }}", "secrets cannot be used in for_each"),
+    ],
+)
+def test_secrets_only_as_they_are(field: str, value: str, message: str) -> None:
+    step = {"name": "a", "plugin": "p", field: {"x": value} if field == "config" else value}
+    with pytest.raises(InvalidInput) as refused:
+        validate(
+            {
+                "name": "w",
+                "secrets": {"tok": {"env": "STAVILY_SECRET_T"}},
+                "actions": {"steps": [step]},
+            }
+        )
+    assert any(message in p["message"] for p in refused.value.details), refused.value.details
+
+
+def test_denied_environment_variables_are_refused_at_apply() -> None:
+    step = {
+        "name": "a",
+        "plugin": "p",
+        "config": {"environment": {"LD_PRELOAD": "/tmp/x.so", "APP_MODE": "fast", "PATH": "/x"}},
+    }
+    with pytest.raises(InvalidInput) as refused:
+        validate({"name": "w", "actions": {"steps": [step]}})
+    assert [p["path"] for p in refused.value.details] == [
+        "actions.steps[0].config.environment.LD_PRELOAD",
+        "actions.steps[0].config.environment.PATH",
+    ]

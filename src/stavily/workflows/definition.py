@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -21,6 +22,8 @@ from pydantic import (
 )
 
 from stavily.errors import InvalidInput
+from stavily.security.environment import refusal
+from stavily.security.secrets import SecretPolicy, reference_problems
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -63,7 +66,7 @@ Duration = Annotated[str | int | float, BeforeValidator(_duration_value)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, strict=True)
 
 
 class LabelExpression(_Strict):
@@ -352,6 +355,9 @@ def _path(loc: tuple[int | str, ...], data: Any = None, missing: bool = False) -
 
 MAX_NODES = 100_000
 MAX_DEPTH = 64
+DEFAULT_MAX_STEPS = 2000
+# libyaml's safe loader when PyYAML was built with it: about ten times faster.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def parse_source(source: str | bytes, content_type: str | None = None) -> Any:
@@ -371,7 +377,7 @@ def parse_source(source: str | bytes, content_type: str | None = None) -> Any:
         if content_type and "json" in content_type:
             data = json.loads(source, parse_constant=_no_constant)
         else:
-            data = yaml.safe_load(source)
+            data = yaml.load(source, Loader=_YAML_LOADER)  # noqa: S506 (a safe loader)
     except (json.JSONDecodeError, yaml.YAMLError, ValueError, RecursionError) as exc:
         message = (
             "nested too deeply" if isinstance(exc, RecursionError) else str(exc).replace("\n", " ")
@@ -410,12 +416,30 @@ def _check_size(data: Any) -> None:
             stack.extend((v, depth + 1) for v in node)
 
 
-def validate(data: Any) -> WorkflowDefinition:
-    """Every problem in one InvalidInput, each with its path."""
+def _step_count(data: dict[str, Any]) -> int:
+    count = 0
+    for stage in STAGES:
+        section = data.get(stage)
+        steps = section.get("steps") if isinstance(section, dict) else None
+        count += len(steps) if isinstance(steps, list) else 0
+    return count
+
+
+def validate(
+    data: Any, max_steps: int = DEFAULT_MAX_STEPS, secrets: SecretPolicy | None = None
+) -> WorkflowDefinition:
+    """Every problem in one InvalidInput, each with its path. Linear in steps plus edges.
+    `secrets`: where this server lets secrets come from (None: not checked, offline)."""
     if not isinstance(data, dict):
         raise InvalidInput(
             "invalid workflow definition",
             [{"path": "(root)", "message": "a workflow is a mapping with name and actions"}],
+        )
+    steps = _step_count(data)
+    if steps > max_steps:
+        raise InvalidInput(
+            "the workflow is too large",
+            [{"path": "(root)", "message": f"{steps} steps: a workflow has at most {max_steps}"}],
         )
     try:
         definition = WorkflowDefinition.model_validate(data)
@@ -436,8 +460,11 @@ def validate(data: Any) -> WorkflowDefinition:
         problems.append(
             {"path": "actions.steps", "message": "a workflow needs at least one action"}
         )
+    if not problems and secrets is not None and definition.secrets:
+        refs = {n: r.model_dump(exclude_none=True) for n, r in definition.secrets.items()}
+        problems = reference_problems(refs, secrets)
     if not problems:
-        problems = _template_problems(definition)
+        problems = _environment_problems(definition) + _template_problems(definition)
     if problems:
         raise InvalidInput("invalid workflow definition", problems)
     return definition
@@ -548,26 +575,89 @@ def _graph_problems(shapes: dict[str, list[_Shape]]) -> list[dict[str, str]]:
 
 
 def _downstream(graph: dict[str, list[str]], roots: set[str]) -> set[str]:
+    dependents: dict[str, list[str]] = {}
+    for node, deps in graph.items():
+        for dep in deps:
+            dependents.setdefault(dep, []).append(node)
     reached = set(roots)
-    changed = True
-    while changed:
-        changed = False
-        for node, deps in graph.items():
-            if node not in reached and reached.intersection(deps):
+    stack = list(roots)
+    while stack:
+        for node in dependents.get(stack.pop(), ()):
+            if node not in reached:
                 reached.add(node)
-                changed = True
+                stack.append(node)
     return reached
 
 
-def _ancestors(graph: dict[str, list[str]], node: str) -> set[str]:
-    found: set[str] = set()
-    stack = list(graph.get(node, []))
-    while stack:
-        dep = stack.pop()
-        if dep not in found:
-            found.add(dep)
-            stack.extend(graph.get(dep, []))
-    return found
+class _Upstream:
+    """Which steps are upstream of which, as bit sets over the steps in dependency order:
+    built once, in one pass over steps and edges, and only if a template reads `steps`."""
+
+    def __init__(self, graph: dict[str, list[str]]) -> None:
+        self.graph = graph
+        self._bits: dict[str, int] | None = None
+        self._index = {name: i for i, name in enumerate(graph)}
+
+    def _build(self) -> dict[str, int]:
+        bits: dict[str, int] = {}
+        for name in _dependency_order(self.graph):
+            mask = 0
+            for dep in self.graph[name]:
+                if dep in self._index and dep != name:
+                    mask |= bits.get(dep, 0) | (1 << self._index[dep])
+            bits[name] = mask
+        return bits
+
+    def names_not_upstream(self, step: str, names: set[str]) -> set[str]:
+        if not names:
+            return set()
+        if self._bits is None:
+            self._bits = self._build()
+        mask = self._bits.get(step, 0)
+        return {n for n in names if n not in self._index or not mask >> self._index[n] & 1}
+
+
+def _dependency_order(graph: dict[str, list[str]]) -> list[str]:
+    """Each step after the steps it depends on (Kahn's algorithm; a valid graph has no
+    cycle, and steps on one would be left out)."""
+    waiting = {name: 0 for name in graph}
+    dependents: dict[str, list[str]] = {}
+    for name, deps in graph.items():
+        for dep in set(deps):
+            if dep in graph and dep != name:
+                waiting[name] += 1
+                dependents.setdefault(dep, []).append(name)
+    ready = [name for name, count in waiting.items() if count == 0]
+    order = []
+    while ready:
+        name = ready.pop()
+        order.append(name)
+        for dependent in dependents.get(name, ()):
+            waiting[dependent] -= 1
+            if waiting[dependent] == 0:
+                ready.append(dependent)
+    return order
+
+
+def _environment_problems(definition: WorkflowDefinition) -> list[dict[str, str]]:
+    """Variables no agent gives a plugin (security.environment), refused here too: the
+    official agents pass a step's `environment` as it is."""
+    problems = []
+    for stage_name in STAGES:
+        for i, step in enumerate(_stage_steps(definition, stage_name)):
+            environment = step.config.get("environment")
+            if not isinstance(environment, dict):
+                continue
+            for name in environment:
+                reason = refusal(str(name))
+                if reason:
+                    problems.append(
+                        {
+                            "path": f"{stage_name}.steps[{i}].config.environment.{name}",
+                            "message": f"environment variable '{name}' is refused: {reason}",
+                        }
+                    )
+    return problems
 
 
 def _template_problems(definition: WorkflowDefinition) -> list[dict[str, str]]:
@@ -577,7 +667,12 @@ def _template_problems(definition: WorkflowDefinition) -> list[dict[str, str]]:
     problems: list[dict[str, str]] = []
     actions = {s.name: list(s.depends_on) for s in definition.actions.steps}
     outputs = {s.name: list(s.depends_on) for s in _stage_steps(definition, "outputs")}
-    graph = {**actions, **{name: deps + list(actions) for name, deps in outputs.items()}}
+    # Outputs run after every action: they depend on the actions' last steps, which is the
+    # same upstream as on all of them, in edges linear in the steps.
+    depended_on = {dep for deps in actions.values() for dep in deps}
+    last_actions = [name for name in actions if name not in depended_on]
+    graph = {**actions, **{name: deps + last_actions for name, deps in outputs.items()}}
+    upstream = _Upstream(graph)
     declared = {
         "inputs": set(definition.inputs) if definition.inputs is not None else None,
         "secrets": set(definition.secrets or {}),
@@ -585,13 +680,21 @@ def _template_problems(definition: WorkflowDefinition) -> list[dict[str, str]]:
     }
     for stage_name in ("actions", "outputs"):
         for i, step in enumerate(_stage_steps(definition, stage_name)):
-            upstream = _ancestors(graph, step.name)
             fields = {"config": step.config, "when": step.when, "for_each": step.for_each}
             for field_name, value in fields.items():
                 base = f"{stage_name}.steps[{i}].{field_name}"
                 if field_name == "when" and isinstance(value, str):
                     value = as_expression(value)
                 for where, problem, roots, attrs in references(value, base):
+                    if field_name != "config" and "secrets" in roots:
+                        problems.append(
+                            {
+                                "path": where,
+                                "message": f"secrets cannot be used in {field_name}: only "
+                                "in config, inserted as they are ({{ secrets.NAME }})",
+                            }
+                        )
+                        continue
                     if problem:
                         problems.append({"path": where, "message": problem})
                         continue
@@ -600,7 +703,8 @@ def _template_problems(definition: WorkflowDefinition) -> list[dict[str, str]]:
                         allowed_roots.discard("item")
                     for root in sorted(roots - allowed_roots):
                         problems.append({"path": where, "message": f"unknown name '{root}'"})
-                    for name in sorted(attrs.get("steps", set()) - upstream):
+                    read = attrs.get("steps", set())
+                    for name in sorted(upstream.names_not_upstream(step.name, read)):
                         message = (
                             f"'steps.{name}' is not upstream of this step"
                             if name in graph
@@ -624,30 +728,29 @@ def as_expression(condition: str) -> str:
 
 
 def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
-    state: dict[str, int] = {}  # 1 visiting, 2 done
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for dep in graph.get(node, []):
-            if dep not in graph or dep == node:
+    """A dependency cycle as a path (its first step again at the end), or None. Iterative:
+    a chain of thousands of steps is no deeper for it than one step."""
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+    for start in graph:
+        if start in state:
+            continue
+        path: list[str] = [start]
+        pending: list[Iterator[str]] = [iter(graph[start])]
+        state[start] = 1
+        while pending:
+            dep = next(pending[-1], None)
+            if dep is None:
+                state[path.pop()] = 2
+                pending.pop()
+                continue
+            if dep not in graph or dep == path[-1]:
                 continue
             if state.get(dep) == 1:
-                return stack[stack.index(dep) :] + [dep]
+                return path[path.index(dep) :] + [dep]
             if dep not in state:
-                found = visit(dep)
-                if found:
-                    return found
-        stack.pop()
-        state[node] = 2
-        return None
-
-    for node in graph:
-        if node not in state:
-            found = visit(node)
-            if found:
-                return found
+                state[dep] = 1
+                path.append(dep)
+                pending.append(iter(graph[dep]))
     return None
 
 
@@ -713,8 +816,12 @@ def plan(definition: WorkflowDefinition) -> list[dict[str, Any]]:
                     },
                 }
             )
+    dependents: dict[str, list[str]] = {s["name"]: [] for s in steps}
     for step_plan in steps:
-        step_plan["dependents"] = [s["name"] for s in steps if step_plan["name"] in s["depends_on"]]
+        for dep in step_plan["depends_on"]:
+            dependents[dep].append(step_plan["name"])
+    for step_plan in steps:
+        step_plan["dependents"] = dependents[step_plan["name"]]
     return steps
 
 

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from stavily import audit
+from stavily import audit, offload
 from stavily.config import Settings
 from stavily.errors import Conflict, Forbidden, InvalidInput, NotFound
 from stavily.fleet.agents import (
@@ -30,6 +30,8 @@ from stavily.fleet.agents import (
 from stavily.fleet.routing import Router
 from stavily.fleet.waiters import Waiter, Waiters
 from stavily.ids import new_id
+from stavily.security import secrets
+from stavily.security.secrets import SecretPolicy
 from stavily.store.db import Database
 from stavily.store.models import (
     ACTIVE_INSTRUCTION,
@@ -54,10 +56,9 @@ from stavily.workflows.orchestration import (
     Progression,
     load_step,
     load_steps,
-    mask_secrets,
-    reveal_secrets,
     set_status,
 )
+from stavily.workflows.templating import RenderLimits
 from stavily.workflows.views import execution_view, step_view
 
 log = structlog.get_logger("stavily.engine")
@@ -109,16 +110,22 @@ def _offers(rows: Iterable[Any], agent: AgentIdentity | None = None) -> Iterator
             yield _offer(row)
 
 
-def instruction_payload(row: Any) -> dict[str, Any]:
-    """An instruction as AGENT_API.md fixes it, plus fields old agents ignore."""
-    refs = (row.context or {}).get("secrets") or {}
-    context = {k: v for k, v in (row.context or {}).items() if k != "secrets"}
+_UNSHOWN_CONTEXT = ("secrets", "secret_nonce")
+
+
+def instruction_payload(row: Any, policy: SecretPolicy) -> dict[str, Any]:
+    """An instruction as AGENT_API.md fixes it, plus fields old agents ignore; secrets
+    revealed (security.secrets), and where they come from left out."""
+    context = row.context or {}
+    refs, nonce = context.get("secrets") or {}, context.get("secret_nonce")
+    if refs:
+        context = {k: v for k, v in context.items() if k not in _UNSHOWN_CONTEXT}
     return {
         "id": row.id,
         "plugin_id": row.plugin_id,
         "instruction_type": row.instruction_type,
-        "plugin_configuration": reveal_secrets(row.plugin_configuration, refs),
-        "input_data": reveal_secrets(row.input_data, refs),
+        "plugin_configuration": secrets.reveal(row.plugin_configuration, nonce, refs, policy),
+        "input_data": secrets.reveal(row.input_data, nonce, refs, policy),
         "timeout_seconds": int(row.timeout_seconds),
         "max_retries": int(row.max_retries),
         "correlation_id": row.correlation_id,
@@ -132,6 +139,12 @@ class Engine:
         self.db = db
         self.settings = settings
         self.router = Router(settings.routing_prefer_seconds, settings.routing_sticky_seconds)
+        self.secret_policy = SecretPolicy.of(
+            settings.secret_env_prefix, settings.secret_env_names, settings.variables()
+        )
+        self.render_limits = RenderLimits(
+            settings.template_timeout, settings.template_max_output_bytes
+        )
         # agents in a long poll on this replica right now: routing chooses among them
         self.waiters = Waiters()
         # queued instructions routed to one agent, until they are claimed or it lapses
@@ -154,6 +167,8 @@ class Engine:
             self.settings.max_agent_lost_attempts,
             self.router,
             self.waiters.idle_agents(),
+            self.secret_policy,
+            self.render_limits,
         )
 
     async def _lock_execution(
@@ -250,14 +265,21 @@ class Engine:
 
     # -- starting ---------------------------------------------------------------------------
 
-    def _plan(self, workflow: dict[str, Any]) -> tuple[WorkflowDefinition, list[dict[str, Any]]]:
+    async def _plan(
+        self, workflow: dict[str, Any]
+    ) -> tuple[WorkflowDefinition, list[dict[str, Any]]]:
         """The version's definition and the steps a run of it has. Versions never change,
-        so each is validated and planned once (a few hundred kept), not on every run."""
+        so each is validated and planned once (a few hundred kept), not on every run, and
+        on a worker thread: a big workflow takes a while."""
         version_id = workflow["version_id"]
         cached = self._plans.get(version_id)
         if cached is None:
-            definition = WorkflowDefinition.model_validate(workflow["definition"])
-            cached = (definition, plan(definition))
+
+            def planned() -> tuple[WorkflowDefinition, list[dict[str, Any]]]:
+                definition = WorkflowDefinition.model_validate(workflow["definition"])
+                return definition, plan(definition)
+
+            cached = await offload.run(planned)
             if len(self._plans) >= 256:
                 del self._plans[next(iter(self._plans))]
             self._plans[version_id] = cached
@@ -274,7 +296,7 @@ class Engine:
         now = utcnow()
         async with self.db.write() as conn:
             workflow = await service.get(conn, organization_id, workflow_name)
-            definition, planned = self._plan(workflow)
+            definition, planned = await self._plan(workflow)
             inputs = definition.resolve_inputs(inputs)
             status = "running"
             if definition.concurrency is not None:
@@ -393,7 +415,7 @@ class Engine:
             free -= len(taken)
             if free <= 0 or all(r.open for r in page):
                 left = _offers(page, agent) if taken else ()
-                return [instruction_payload(r) for r in taken], left
+                return [instruction_payload(r, self.secret_policy) for r in taken], left
             fitting = _oldest_first(r for r in page if eligible(agent, r.selector))
             # One whose selector only Python matches stopped it: the page is matched here
             # and what fits leased (the pages are read again only if none of a full one
@@ -401,9 +423,9 @@ class Engine:
             more, left = await self._take(
                 conn, agent, free, now, fitting if fitting or len(rows) < limit else None
             )
-            return [instruction_payload(r) for r in (*taken, *more)], left
+            return [instruction_payload(r, self.secret_policy) for r in (*taken, *more)], left
         rows, left = await self._take(conn, agent, free, now)
-        return [instruction_payload(r) for r in rows], left
+        return [instruction_payload(r, self.secret_policy) for r in rows], left
 
     async def _take(
         self,
@@ -585,7 +607,9 @@ class Engine:
                 }
                 refs = (row.context or {}).get("secrets") or {}
                 if "execution_log" in fields:
-                    values["execution_log"] = mask_secrets(fields["execution_log"], refs)
+                    values["execution_log"] = secrets.mask(
+                        fields["execution_log"], refs, self.secret_policy
+                    )
                 if "max_retries" in fields:
                     values["max_retries"] = fields["max_retries"]
                 executing = status is not None and row.status == "leased"
@@ -701,7 +725,8 @@ class Engine:
             return []  # the same report again: acknowledged, nothing changes
         if row.status not in ACTIVE_INSTRUCTION:
             raise Conflict(f"instruction '{instruction_id}' is {row.status}")
-        report = mask_secrets(report, (row.context or {}).get("secrets") or {})
+        refs = (row.context or {}).get("secrets") or {}
+        report = secrets.mask(report, refs, self.secret_policy)
         error = None
         if final == "failed":
             # PostgreSQL text cannot hold NUL; an agent's message may.

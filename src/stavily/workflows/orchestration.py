@@ -17,10 +17,8 @@ The rules, in the order they are applied each time something changes:
 
 from __future__ import annotations
 
-import os
 import random
 from collections import deque
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,13 +29,14 @@ from stavily import audit
 from stavily.errors import StavilyError
 from stavily.fleet.routing import Router
 from stavily.ids import new_id
+from stavily.security import secrets
+from stavily.security.secrets import SecretPolicy, SecretUnavailable
 from stavily.store.db import write_later
 from stavily.store.models import ACTIVE_INSTRUCTION, executions, instructions, one_of, step_runs
 from stavily.store.prebuilt import prebuilt
 from stavily.workflows import queries, states
-from stavily.workflows.templating import TemplateProblem, render
+from stavily.workflows.templating import RenderLimits, TemplateProblem, render_limited
 
-SECRET_MARK = "\u2063secret:{}\u2063"
 # Where a step's failure came from, for `error_handling.retry_on`.
 ERROR, TIMEOUT, AGENT_LOST = "error", "timeout", "agent_lost"
 UNROUTABLE = "unroutable"  # no eligible agent ever came: never retried
@@ -125,64 +124,6 @@ def may_retry(spec: dict[str, Any], attempts: int, cause: str, agent_lost_budget
     return cause in retry_on and attempts < allowed
 
 
-def _walk_strings(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _walk_strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _walk_strings(item)
-
-
-def _replace_strings(value: Any, replace: Any) -> Any:
-    if isinstance(value, str):
-        return replace(value)
-    if isinstance(value, dict):
-        return {k: _replace_strings(v, replace) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_replace_strings(v, replace) for v in value]
-    return value
-
-
-def secret_values(refs: dict[str, Any]) -> dict[str, str]:
-    """Resolve secret references at the moment they are needed; values are never stored."""
-    values = {}
-    for name, ref in refs.items():
-        if ref.get("env") and ref["env"] in os.environ:
-            values[name] = os.environ[ref["env"]]
-    return values
-
-
-def reveal_secrets(value: Any, refs: dict[str, Any]) -> Any:
-    """Put secret values into what is handed to an agent, in place of their marks."""
-    if not refs:
-        return value
-    resolved = secret_values(refs)
-
-    def replace(text: str) -> str:
-        for name, secret in resolved.items():
-            text = text.replace(SECRET_MARK.format(name), secret)
-        return text
-
-    return _replace_strings(value, replace)
-
-
-def mask_secrets(value: Any, refs: dict[str, Any]) -> Any:
-    """Hide secret values in what an agent reports before it is stored."""
-    if not refs:
-        return value
-    resolved = [v for v in secret_values(refs).values() if v]
-
-    def replace(text: str) -> str:
-        for secret in resolved:
-            text = text.replace(secret, "***")
-        return text
-
-    return _replace_strings(value, replace)
-
-
 class Progression:
     """Advances one execution inside the caller's transaction, one event at a time.
 
@@ -202,7 +143,11 @@ class Progression:
         agent_lost_budget: int,
         router: Router | None = None,
         waiting: set[str] | None = None,
+        secret_policy: SecretPolicy | None = None,
+        render_limits: RenderLimits | None = None,
     ) -> None:
+        self.secret_policy = secret_policy or SecretPolicy()
+        self.render_limits = render_limits or RenderLimits()
         self.router = router
         self.waiting = waiting or set()
         self.conn = conn
@@ -279,8 +224,14 @@ class Progression:
             await self.conn.execute(
                 step_runs.update().where(step_runs.c.id == step["id"]).values(error=error)
             )
-            refs = (previous.context or {}).get("secrets", {})
-            await self._queue_attempt(step, previous.input_data, refs, delay)
+            context = previous.context or {}
+            await self._queue_attempt(
+                step,
+                previous.input_data,
+                context.get("secrets") or {},
+                context.get("secret_nonce") or "",
+                delay,
+            )
             return
         await self.step_ended(step, "failed", error=error, finished_at=self.now)
 
@@ -423,25 +374,29 @@ class Progression:
                 await self._final(step, "skipped", finished_at=self.now)
                 return
         try:
-            context = await self.context(spec)
-            if spec.get("when") and not render(spec["when"], context):
+            nonce = secrets.new_nonce()
+            context = await self.context(spec, nonce)
+            if spec.get("when") and not await self._render(spec["when"], context):
                 await self._final(step, "skipped", finished_at=self.now)
                 return
             if spec.get("for_each") is not None:
-                items = render(spec["for_each"], context)
+                items = await self._render(spec["for_each"], context)
                 if not isinstance(items, list):
                     raise TemplateProblem(
                         f"for_each must give a list, it gave {type(items).__name__}"
                     )
                 await self._fan_out(step, items)
                 return
-            await self.queue(step, context)
-        except TemplateProblem as exc:
+            await self.queue(step, context, nonce)
+        except (TemplateProblem, SecretUnavailable) as exc:
             await self._final(step, "failed", error=str(exc), finished_at=self.now)
 
     # -- the context a step's templates see ----------------------------------------------------
 
-    async def context(self, spec: dict[str, Any]) -> dict[str, Any]:
+    async def _render(self, value: Any, context: dict[str, Any]) -> Any:
+        return await render_limited(value, context, self.render_limits)
+
+    async def context(self, spec: dict[str, Any], nonce: str) -> dict[str, Any]:
         execution = self.execution
         reads = spec.get("reads")
         steps: dict[str, Any] = {}
@@ -474,7 +429,7 @@ class Progression:
                 "version": execution["workflow_version"],
             },
             "steps": steps,
-            "secrets": {name: SECRET_MARK.format(name) for name in spec.get("secrets") or {}},
+            "secrets": secrets.marks(nonce, spec.get("secrets") or {}),
             "item": spec.get("item"),
         }
 
@@ -541,9 +496,10 @@ class Progression:
                 break
             kid = dict(row)
             try:
-                await self.queue(kid, await self.context(kid["spec"]))
+                nonce = secrets.new_nonce()
+                await self.queue(kid, await self.context(kid["spec"], nonce), nonce)
                 free -= 1
-            except TemplateProblem as exc:
+            except (TemplateProblem, SecretUnavailable) as exc:
                 await self._step(kid, "failed", error=str(exc), finished_at=self.now)
                 parent = await self._count_down(kid)
         if parent["waiting"] == 0:
@@ -598,35 +554,15 @@ class Progression:
 
     # -- queueing ------------------------------------------------------------------------------
 
-    async def queue(self, step: dict[str, Any], context: dict[str, Any]) -> None:
+    async def queue(self, step: dict[str, Any], context: dict[str, Any], nonce: str) -> None:
         """Render the step's configuration and queue its first instruction."""
         refs = step["spec"].get("secrets") or {}
-        config = render(step["spec"]["config"], context)
-        self._check_secrets(config, refs)
-        await self._queue_attempt(step, config, refs, delay=0.0)
-
-    def _check_secrets(self, config: Any, refs: dict[str, Any]) -> None:
-        used = {
-            name
-            for name in refs
-            for text in _walk_strings(config)
-            if SECRET_MARK.format(name) in text
-        }
-        for name in sorted(used):
-            ref = refs[name]
-            if ref.get("env"):
-                if ref["env"] not in os.environ:
-                    raise TemplateProblem(
-                        f"secret '{name}' is not available: environment variable "
-                        f"{ref['env']} is not set on the orchestrator"
-                    )
-            else:
-                raise TemplateProblem(
-                    f"secret '{name}' has no source this orchestrator can read (use env)"
-                )
+        config = await self._render(step["spec"]["config"], context)
+        secrets.check_rendered(config, nonce, refs, self.secret_policy)
+        await self._queue_attempt(step, config, refs, nonce, delay=0.0)
 
     async def _queue_attempt(
-        self, step: dict[str, Any], config: Any, refs: dict[str, Any], delay: float
+        self, step: dict[str, Any], config: Any, refs: dict[str, Any], nonce: str, delay: float
     ) -> None:
         spec = step["spec"]
         attempt = step["attempts"] + 1
@@ -656,7 +592,15 @@ class Progression:
                 "attempt": attempt,
                 "inputs": self.execution["inputs"],
                 **({"item": spec["item"]} if "item" in spec else {}),
-                **({"secrets": refs} if refs else {}),
+                **(
+                    {
+                        "secrets": refs,
+                        "secret_nonce": nonce,
+                        "secret_environment": secrets.environment_names(config, nonce, refs),
+                    }
+                    if refs
+                    else {}
+                ),
             },
             "timeout_seconds": spec["timeout_seconds"],
             "max_retries": spec["max_retries"],

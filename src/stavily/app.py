@@ -14,7 +14,7 @@ from limits.storage import MemoryStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 
 from stavily import __version__
-from stavily.api import agents_v1, errors, fleet, v1
+from stavily.api import agents_v1, errors, fleet, schemas, v1
 from stavily.api.deps import State
 from stavily.api.json import JSONResponse
 from stavily.api.middleware import EdgeMiddleware
@@ -23,6 +23,7 @@ from stavily.fleet import HeartbeatBuffer
 from stavily.fleet.agents import restart_deadlines
 from stavily.logging import configure as configure_logging
 from stavily.security import CredentialCache, agent_tokens, bootstrap
+from stavily.security.credentials import clear_caches
 from stavily.services.loops import LoopService
 from stavily.store import migrate
 from stavily.store.db import Database
@@ -73,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             agent_cache=CredentialCache(settings.credential_cache_seconds),
             token_cache=CredentialCache(settings.credential_cache_seconds),
             organization_id=organization_id,
-            jwt_key=await agent_tokens.signing_key(db),
+            jwt_key=await agent_tokens.signing_key(db, settings.agent_jwt_key, settings.data_dir),
             # In memory: per replica. Redis storage would share them (limits supports it).
             limiter=SlidingWindowCounterRateLimiter(MemoryStorage()),
             agent_limit=parse_limit(settings.agent_rate_limit),
@@ -84,7 +85,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         reaper = LoopService("lease-reaper", settings.reaper_interval, engine.expire_leases)
         if not db.is_sqlite:
-            engine.channel = WorkChannel(settings.effective_database_url, engine.offer_queued)
+            trusted = (app.state.stavily.agent_cache, app.state.stavily.token_cache)
+            engine.channel = WorkChannel(
+                settings.effective_database_url,
+                engine.offer_queued,
+                on_credentials=lambda: clear_caches(*trusted),  # changed on another replica
+            )
             await engine.channel.start()
         flusher.start()
         reaper.start()
@@ -110,14 +116,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.add_middleware(
-        EdgeMiddleware, max_body_bytes=settings.max_body_bytes, fast_path=agents_v1.serve_fast
+        EdgeMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        fast_path=agents_v1.serve_fast,
+        max_json_depth=settings.max_json_depth,
+        refused_result=agents_v1.refuse_result,
     )
     app.include_router(agents_v1.router)
     app.include_router(v1.router)
     app.include_router(fleet.public)
     app.include_router(fleet.private)
 
-    @app.get("/healthz", tags=["health"])
+    @app.get(
+        "/healthz",
+        tags=["health"],
+        response_model=schemas.Health,
+    )
     async def healthz() -> JSONResponse:
         return JSONResponse({"status": "ok", "version": __version__})
 

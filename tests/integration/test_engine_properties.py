@@ -44,7 +44,7 @@ class World:
 
     async def _setup(self) -> tuple[str, None]:
         await migrate.upgrade(self.db)
-        org, _ = await bootstrap(self.db, "stv_property_test_token")
+        org, _ = await bootstrap(self.db, "stv_property_test_token_0123456789")
         async with self.db.write() as conn:
             self.agents = await make_agents(conn, org, 3, "prop")
         return org, None

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from stavily.security import agent_tokens
 from stavily.security.access import create_api_token
-from stavily.store.models import organizations, server_keys
+from stavily.store.models import organizations
 from tests.harness import Orchestrator
 
 
@@ -78,11 +78,8 @@ def _on_database(orch: Orchestrator, work: Any) -> Any:
 
 
 def signing_key(orch: Orchestrator) -> str:
-    async def read(conn: Any) -> str:
-        query = sa.select(server_keys.c.value).where(server_keys.c.name == agent_tokens.KEY_NAME)
-        return str(await conn.scalar(query))
-
-    return _on_database(orch, read)  # type: ignore[no-any-return]
+    """The server's key, where it keeps it: not in the database, only its fingerprint."""
+    return agent_tokens.load_key(orch.settings.agent_jwt_key, orch.settings.data_dir)
 
 
 def api_token(orch: Orchestrator, role: str) -> str:

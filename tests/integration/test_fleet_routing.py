@@ -394,7 +394,7 @@ def test_a_server_restart_does_not_make_its_agents_look_dead(
             assert agent.post(f"{base}/heartbeat", json=beat).is_success
             time.sleep(0.3)  # the beat is flushed: its deadlines are in the database
         time.sleep(3)  # down twice as long as the agent's window (1.5 x 1 s) and more
-        with serve(url, tmp / "two") as second:
+        with serve(url, tmp / "one") as second:  # the same server, restarted
             assert second.api.get("/healthz").status_code == 200  # the admin client comes first
             agent = second.agent_client(key)
             report = {"status": "completed", "result": {"ok": True}}

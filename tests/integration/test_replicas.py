@@ -24,12 +24,16 @@ actions:
 """
 
 
+SHARED_JWT_KEY = "replicas-share-this-key-0123456789abcdef"
+
+
 @pytest.mark.skipif(not PG_URL, reason="STAVILY_TEST_DATABASE_URL is not set: replicas need it")
 def test_a_run_started_on_one_replica_wakes_a_poll_held_on_the_other(tmp_path: Path) -> None:
     with (
         fresh_database("postgresql", tmp_path) as url,
-        serve(url, tmp_path / "a") as first,
-        serve(url, tmp_path / "b") as second,
+        # replicas on two machines share the agent JWT key through their configuration
+        serve(url, tmp_path / "a", agent_jwt_key=SHARED_JWT_KEY) as first,
+        serve(url, tmp_path / "b", agent_jwt_key=SHARED_JWT_KEY) as second,
     ):
         agent_id, key = first.create_agent()
         first.apply(WORKFLOW)

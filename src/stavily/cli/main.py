@@ -49,6 +49,30 @@ def version() -> None:
     typer.echo(f"stavily {__version__}")
 
 
+def _preflight(settings: Any) -> None:
+    """What would keep the server from starting, checked before it (and its workers)
+    start, so that `serve` says it in one line rather than in a traceback: a weak or
+    revoked bootstrap token, an agent JWT key too short or not the other replicas'.
+    Raises StartRefused. The server's start does the same again (a no-op by then)."""
+    from stavily.security import access, agent_tokens
+    from stavily.store import migrate
+    from stavily.store.db import Database
+
+    access.check_bootstrap_token(settings.bootstrap_token)
+
+    async def check() -> None:
+        db = Database(settings.effective_database_url, settings.database_pool_size)
+        try:
+            await migrate.upgrade(db)
+            if settings.bootstrap_token:  # a generated one is printed by the server's start
+                await access.bootstrap(db, settings.bootstrap_token)
+            await agent_tokens.signing_key(db, settings.agent_jwt_key, settings.data_dir)
+        finally:
+            await db.dispose()
+
+    asyncio.run(check())
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to bind [env: STAVILY_HOST]")] = None,
@@ -72,6 +96,7 @@ def serve(
     from stavily.api.http import HttpProtocol
     from stavily.app import create_app
     from stavily.logging import configure
+    from stavily.security.credentials import StartRefused
 
     settings = _settings(
         host=host,
@@ -82,6 +107,18 @@ def serve(
         workers=workers,
     )
     configure(settings.log_level)
+    if settings.workers > 1 and settings.effective_database_url.startswith("sqlite"):
+        typer.echo(
+            "error: --workers needs PostgreSQL (STAVILY_DATABASE_URL): SQLite has one writer, "
+            "so one server process",
+            err=True,
+        )
+        raise typer.Exit(2)
+    try:
+        _preflight(settings)
+    except StartRefused as refused:
+        typer.echo(f"error: {refused.message}", err=True)
+        raise typer.Exit(2) from None
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -93,13 +130,6 @@ def serve(
     if settings.workers == 1:
         uvicorn.run(create_app(settings), **options)
         return
-    if settings.effective_database_url.startswith("sqlite"):
-        typer.echo(
-            "error: --workers needs PostgreSQL (STAVILY_DATABASE_URL): SQLite has one writer, "
-            "so one server process",
-            err=True,
-        )
-        raise typer.Exit(2)
     # Each worker process builds its settings from the environment: hand it these.
     os.environ["STAVILY_DATABASE_URL"] = settings.effective_database_url
     os.environ["STAVILY_DATA_DIR"] = str(settings.data_dir)
@@ -179,6 +209,16 @@ def agent_run(
             "capacity there)",
         ),
     ] = 1,
+    allow_env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-env",
+            metavar="NAME",
+            help="A step environment variable every plugin may receive: a name or a glob "
+            "(APP_*), repeatable; added to STAVILY_AGENT_ALLOW_ENV's (comma-separated). "
+            "Loader and interpreter variables are never passed",
+        ),
+    ] = None,
 ) -> None:
     """Run the reference agent: poll, run plugins, report, heartbeat.
 
@@ -188,6 +228,7 @@ def agent_run(
     from stavily.agent.runner import (
         AgentConfig,
         EnrollmentFailed,
+        allow_env_patterns,
         default_credentials_file,
         resolve_credentials,
         run_agent,
@@ -226,6 +267,7 @@ def agent_run(
         heartbeat_interval=heartbeat_interval,
         poll_wait=poll_wait,
         capacity=capacity,
+        allow_env=allow_env_patterns(allow_env, os.environ.get("STAVILY_AGENT_ALLOW_ENV")),
     )
     raise typer.Exit(asyncio.run(run_agent(config)))
 

@@ -10,9 +10,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from stavily import audit
 from stavily.errors import Forbidden, Unauthorized
 from stavily.ids import new_id
-from stavily.security.credentials import CredentialCache, digest, generate
+from stavily.security.credentials import CredentialCache, StartRefused, digest, generate
 from stavily.store.db import Database
-from stavily.store.models import api_tokens, organizations
+from stavily.store.models import api_tokens, audit_records, organizations
+from stavily.store.notify import announce_credentials_changed
 from stavily.timeutil import utcnow
 
 DEFAULT_ORGANIZATION = "default"
@@ -98,37 +99,107 @@ async def create_api_token(
 
 
 _BOOTSTRAP_LOCK = 0x57A72
+BOOTSTRAP_NAME = "bootstrap"
+BOOTSTRAP_ACTOR = "system"
+MIN_BOOTSTRAP_LENGTH = 32
+MIN_BOOTSTRAP_DISTINCT = 10  # a cheap stand-in for entropy: refuses "aaaa..."
+WEAK_BOOTSTRAP = (
+    "STAVILY_BOOTSTRAP_TOKEN is too weak: use at least 32 random characters, "
+    "e.g. stv_$(openssl rand -hex 32)"
+)
+REVOKED_BOOTSTRAP = (
+    "STAVILY_BOOTSTRAP_TOKEN is a revoked token: set a new one, e.g. stv_$(openssl rand -hex 32)"
+)
+RETIRED_REASON = "replaced by a new STAVILY_BOOTSTRAP_TOKEN"
+
+
+def check_bootstrap_token(token: str | None) -> None:
+    """Refuse (StartRefused) a bootstrap token shorter than 32 characters or made of
+    fewer than 10 distinct ones. No token is fine: one is generated."""
+    if token is None:
+        return
+    if len(token) < MIN_BOOTSTRAP_LENGTH or len(set(token)) < MIN_BOOTSTRAP_DISTINCT:
+        raise StartRefused(WEAK_BOOTSTRAP)
+
+
+async def _retire_bootstrap_tokens(conn: AsyncConnection, org_id: str, keep: str) -> list[str]:
+    """Revoke every token an earlier bootstrap made (given or generated) but `keep`: the
+    tokens named "bootstrap" whose creation the audit log attributes to the system."""
+    made_by_bootstrap = sa.exists().where(
+        audit_records.c.subject_id == api_tokens.c.id,
+        audit_records.c.subject_type == "api_token",
+        audit_records.c.action == "api_token.created",
+        audit_records.c.actor == BOOTSTRAP_ACTOR,
+    )
+    query = sa.select(api_tokens.c.id).where(
+        api_tokens.c.organization_id == org_id,
+        api_tokens.c.name == BOOTSTRAP_NAME,
+        api_tokens.c.revoked_at.is_(None),
+        api_tokens.c.id != keep,
+        made_by_bootstrap,
+    )
+    stale = [str(token_id) for token_id in (await conn.execute(query)).scalars()]
+    if not stale:
+        return []
+    await conn.execute(
+        api_tokens.update()
+        .where(api_tokens.c.id.in_(stale), api_tokens.c.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+    reason = {"reason": RETIRED_REASON}
+    await audit.append(
+        conn,
+        [
+            audit.entry(org_id, BOOTSTRAP_ACTOR, "api_token.revoked", "api_token", token_id, reason)
+            for token_id in stale
+        ],
+    )
+    await announce_credentials_changed(conn)  # replicas running now forget what they trusted
+    return stale
 
 
 async def bootstrap(db: Database, bootstrap_token: str | None) -> tuple[str, str | None]:
     """First start: the default organization and an admin token.
 
-    Returns (organization id, a newly generated token to print once, or None).
+    With a bootstrap token given, the tokens of earlier bootstraps (an earlier variable's,
+    or the one generated when there was none) are revoked: changing the variable retires
+    the old token. Returns (organization id, a newly generated token to print once, or
+    None). StartRefused for a weak token, or one that was revoked.
     """
+    check_bootstrap_token(bootstrap_token)
     async with db.write() as conn:
         if not db.is_sqlite:
             # Replicas or workers starting together take turns: one organization, one token.
             await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _BOOTSTRAP_LOCK})
         org_id = await ensure_default_organization(conn)
         if bootstrap_token:
-            exists = await conn.scalar(
-                sa.select(api_tokens.c.id).where(api_tokens.c.token_hash == digest(bootstrap_token))
-            )
-            if not exists:
-                await create_api_token(
+            existing = (
+                await conn.execute(
+                    sa.select(api_tokens.c.id, api_tokens.c.revoked_at).where(
+                        api_tokens.c.token_hash == digest(bootstrap_token)
+                    )
+                )
+            ).first()
+            if existing is not None and existing.revoked_at is not None:
+                raise StartRefused(REVOKED_BOOTSTRAP)
+            if existing is None:
+                token_id, _ = await create_api_token(
                     conn,
                     org_id,
-                    name="bootstrap",
+                    name=BOOTSTRAP_NAME,
                     role="admin",
-                    actor="system",
+                    actor=BOOTSTRAP_ACTOR,
                     value=bootstrap_token,
                 )
+            else:
+                token_id = existing.id
+            await _retire_bootstrap_tokens(conn, org_id, keep=token_id)
             return org_id, None
         any_token = await conn.scalar(sa.select(api_tokens.c.id).limit(1))
         if any_token:
             return org_id, None
         _, secret = await create_api_token(
-            conn, org_id, name="bootstrap", role="admin", actor="system"
+            conn, org_id, name=BOOTSTRAP_NAME, role="admin", actor=BOOTSTRAP_ACTOR
         )
         return org_id, secret
 

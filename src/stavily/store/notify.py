@@ -5,6 +5,12 @@ queued instructions, the replica wakes its own waiters at once and publishes wha
 queued; the others offer it to theirs. A lost message costs only latency (the poll finds
 the work when it next looks, at the latest when its wait ends), never work: the queue is
 the table, not the channel. A replica ignores its own messages.
+
+The same connection listens on a second channel: a credential revoked, rotated or disabled
+on one replica makes the others forget the credentials they trusted (their caches), so a
+revocation reaches every replica at once rather than when their caches expire. A replica
+whose listening connection was lost forgets them all when it is back, as it may have
+missed such a message meanwhile.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import make_url
 
 log = structlog.get_logger("stavily.notify")
 
 CHANNEL = "stavily_work"
+CREDENTIALS_CHANNEL = "stavily_credentials"
 MAX_PAYLOAD = 7000  # PostgreSQL refuses NOTIFY payloads of 8000 bytes and more
 # What a waiting agent's replica needs to know of a queued instruction (fleet.waiters).
 FIELDS = (
@@ -72,11 +80,24 @@ def decode(payload: str) -> list[dict[str, Any]]:
     return items  # type: ignore[no-any-return]
 
 
+async def announce_credentials_changed(conn: Any) -> None:
+    """In the caller's transaction, on PostgreSQL: when it commits, every replica forgets
+    the credentials it trusted (a revocation made outside a request, at start)."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(sa.text("SELECT pg_notify(:c, '')"), {"c": CREDENTIALS_CHANNEL})
+
+
 class WorkChannel:
-    def __init__(self, database_url: str, on_work: Callable[[list[dict[str, Any]]], None]) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        on_work: Callable[[list[dict[str, Any]]], None],
+        on_credentials: Callable[[], None] | None = None,
+    ) -> None:
         url = make_url(database_url).set(drivername="postgresql")
         self._dsn = url.render_as_string(hide_password=False)
         self._on_work = on_work
+        self._on_credentials = on_credentials
         self._connection: asyncpg.Connection | None = None
         self._pid: int | None = None
         self._lost = asyncio.Event()
@@ -84,6 +105,7 @@ class WorkChannel:
         self._task: asyncio.Task[None] | None = None
         self._pending: list[dict[str, Any]] = []
         self._sender: asyncio.Task[None] | None = None
+        self._credentials_changed = False
 
     async def start(self, timeout: float = 10) -> None:
         self._task = asyncio.create_task(self._listen())
@@ -99,6 +121,9 @@ class WorkChannel:
                 self._lost.clear()
                 connection.add_termination_listener(lambda _: self._lost.set())
                 await connection.add_listener(CHANNEL, self._received)
+                if self._on_credentials is not None:
+                    await connection.add_listener(CREDENTIALS_CHANNEL, self._credentials)
+                    self._on_credentials()  # what was published while we did not listen
                 self._connection, self._pid = connection, connection.get_server_pid()
                 self._ready.set()
                 await self._lost.wait()
@@ -117,17 +142,41 @@ class WorkChannel:
             return
         self._on_work(items)
 
+    def _credentials(self, _connection: Any, pid: int, _channel: str, _payload: str) -> None:
+        if pid != self._pid and self._on_credentials is not None:
+            self._on_credentials()
+
+    def publish_credentials_changed(self) -> None:
+        """Tell the other replicas to forget the credentials they trusted (after a
+        revocation, rotation or disable was committed), without making the caller wait."""
+        if self._connection is None:
+            return
+        self._credentials_changed = True
+        self._wake_sender(self._connection)
+
     def publish(self, items: list[dict[str, Any]]) -> None:
         """Tell the other replicas, without making the caller wait for it. What is
         published while a notification is on its way goes in the next one, together."""
         if not items or self._connection is None:
             return
         self._pending.extend(items)
+        self._wake_sender(self._connection)
+
+    def _wake_sender(self, connection: asyncpg.Connection) -> None:
+        # One sender at a time: a connection runs one statement at a time.
         if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send(self._connection))
+            self._sender = asyncio.create_task(self._send(connection))
 
     async def _send(self, connection: asyncpg.Connection) -> None:
-        while self._pending:
+        while self._pending or self._credentials_changed:
+            if self._credentials_changed:
+                self._credentials_changed = False
+                try:
+                    await connection.execute("SELECT pg_notify($1, '')", CREDENTIALS_CHANNEL)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    log.warning("could not publish a credential change", error=str(exc))
+            if not self._pending:
+                continue
             items, self._pending = self._pending, []
             try:
                 await connection.execute(

@@ -3,21 +3,27 @@ refused request changes nothing. Routes come from the server's own OpenAPI docum
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import pytest
+import sqlalchemy as sa
 import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from stavily.security.access import create_api_token
+from stavily.store.models import organizations
 from tests.harness import Orchestrator
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -1102,3 +1108,163 @@ def test_non_json_number_literals_are_422(fresh_orchestrator: Orchestrator, lite
     assert_error(response, 422)
     listed = orch.client(orch.token).get("/api/v1/executions", params={"workflow": workflow})
     assert listed.json()["executions"] == []
+
+
+# -- types are what they say: no silent coercion ---------------------------------------------
+
+
+def agent_names(orch: Orchestrator) -> set[str]:
+    return {a["name"] for a in orch.api.get("/api/v1/agents").json()["agents"]}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("capacity", True), ("capacity", "1"), ("capacity", 2.0), ("labels", {"env": True})],
+    ids=["capacity-true", "capacity-string", "capacity-float", "label-bool"],
+)
+def test_agent_creation_coerces_no_type(orchestrator: Orchestrator, field: str, value: Any) -> None:
+    name = f"strict-{uuid.uuid4().hex[:8]}"
+    response = orchestrator.api.post("/api/v1/agents", json={"name": name, field: value})
+    error = assert_error(response, 422)
+    assert paths_of(error) == [field if field != "labels" else "labels.env"], error
+    assert name not in agent_names(orchestrator)
+
+
+def enrollment_token_names(orch: Orchestrator) -> set[str]:
+    listed = orch.api.get("/api/v1/enrollment-tokens").json()["enrollment_tokens"]
+    return {t["name"] for t in listed}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_uses", True), ("expires_in", "60"), ("capacity", True), ("max_uses", "3")],
+    ids=["max_uses-true", "expires_in-string", "capacity-true", "max_uses-string"],
+)
+def test_enrollment_token_creation_coerces_no_type(
+    orchestrator: Orchestrator, field: str, value: Any
+) -> None:
+    name = f"strict-{uuid.uuid4().hex[:8]}"
+    response = orchestrator.api.post("/api/v1/enrollment-tokens", json={"name": name, field: value})
+    error = assert_error(response, 422)
+    assert paths_of(error) == [field], error
+    assert name not in enrollment_token_names(orchestrator)
+
+
+# The agent API's routes are served by its fast path (agents_v1.serve_fast) when a request
+# is plainly well-formed, else by the framework. A repeated query parameter sends a request
+# to the framework: both ways must agree.
+WAYS = {"fast path": "", "framework": "?via=framework&via=framework"}
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("capacity", "2"), ("heartbeat_interval", True), ("capacity", True), ("running", "ins_1")],
+    ids=["capacity-string", "interval-true", "capacity-true", "running-string"],
+)
+def test_heartbeat_coerces_no_type(
+    orchestrator: Orchestrator, way: str, field: str, value: Any
+) -> None:
+    agent_id, key = orchestrator.create_agent(f"strict-{uuid.uuid4().hex[:8]}")
+    agent = orchestrator.agent_client(key)
+    response = agent.post(
+        f"/agents/v1/{agent_id}/heartbeat{WAYS[way]}", json={"status": "online", field: value}
+    )
+    error = assert_error(response, 422)
+    assert paths_of(error) == [field], error
+    seen = orchestrator.api.get(f"/api/v1/agents/{agent_id}").json()
+    assert seen["last_heartbeat_at"] is None and not seen.get("facts"), seen
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_heartbeat_timestamp_stays_an_iso_string(orchestrator: Orchestrator, way: str) -> None:
+    agent_id, key = orchestrator.create_agent(f"strict-{uuid.uuid4().hex[:8]}")
+    agent = orchestrator.agent_client(key)
+    now = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    for body in (
+        {"timestamp": now, "status": "online"},
+        {"timestamp": now, "status": "online", "capacity": 2, "heartbeat_interval": 30},
+    ):
+        response = agent.post(f"/agents/v1/{agent_id}/heartbeat{WAYS[way]}", json=body)
+        assert response.status_code == 200, response.text
+    seen = orchestrator.api.get(f"/api/v1/agents/{agent_id}").json()
+    assert seen["facts"]["capacity"] == 2, seen
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_progress_coerces_no_type(world: World, way: str) -> None:
+    base = f"/agents/v1/{world.agent_id}/instructions/{world.instruction_id}{WAYS[way]}"
+    agent = world.orch.agent_client(world.agent_key)
+    for body, path in (
+        ({"status": "executing", "max_retries": True}, "max_retries"),
+        ({"status": "executing", "max_retries": "3"}, "max_retries"),
+        ({"status": 1}, "status"),
+    ):
+        assert paths_of(assert_error(agent.put(base, json=body), 422)) == [path]
+    assert step_status(world.orch, world.execution_id) == ("running", None)
+
+
+# -- integer parameters are bounded before they reach the database --------------------------
+
+
+@pytest.mark.parametrize(
+    "version", ["9223372036854775808", "18446744073709551616", "2147483648", "0", "-1"]
+)
+def test_workflow_version_out_of_range_is_422(world: World, version: str) -> None:
+    response = world.orch.api.get(f"/api/v1/workflows/{world.workflow}/versions/{version}")
+    error = assert_error(response, 422)
+    assert paths_of(error) == ["path:version"], error
+
+
+def test_workflow_version_at_the_bound_is_404(world: World) -> None:
+    response = world.orch.api.get(f"/api/v1/workflows/{world.workflow}/versions/2147483647")
+    assert_error(response, 404)
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/api/v1/executions", {"limit": "9223372036854775808"}),
+        ("/api/v1/audit", {"limit": "18446744073709551616"}),
+    ],
+)
+def test_huge_limits_are_422(orchestrator: Orchestrator, path: str, params: dict[str, str]) -> None:
+    error = assert_error(orchestrator.api.get(path, params=params), 422)
+    assert paths_of(error) == ["query:limit"], error
+
+
+# -- permissions ------------------------------------------------------------------------------
+
+
+def api_token(orch: Orchestrator, role: str) -> str:
+    """A token of another role; there is no API for tokens yet, so through the database."""
+
+    async def create() -> str:
+        engine = create_async_engine(orch.database_url)
+        try:
+            async with engine.begin() as conn:
+                org = await conn.scalar(
+                    sa.select(organizations.c.id).where(organizations.c.name == "default")
+                )
+                _, secret = await create_api_token(
+                    conn, org, name=f"{role}-{uuid.uuid4().hex[:8]}", role=role, actor="test"
+                )
+                return secret
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(create())
+
+
+def test_validating_a_workflow_needs_workflows_write(orchestrator: Orchestrator) -> None:
+    source = one_step_workflow(f"check-{uuid.uuid4().hex[:8]}", "nobody")
+    yaml = {"Content-Type": "application/yaml"}
+    viewer = orchestrator.client(api_token(orchestrator, "viewer"))
+    error = assert_error(
+        viewer.post("/api/v1/workflows/validate", content=source, headers=yaml), 403
+    )
+    assert error["code"] == "forbidden"
+    operator = orchestrator.client(api_token(orchestrator, "operator"))
+    allowed = operator.post("/api/v1/workflows/validate", content=source, headers=yaml)
+    assert allowed.status_code == 200, allowed.text
+    assert allowed.json()["valid"] is True

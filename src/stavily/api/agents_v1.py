@@ -14,9 +14,11 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 from starlette.types import Receive, Scope, Send
 
+from stavily.api import schemas
 from stavily.api.deps import CurrentAgent, ReportingAgent, State, agent_for, bearer_of, state_of
 from stavily.api.errors import error_body
 from stavily.api.json import JSONResponse, send_json
+from stavily.api.schemas import errors
 from stavily.errors import InvalidInput, RateLimited, StavilyError
 from stavily.fleet.agents import AgentIdentity
 from stavily.fleet.waiters import Waiter
@@ -25,11 +27,14 @@ router = APIRouter(prefix="/agents/v1", tags=["agents"])
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 _PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+# The request models are strict (`true` is not a number, `"2"` not an integer), and they
+# are validated in Python mode both by FastAPI and by _model() below, so both agree.
+STRICT = ConfigDict(extra="allow", strict=True)
 HEARTBEAT_STATUSES = {"online", "offline", "idle", "busy", "running", "healthy"}
 
 
 class ProgressUpdate(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
 
     status: str | None = Field(default=None, max_length=50)
     execution_log: list[str] | None = Field(default=None, max_length=100_000)
@@ -37,7 +42,7 @@ class ProgressUpdate(BaseModel):
 
 
 class ResultReport(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
 
     status: str = Field(max_length=50)
     result: Any = None
@@ -49,7 +54,7 @@ class ResultReport(BaseModel):
 class SystemFigures(BaseModel):
     """What a richer heartbeat says about the agent's machine; absurd figures are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     cpu_percent: float | None = Field(default=None, ge=0, le=100)
     memory_percent: float | None = Field(default=None, ge=0, le=100)
@@ -68,9 +73,11 @@ class SystemFigures(BaseModel):
 
 
 class Heartbeat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
 
-    timestamp: datetime | None = None
+    # not strict: in Python mode a strict datetime is only a datetime object, never the
+    # agents' "2026-11-24T10:00:00Z"
+    timestamp: datetime | None = Field(default=None, strict=False)
     status: str = Field(default="online", max_length=50)
     version: str | None = Field(default=None, max_length=100, pattern=_PRINTABLE)
     hostname: str | None = Field(default=None, max_length=255, pattern=_PRINTABLE)
@@ -225,7 +232,11 @@ async def do_heartbeat(state: State, agent: AgentIdentity, beat: Heartbeat) -> d
 # -- fast path below does not take --------------------------------------------------------
 
 
-@router.get("/{agent_id}/instructions")
+@router.get(
+    "/{agent_id}/instructions",
+    response_model=schemas.PollAnswer,
+    responses=errors(401, 403, 422, 429),
+)
 async def poll(
     request: Request,
     agent: CurrentAgent,
@@ -237,14 +248,23 @@ async def poll(
     return JSONResponse(answer)
 
 
-@router.put("/{agent_id}/instructions/{instruction_id}")
+@router.put(
+    "/{agent_id}/instructions/{instruction_id}",
+    response_model=schemas.ProgressAnswer,
+    responses=errors(401, 403, 404, 409, 413, 422, 429),
+)
 async def progress(
     request: Request, instruction_id: str, update: ProgressUpdate, agent: CurrentAgent
 ) -> JSONResponse:
     return JSONResponse(await do_progress(state_of(request), agent, instruction_id, update))
 
 
-@router.post("/{agent_id}/instructions/{instruction_id}/result")
+@router.post(
+    "/{agent_id}/instructions/{instruction_id}/result",
+    response_model=schemas.ResultAnswer,
+    # not rate limited: official agents never retry a result (see deps.agent_for)
+    responses=errors(401, 403, 404, 409, 413, 422),
+)
 async def result(
     request: Request,
     instruction_id: str,
@@ -258,7 +278,11 @@ async def result(
     return JSONResponse(answer)
 
 
-@router.post("/{agent_id}/heartbeat")
+@router.post(
+    "/{agent_id}/heartbeat",
+    response_model=schemas.HeartbeatAnswer,
+    responses=errors(401, 403, 413, 422, 429),
+)
 async def heartbeat(request: Request, beat: Heartbeat, agent: CurrentAgent) -> JSONResponse:
     return JSONResponse(await do_heartbeat(state_of(request), agent, beat))
 
@@ -360,3 +384,23 @@ def _model(model: type[ModelT], body: bytes) -> ModelT | None:
         return model.model_validate(orjson.loads(body))
     except ValidationError:
         return None
+
+
+async def refuse_result(scope: Scope, body: bytes, problem: str) -> None:
+    """A result the edge refused for its nesting (api.middleware) fails its step now: the
+    official agents never send a result again, and the step would wait for its lease.
+    Only for the agent the instruction is leased to; anything else changes nothing."""
+    parts = scope["path"].split("/")
+    state: State = scope["app"].state.stavily
+    report = {
+        "status": "failed",
+        "error_message": f"the agent's result was refused: {problem}",
+        "error_details": {"error_type": "result_refused"},
+    }
+    digest = hashlib.sha256(body or problem.encode()).hexdigest()
+    try:
+        agent = await agent_for(state, _credential(scope), parts[3], limited=False)
+        state.heartbeats.touch(agent.id)
+        await state.engine.result(agent, parts[5], report, digest)
+    except StavilyError:
+        pass  # not this agent's, or no longer running: the answer says what was wrong

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPBearer
 from limits import RateLimitItem
 from limits.strategies import RateLimiter
 
@@ -54,9 +55,34 @@ def bearer_of(header: str | None) -> str | None:
     return None
 
 
-async def current_principal(request: Request) -> Principal:
+class BearerScheme(HTTPBearer):
+    """A bearer credential, declared in the OpenAPI document (so the routes carry
+    `security` and the docs page its Authorize button) but read our way: no credential
+    is None, and the route answers its own 401 in the one error shape."""
+
+    async def __call__(self, request: Request) -> str | None:  # type: ignore[override]
+        return bearer(request)
+
+
+api_token = BearerScheme(
+    scheme_name="APIToken",
+    bearerFormat="stv_...",
+    description="An API token of the private API (`/api/v1`); its role sets what it may do.",
+    auto_error=False,
+)
+agent_credential = BearerScheme(
+    scheme_name="AgentCredential",
+    bearerFormat="stva_... or JWT",
+    description="An agent's API key, or a JWT from `POST /agents/v1/{agent_id}/token`.",
+    auto_error=False,
+)
+APIToken = Annotated[str | None, Depends(api_token)]
+AgentCredential = Annotated[str | None, Depends(agent_credential)]
+
+
+async def current_principal(request: Request, credential: APIToken) -> Principal:
     state = state_of(request)
-    return await authenticate_token(state.db, bearer(request), state.token_cache)
+    return await authenticate_token(state.db, credential, state.token_cache)
 
 
 async def agent_for(
@@ -73,12 +99,16 @@ async def agent_for(
     return agent
 
 
-async def reporting_agent(request: Request, agent_id: str) -> AgentIdentity:
-    return await agent_for(state_of(request), bearer(request), agent_id, limited=False)
+async def reporting_agent(
+    request: Request, agent_id: str, credential: AgentCredential
+) -> AgentIdentity:
+    return await agent_for(state_of(request), credential, agent_id, limited=False)
 
 
-async def current_agent(request: Request, agent_id: str) -> AgentIdentity:
-    return await agent_for(state_of(request), bearer(request), agent_id)
+async def current_agent(
+    request: Request, agent_id: str, credential: AgentCredential
+) -> AgentIdentity:
+    return await agent_for(state_of(request), credential, agent_id)
 
 
 AppState = Annotated[State, Depends(get_state)]

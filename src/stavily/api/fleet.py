@@ -14,8 +14,10 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from stavily.api import schemas
 from stavily.api.deps import AppState, CurrentAgent, CurrentPrincipal, bearer
 from stavily.api.json import JSONResponse
+from stavily.api.schemas import errors
 from stavily.errors import Forbidden
 from stavily.fleet import admin, enrollment
 from stavily.security import agent_tokens
@@ -32,7 +34,7 @@ JWT_TTL_SECONDS = 3600
 
 
 class Registration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     enrollment_token: str = Field(min_length=1, max_length=200)
     name: str = Field(min_length=1, max_length=200, pattern=_NAME)
@@ -42,7 +44,12 @@ class Registration(BaseModel):
     os: str | None = Field(default=None, max_length=100, pattern=_PRINTABLE)
 
 
-@public.post("/register", status_code=201)
+@public.post(
+    "/register",
+    status_code=201,
+    response_model=schemas.AgentWithCredential,
+    responses=errors(401, 409, 413, 422),
+)
 async def register(body: Registration, state: AppState) -> JSONResponse:
     """Exchange an enrollment token for a new agent: its id and API key (shown once).
 
@@ -62,7 +69,11 @@ async def register(body: Registration, state: AppState) -> JSONResponse:
     return JSONResponse({"agent_id": row["id"], "api_key": credential, **view}, status_code=201)
 
 
-@public.post("/{agent_id}/token")
+@public.post(
+    "/{agent_id}/token",
+    response_model=schemas.AgentToken,
+    responses=errors(401, 403, 422, 429),
+)
 async def agent_token(request: Request, agent: CurrentAgent, state: AppState) -> JSONResponse:
     """A JWT for this agent, valid for an hour on every agent route, until the agent's
     credential is replaced. Asked for with the API key (a JWT cannot renew itself)."""
@@ -83,7 +94,8 @@ async def agent_token(request: Request, agent: CurrentAgent, state: AppState) ->
 
 
 class EnrollmentTokenCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: `true` is not a number of uses, nor is `"60"` a number of seconds
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1, max_length=200, pattern=_PRINTABLE)
     agent_type: Literal["action", "sensor"] = "action"
@@ -100,7 +112,12 @@ class EnrollmentTokenCreate(BaseModel):
     )
 
 
-@private.post("/enrollment-tokens", status_code=201)
+@private.post(
+    "/enrollment-tokens",
+    status_code=201,
+    response_model=schemas.CreatedEnrollmentToken,
+    responses=errors(401, 403, 413, 422),
+)
 async def create_enrollment_token(
     body: EnrollmentTokenCreate, principal: CurrentPrincipal, state: AppState
 ) -> JSONResponse:
@@ -114,14 +131,20 @@ async def create_enrollment_token(
     return JSONResponse({**view, "token": secret}, status_code=201)
 
 
-@private.get("/enrollment-tokens")
+@private.get(
+    "/enrollment-tokens", response_model=schemas.EnrollmentTokenList, responses=errors(401)
+)
 async def list_enrollment_tokens(principal: CurrentPrincipal, state: AppState) -> JSONResponse:
     async with state.db.read() as conn:
         tokens = await enrollment.list_tokens(conn, principal.organization_id)
     return JSONResponse({"enrollment_tokens": tokens})
 
 
-@private.post("/enrollment-tokens/{token_id}/revoke")
+@private.post(
+    "/enrollment-tokens/{token_id}/revoke",
+    response_model=schemas.EnrollmentToken,
+    responses=errors(401, 403, 404, 422),
+)
 async def revoke_enrollment_token(
     token_id: str, principal: CurrentPrincipal, state: AppState
 ) -> JSONResponse:
@@ -136,11 +159,24 @@ async def revoke_enrollment_token(
 
 # -- agents ----------------------------------------------------------------------------------
 
+# what drain, disable, enable and revoke answer (409: the agent is revoked)
+_ADMIN_ROUTE: dict[str, Any] = {
+    "response_model": schemas.AdminAgentView,
+    "responses": errors(401, 403, 404, 409, 422),
+}
+
+
+def _forget_credentials(state: Any) -> None:
+    """Credentials checked before a change must not be trusted after it: on this replica
+    now; on the others when they hear of it (PostgreSQL's LISTEN/NOTIFY), or at the
+    latest within `credential_cache_seconds` if they miss it."""
+    state.agent_cache.clear()
+    if state.engine.channel is not None:
+        state.engine.channel.publish_credentials_changed()
+
 
 def _applied(state: Any, agent_id: str, row: Any) -> JSONResponse:
-    # Credentials checked before the change must not be trusted after it: on this replica
-    # now; other replicas within `credential_cache_seconds`.
-    state.agent_cache.clear()
+    _forget_credentials(state)
     return JSONResponse(admin.admin_view(row, state.heartbeats.pending(agent_id)))
 
 
@@ -155,13 +191,13 @@ async def _set_state(
     return _applied(state, agent_id, row)
 
 
-@private.post("/agents/{agent_id}/drain")
+@private.post("/agents/{agent_id}/drain", **_ADMIN_ROUTE)
 async def drain_agent(agent_id: str, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
     """The agent finishes and reports what it runs, and is given nothing new."""
     return await _set_state(agent_id, "draining", principal, state)
 
 
-@private.post("/agents/{agent_id}/disable")
+@private.post("/agents/{agent_id}/disable", **_ADMIN_ROUTE)
 async def disable_agent(
     agent_id: str, principal: CurrentPrincipal, state: AppState
 ) -> JSONResponse:
@@ -171,13 +207,13 @@ async def disable_agent(
     return answer
 
 
-@private.post("/agents/{agent_id}/enable")
+@private.post("/agents/{agent_id}/enable", **_ADMIN_ROUTE)
 async def enable_agent(agent_id: str, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
     """Back to active after a drain or a disable (not after a revoke: 409)."""
     return await _set_state(agent_id, "active", principal, state)
 
 
-@private.post("/agents/{agent_id}/revoke")
+@private.post("/agents/{agent_id}/revoke", **_ADMIN_ROUTE)
 async def revoke_agent(agent_id: str, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
     """For good: every request of the agent gets 403; it cannot be enabled again."""
     principal.require("agents:write")
@@ -188,7 +224,12 @@ async def revoke_agent(agent_id: str, principal: CurrentPrincipal, state: AppSta
     return answer
 
 
-@private.post("/agents/{agent_id}/credentials", status_code=201)
+@private.post(
+    "/agents/{agent_id}/credentials",
+    status_code=201,
+    response_model=schemas.AgentWithCredential,
+    responses=errors(401, 403, 404, 409, 422),
+)
 async def rotate_agent_credential(
     agent_id: str, principal: CurrentPrincipal, state: AppState
 ) -> JSONResponse:
@@ -198,12 +239,12 @@ async def rotate_agent_credential(
         row, credential = await admin.rotate_credential(
             conn, principal.organization_id, agent_id, principal.actor
         )
-    state.agent_cache.clear()
+    _forget_credentials(state)
     view = admin.admin_view(row, state.heartbeats.pending(agent_id))
     return JSONResponse({"agent_id": agent_id, "api_key": credential, **view}, status_code=201)
 
 
-@private.get("/fleet")
+@private.get("/fleet", response_model=schemas.FleetSummary, responses=errors(401))
 async def fleet(principal: CurrentPrincipal, state: AppState) -> JSONResponse:
     """Agents by state, type, label and version; capacity; instructions waiting."""
     pending = state.heartbeats.snapshot()  # before the rows: see v1.list_agents_route

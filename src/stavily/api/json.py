@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import orjson
-from starlette.responses import Response
+from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.types import Send
 
 
@@ -20,8 +20,9 @@ def render(content: Any) -> bytes:
         return json.dumps(content, ensure_ascii=True, default=str).encode()
 
 
-class JSONResponse(Response):
-    media_type = "application/json"
+class JSONResponse(StarletteJSONResponse):
+    """Starlette's, rendered with orjson (a subclass of it, so FastAPI documents the
+    response models of routes that answer with it)."""
 
     def render(self, content: Any) -> bytes:
         return render(content)

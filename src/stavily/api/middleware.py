@@ -1,7 +1,9 @@
-"""ASGI middleware at the edge: path normalisation and the request body limit."""
+"""ASGI middleware at the edge: path normalisation, the request body limit, strict JSON
+and its nesting limit."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,6 +17,26 @@ from stavily.api.errors import error_response
 
 _SLASHES = re.compile(r"/{2,}")
 FastPath = Callable[[Scope, Receive, Send, bytes | None], Awaitable[bool]]
+# Told of an agent's result refused at the edge for its nesting (its scope, the body, and
+# why), so the step does not wait for its lease: official agents never send it again.
+RefusedResult = Callable[[Scope, bytes, str], Awaitable[None]]
+# Bodies larger than this have their nesting measured on a worker thread.
+_DEPTH_ON_THREAD = 64 * 1024
+
+
+def nesting_problem(body: bytes, value: Any, limit: int) -> str | None:
+    """Why `value` (parsed from `body`) nests too deeply, or None. Counting brackets
+    first makes the common, small body cost nothing more."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return None
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        if depth > limit:
+            return f"the body nests deeper than {limit} levels"
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return None
 
 
 class EdgeMiddleware:
@@ -23,12 +45,21 @@ class EdgeMiddleware:
     once past these checks, are offered to the fast path first (api.agents_v1)."""
 
     def __init__(
-        self, app: ASGIApp, max_body_bytes: int, fast_path: FastPath | None = None
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        fast_path: FastPath | None = None,
+        max_json_depth: int = 128,
+        refused_result: RefusedResult | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         # Tried first for agent requests (api.agents_v1.serve_fast); False lets them pass.
         self.fast_path = fast_path
+        # One nesting limit for every JSON body: deeper values cannot be stored or written
+        # back (orjson writes 254 levels) and walking them recursively fails.
+        self.max_json_depth = max_json_depth
+        self.refused_result = refused_result
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,7 +94,8 @@ class EdgeMiddleware:
                     raise HTTPException(413, self._message())
             return message
 
-        if _is_json(scope) and scope["method"] in ("POST", "PUT", "PATCH"):
+        declared = _is_json(scope)
+        if declared is not False and scope["method"] in ("POST", "PUT", "PATCH"):
             # Read the body here, refuse JSON the strict parser refuses (NaN, Infinity,
             # lone surrogates, nesting past 1024) with 422, and replay it to the app.
             body = b""
@@ -80,8 +112,11 @@ class EdgeMiddleware:
                 return
             if body:
                 try:
-                    orjson.loads(body)
+                    value = orjson.loads(body)
                 except orjson.JSONDecodeError as exc:
+                    if declared is None:  # not JSON, and not said to be: the route decides
+                        await self.app(scope, _replaying(body, receive), send)
+                        return
                     await error_response(
                         422,
                         "invalid_input",
@@ -89,24 +124,41 @@ class EdgeMiddleware:
                         [{"path": "(root)", "message": str(exc)}],
                     )(scope, receive, send)
                     return
+                problem = (
+                    await asyncio.to_thread(nesting_problem, body, value, self.max_json_depth)
+                    if len(body) > _DEPTH_ON_THREAD
+                    else nesting_problem(body, value, self.max_json_depth)
+                )
+                del value
+                if problem:
+                    await self._refused(scope, body, problem)
+                    await error_response(
+                        422,
+                        "invalid_input",
+                        "the body is nested too deeply",
+                        [{"path": "(root)", "message": problem}],
+                    )(scope, receive, send)
+                    return
             fast = self._fast(path)
             if fast is not None and await fast(scope, receive, send, body):
                 return
-            replayed = False
-
-            async def replay() -> Message:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
-            await self.app(scope, replay, send)
+            await self.app(scope, _replaying(body, receive), send)
             return
         fast = self._fast(path) if scope["method"] == "GET" else None
         if fast is not None and await fast(scope, receive, send, None):
             return
         await self.app(scope, limited, send)
+
+    async def _refused(self, scope: Scope, body: bytes, problem: str) -> None:
+        if self.refused_result is not None and scope["method"] == "POST":
+            parts = scope["path"].split("/")
+            if (
+                len(parts) == 7
+                and parts[1:3] == ["agents", "v1"]
+                and parts[4] == "instructions"
+                and parts[6] == "result"
+            ):
+                await self.refused_result(scope, body, problem)
 
     def _fast(self, path: str) -> FastPath | None:
         return self.fast_path if path.startswith("/agents/v1/") else None
@@ -119,8 +171,24 @@ class EdgeMiddleware:
         await response(scope, receive, send)
 
 
-def _is_json(scope: Scope) -> bool:
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """The body read here, given to the app as if it came now."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _is_json(scope: Scope) -> bool | None:
+    """True for a JSON content type, None for none at all (FastAPI reads such a body as
+    JSON when it can), False for any other."""
     for name, value in scope["headers"]:
         if name == b"content-type":
             return b"json" in value.lower()
-    return False
+    return None

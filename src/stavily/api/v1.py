@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from stavily import audit
-from stavily.api.deps import AppState, CurrentPrincipal
+from stavily import audit, offload
+from stavily.api import schemas
+from stavily.api.deps import AppState, CurrentPrincipal, State
 from stavily.api.json import JSONResponse
+from stavily.api.schemas import errors
 from stavily.fleet import create_agent, get_agent, list_agents
 from stavily.fleet.agents import agent_view
 from stavily.workflows import service as workflows
@@ -27,7 +29,8 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class AgentCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: `true` is not a capacity, nor is `"2"` (a query parameter may say "2")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1, max_length=200, pattern=_NAME)
     type: Literal["action", "sensor"] = "action"
@@ -36,12 +39,18 @@ class AgentCreate(BaseModel):
 
 
 class RunRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     inputs: dict[str, Any] = Field(default_factory=dict)
 
 
-@router.post("/agents", status_code=201, tags=["agents"])
+@router.post(
+    "/agents",
+    status_code=201,
+    tags=["agents"],
+    response_model=schemas.CreatedAgent,
+    responses=errors(401, 403, 409, 413, 422),
+)
 async def create_agent_route(
     body: AgentCreate, principal: CurrentPrincipal, state: AppState
 ) -> JSONResponse:
@@ -60,7 +69,7 @@ async def create_agent_route(
     return JSONResponse({"agent_id": row["id"], "api_key": credential, **view}, status_code=201)
 
 
-@router.get("/agents", tags=["agents"])
+@router.get("/agents", tags=["agents"], response_model=schemas.AgentList, responses=errors(401))
 async def list_agents_route(principal: CurrentPrincipal, state: AppState) -> JSONResponse:
     # Heartbeats not yet written are newer than any row: take them before reading rows,
     # so a flush finishing during the read cannot leave us with neither.
@@ -70,7 +79,12 @@ async def list_agents_route(principal: CurrentPrincipal, state: AppState) -> JSO
     return JSONResponse({"agents": [agent_view(r, pending.get(r["id"])) for r in rows]})
 
 
-@router.get("/agents/{agent_id}", tags=["agents"])
+@router.get(
+    "/agents/{agent_id}",
+    tags=["agents"],
+    response_model=schemas.AgentView,
+    responses=errors(401, 404, 422),
+)
 async def get_agent_route(
     agent_id: str, principal: CurrentPrincipal, state: AppState
 ) -> JSONResponse:
@@ -92,40 +106,66 @@ _DEFINITION_BODY = {
 }
 
 
-async def _definition(request: Request) -> tuple[str, WorkflowDefinition]:
+async def _definition(request: Request, state: State) -> tuple[str, WorkflowDefinition]:
+    """The body's workflow, parsed and validated on a worker thread: a big one takes a
+    while, and the event loop serves everyone else meanwhile."""
     raw = await request.body()
-    data = parse_source(raw, request.headers.get("content-type"))
-    return raw.decode("utf-8"), validate(data)
+    settings = state.settings
+    policy = state.engine.secret_policy
+
+    def check() -> WorkflowDefinition:
+        data = parse_source(raw, request.headers.get("content-type"))
+        return validate(data, settings.max_workflow_steps, policy)
+
+    definition = await offload.run(check)  # refuses text that is not UTF-8 first
+    return raw.decode("utf-8"), definition
 
 
-@router.get("/schemas/workflow", tags=["workflows"])
+@router.get("/schemas/workflow", tags=["workflows"], response_model=dict[str, Any])
 async def workflow_schema_route() -> JSONResponse:
     """The JSON Schema of a workflow definition, for editors and CI checks."""
     return JSONResponse(workflow_schema())
 
 
-@router.post("/workflows/validate", tags=["workflows"], openapi_extra=_DEFINITION_BODY)
-async def validate_workflow(request: Request, principal: CurrentPrincipal) -> JSONResponse:
+@router.post(
+    "/workflows/validate",
+    tags=["workflows"],
+    openapi_extra=_DEFINITION_BODY,
+    response_model=schemas.Validation,
+    responses=errors(401, 403, 413, 422),
+)
+async def validate_workflow(
+    request: Request, principal: CurrentPrincipal, state: AppState
+) -> JSONResponse:
     """Dry run: every problem (422), or what would run (200). Nothing is saved."""
-    _, definition = await _definition(request)
+    principal.require("workflows:write")
+    _, definition = await _definition(request, state)
+    steps = await offload.run(plan, definition)
     return JSONResponse(
         {
             "valid": True,
             "name": definition.name,
             "steps": [
                 {"name": s["name"], "stage": s["stage"], "depends_on": s["depends_on"]}
-                for s in plan(definition)
+                for s in steps
             ],
         }
     )
 
 
-@router.post("/workflows", status_code=201, tags=["workflows"], openapi_extra=_DEFINITION_BODY)
+@router.post(
+    "/workflows",
+    status_code=201,
+    tags=["workflows"],
+    openapi_extra=_DEFINITION_BODY,
+    response_model=schemas.Workflow,
+    responses=errors(401, 403, 413, 422),
+)
 async def apply_workflow(
     request: Request, principal: CurrentPrincipal, state: AppState
 ) -> JSONResponse:
     principal.require("workflows:write")
-    source, definition = await _definition(request)
+    source, definition = await _definition(request, state)
     async with state.db.write() as conn:
         workflow = await workflows.apply(
             conn, principal.organization_id, definition, source, principal.actor
@@ -133,20 +173,33 @@ async def apply_workflow(
     return JSONResponse(workflow, status_code=201)
 
 
-@router.get("/workflows", tags=["workflows"])
+@router.get(
+    "/workflows", tags=["workflows"], response_model=schemas.WorkflowList, responses=errors(401)
+)
 async def list_workflows(principal: CurrentPrincipal, state: AppState) -> JSONResponse:
     async with state.db.read() as conn:
         items = await workflows.list_all(conn, principal.organization_id)
     return JSONResponse({"workflows": items})
 
 
-@router.get("/workflows/{name}", tags=["workflows"])
+@router.get(
+    "/workflows/{name}",
+    tags=["workflows"],
+    response_model=schemas.Workflow,
+    responses=errors(401, 404, 422),
+)
 async def get_workflow(name: str, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
     async with state.db.read() as conn:
         return JSONResponse(await workflows.get(conn, principal.organization_id, name))
 
 
-@router.post("/workflows/{name}/runs", status_code=201, tags=["executions"])
+@router.post(
+    "/workflows/{name}/runs",
+    status_code=201,
+    tags=["executions"],
+    response_model=schemas.Execution,
+    responses=errors(401, 403, 404, 409, 413, 422),
+)
 async def run_workflow(
     name: str, principal: CurrentPrincipal, state: AppState, body: RunRequest | None = None
 ) -> JSONResponse:
@@ -163,7 +216,12 @@ async def run_workflow(
     return JSONResponse(execution, status_code=201)
 
 
-@router.get("/workflows/{name}/versions", tags=["workflows"])
+@router.get(
+    "/workflows/{name}/versions",
+    tags=["workflows"],
+    response_model=schemas.VersionList,
+    responses=errors(401, 404, 422),
+)
 async def list_versions(name: str, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
     async with state.db.read() as conn:
         return JSONResponse(
@@ -171,9 +229,17 @@ async def list_versions(name: str, principal: CurrentPrincipal, state: AppState)
         )
 
 
-@router.get("/workflows/{name}/versions/{version}", tags=["workflows"])
+@router.get(
+    "/workflows/{name}/versions/{version}",
+    tags=["workflows"],
+    response_model=schemas.WorkflowVersion,
+    responses=errors(401, 404, 422),
+)
 async def get_version(
-    name: str, version: int, principal: CurrentPrincipal, state: AppState
+    name: str,
+    principal: CurrentPrincipal,
+    state: AppState,
+    version: int = Path(ge=1, le=2**31 - 1),  # the column is 32 bits; past it, 422 not 500
 ) -> JSONResponse:
     async with state.db.read() as conn:
         return JSONResponse(
@@ -181,7 +247,12 @@ async def get_version(
         )
 
 
-@router.get("/executions", tags=["executions"])
+@router.get(
+    "/executions",
+    tags=["executions"],
+    response_model=schemas.ExecutionList,
+    responses=errors(401, 422),
+)
 async def list_executions(
     principal: CurrentPrincipal,
     state: AppState,
@@ -196,7 +267,12 @@ async def list_executions(
     return JSONResponse({"executions": items})
 
 
-@router.get("/executions/{execution_id}", tags=["executions"])
+@router.get(
+    "/executions/{execution_id}",
+    tags=["executions"],
+    response_model=schemas.Execution,
+    responses=errors(401, 404, 422),
+)
 async def get_execution(
     execution_id: str, principal: CurrentPrincipal, state: AppState
 ) -> JSONResponse:
@@ -206,7 +282,12 @@ async def get_execution(
         )
 
 
-@router.post("/executions/{execution_id}/cancel", tags=["executions"])
+@router.post(
+    "/executions/{execution_id}/cancel",
+    tags=["executions"],
+    response_model=schemas.Execution,
+    responses=errors(401, 403, 404, 409, 422),
+)
 async def cancel_execution(
     execution_id: str, principal: CurrentPrincipal, state: AppState
 ) -> JSONResponse:
@@ -216,7 +297,12 @@ async def cancel_execution(
     return await _execution(state, principal, execution_id)
 
 
-@router.post("/executions/{execution_id}/rerun", tags=["executions"])
+@router.post(
+    "/executions/{execution_id}/rerun",
+    tags=["executions"],
+    response_model=schemas.Execution,
+    responses=errors(401, 403, 404, 409, 422),
+)
 async def rerun_execution(
     execution_id: str, principal: CurrentPrincipal, state: AppState
 ) -> JSONResponse:
@@ -226,7 +312,12 @@ async def rerun_execution(
     return await _execution(state, principal, execution_id)
 
 
-@router.get("/executions/{execution_id}/logs", tags=["executions"])
+@router.get(
+    "/executions/{execution_id}/logs",
+    tags=["executions"],
+    response_model=schemas.ExecutionLogs,
+    responses=errors(401, 404, 422),
+)
 async def execution_logs(
     execution_id: str, principal: CurrentPrincipal, state: AppState
 ) -> JSONResponse:
@@ -242,7 +333,12 @@ async def _execution(state: Any, principal: Any, execution_id: str) -> JSONRespo
         )
 
 
-@router.get("/audit", tags=["audit"])
+@router.get(
+    "/audit",
+    tags=["audit"],
+    response_model=schemas.AuditList,
+    responses=errors(401, 403, 422),
+)
 async def list_audit(
     principal: CurrentPrincipal,
     state: AppState,

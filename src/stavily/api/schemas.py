@@ -1,0 +1,369 @@
+"""What the API answers, as its OpenAPI document declares it: a model per answer and error.
+
+The routes build their answers as plain dicts and send them as our JSONResponse
+(FastAPI documents a route's `response_model` but does not validate a Response a handler
+returns), so these models cost nothing per request. They are what clients and the fuzz
+test (tests/integration/test_openapi_fuzz.py) hold the server to: fields always sent are
+required, fields sent only sometimes are not, and nothing else is sent (`extra="forbid"`)
+unless the answer is open (outputs, inputs, definitions: any JSON).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Answer(BaseModel):
+    """A closed answer: exactly these fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+class Problem(BaseModel):
+    """One thing wrong with a request."""
+
+    path: str = Field(description="Where: `name`, `labels.env`, `query:limit`, `(root)`...")
+    message: str
+
+
+class ErrorBody(Answer):
+    code: str = Field(description="Machine-readable: `unauthorized`, `not_found`, ...")
+    message: str
+    details: list[Problem] | dict[str, Any] | None = Field(
+        description="For 422 every problem found; for 429 `retry_after`; for some 409s what "
+        "is in the way; else null."
+    )
+
+
+class ErrorResponse(Answer):
+    """Every error, whatever its status: `{"error": {"code", "message", "details"}}`."""
+
+    error: ErrorBody
+
+
+_ERRORS = {
+    401: "No credential, or an unknown, revoked or expired one.",
+    403: "The credential may not do this (its role, or another agent's path, or a disabled "
+    "or revoked agent).",
+    404: "Nothing of that id or name in the caller's organization.",
+    409: "The state forbids it now (a name taken, an execution finished, an instruction "
+    "no longer leased to this agent, an agent revoked...).",
+    413: "The body is larger than the server's limit.",
+    422: "The request is invalid: `details` lists every problem with its path.",
+    429: "Rate limited: retry after `Retry-After` seconds.",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route: these error statuses, all in the one error shape."""
+    return {s: {"model": ErrorResponse, "description": _ERRORS[s]} for s in statuses}
+
+
+# -- health ------------------------------------------------------------------------------
+
+
+class Health(Answer):
+    status: Literal["ok"]
+    version: str
+
+
+# -- agents (private API) ----------------------------------------------------------------
+
+AgentType = Literal["action", "sensor"]
+AgentHealth = Literal["online", "degraded", "offline"]
+ShownStatus = Literal["online", "degraded", "offline", "draining", "disabled", "revoked"]
+
+
+class AgentView(Answer):
+    """An agent as the private API shows it."""
+
+    id: str
+    organization_id: str
+    name: str
+    type: AgentType
+    labels: dict[str, str]
+    capacity: int
+    status: ShownStatus = Field(
+        description="The operator's state when not active (draining, disabled, revoked), "
+        "else `health`."
+    )
+    health: AgentHealth
+    admin_state: Literal["active", "draining", "disabled"]
+    created_at: datetime
+    credential_issued_at: datetime | None
+    last_heartbeat_at: datetime | None
+    revoked_at: datetime | None
+    # read from the agent's row: absent from the answer of the request that created it
+    version: str | None = None
+    hostname: str | None = None
+    os: str | None = None
+    facts: dict[str, Any] | None = Field(
+        default=None, description="The last heartbeat's system figures, labels, running..."
+    )
+    enrollment_token_id: str | None = None
+    heartbeats_while_busy: bool = False
+
+
+class AgentList(Answer):
+    agents: list[AgentView]
+
+
+class CreatedAgent(AgentView):
+    agent_id: str
+    api_key: str = Field(description="The agent's credential (`stva_...`), shown only here.")
+
+
+class AdminAgentView(AgentView):
+    state: ShownStatus = Field(description="The same as `status`.")
+
+
+class AgentWithCredential(AdminAgentView):
+    """An agent just enrolled, or whose credential was just replaced."""
+
+    agent_id: str
+    api_key: str = Field(description="The agent's credential (`stva_...`), shown only here.")
+
+
+class AgentToken(Answer):
+    token: str = Field(description="A JWT for every agent route of this agent.")
+    token_type: Literal["Bearer"]
+    expires_in: int = Field(description="Seconds.")
+
+
+class Capacity(Answer):
+    total: int
+    in_use: int
+    available: int
+
+
+class Waiting(Answer):
+    total: int
+    by_selector: dict[str, int] = Field(description="Keyed by the selector's JSON text.")
+
+
+class FleetSummary(Answer):
+    agents: int
+    by_state: dict[str, int]
+    by_type: dict[str, int]
+    by_label: dict[str, int] = Field(description="Keyed by `key=value`.")
+    by_version: dict[str, int]
+    capacity: Capacity
+    waiting: Waiting
+
+
+class EnrollmentToken(Answer):
+    id: str
+    name: str
+    agent_type: AgentType
+    labels: dict[str, str]
+    capacity: int
+    max_uses: int | None = Field(description="null: unlimited until it expires.")
+    uses: int
+    remaining_uses: int | None
+    state: Literal["active", "revoked", "expired", "used_up"]
+    expires_at: datetime | None
+    created_by: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class CreatedEnrollmentToken(EnrollmentToken):
+    token: str = Field(description="The token's secret (`stve_...`), shown only here.")
+
+
+class EnrollmentTokenList(Answer):
+    enrollment_tokens: list[EnrollmentToken]
+
+
+# -- workflows ---------------------------------------------------------------------------
+
+
+class Workflow(Answer):
+    """A workflow at its latest version."""
+
+    id: str
+    name: str
+    version: int
+    version_id: str
+    description: str | None
+    definition: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+class WorkflowList(Answer):
+    workflows: list[Workflow]
+
+
+class VersionSummary(Answer):
+    version: int
+    created_at: datetime
+    created_by: str
+
+
+class VersionList(Answer):
+    versions: list[VersionSummary]
+
+
+class WorkflowVersion(Answer):
+    id: str
+    name: str
+    version: int
+    version_id: str
+    definition: dict[str, Any]
+    source: str = Field(description="The text applied, as sent.")
+    created_by: str
+    created_at: datetime
+
+
+Stage = Literal["actions", "outputs"]
+
+
+class PlannedStep(Answer):
+    name: str
+    stage: Stage
+    depends_on: list[str]
+
+
+class Validation(Answer):
+    valid: Literal[True]
+    name: str
+    steps: list[PlannedStep]
+
+
+# -- executions --------------------------------------------------------------------------
+
+ExecutionStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class ExecutionSummary(Answer):
+    id: str
+    workflow: str
+    workflow_version: int
+    status: ExecutionStatus
+    inputs: dict[str, Any]
+    trigger: dict[str, Any]
+    error: str | None
+    created_by: str
+    created_at: datetime
+    finished_at: datetime | None
+    deadline_at: datetime | None
+    reruns: int
+
+
+class StepRun(Answer):
+    name: str
+    stage: Stage
+    plugin: str
+    depends_on: list[str]
+    status: Literal["pending", "queued", "running", "succeeded", "failed", "skipped", "cancelled"]
+    attempts: int
+    agent_id: str | None
+    instruction_id: str | None
+    result: Any = Field(description="The step's output: any JSON, null until it succeeds.")
+    error: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    next_attempt_at: datetime | None
+    parent: str | None = Field(description="For an item of a for_each: its step's name.")
+    item_index: int | None
+
+
+class Execution(ExecutionSummary):
+    steps: list[StepRun]
+
+
+class ExecutionList(Answer):
+    executions: list[ExecutionSummary]
+
+
+InstructionStatus = Literal[
+    "queued", "leased", "executing", "completed", "failed", "cancelled", "expired"
+]
+
+
+class AttemptLog(Answer):
+    step: str
+    instruction_id: str
+    attempt: int
+    status: InstructionStatus
+    agent_id: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    log: list[str]
+
+
+class ExecutionLogs(Answer):
+    logs: list[AttemptLog]
+
+
+# -- audit -------------------------------------------------------------------------------
+
+
+class AuditRecord(Answer):
+    id: int
+    organization_id: str
+    created_at: datetime
+    actor: str
+    action: str
+    subject_type: str
+    subject_id: str
+    details: dict[str, Any]
+
+
+class AuditList(Answer):
+    records: list[AuditRecord]
+
+
+# -- the agent API (AGENT_API.md) ----------------------------------------------------------
+
+
+class Instruction(Answer):
+    id: str
+    plugin_id: str
+    instruction_type: str = Field(description="`execute`, `plugin_install`, `plugin_update`.")
+    plugin_configuration: dict[str, Any]
+    input_data: dict[str, Any]
+    timeout_seconds: int
+    max_retries: int
+    correlation_id: str = Field(description="`<execution id>/<step name>`.")
+    # our extensions
+    attempt: int
+    context: dict[str, Any]
+
+
+class PollAnswer(Answer):
+    instruction: Instruction | None
+    status: Literal["no_pending_instructions", "instruction_available"]
+    next_poll_interval: int
+    instructions: list[Instruction] = Field(
+        default=[], description="Every instruction handed out: only with `?slots=N`."
+    )
+
+
+class ProgressAnswer(Answer):
+    success: Literal[True]
+    instruction_id: str
+    updated_fields: list[Literal["status", "execution_log", "max_retries"]]
+
+
+class ResultAnswer(Answer):
+    acknowledged: Literal[True]
+    next_instruction: Instruction | None = Field(
+        description="null unless the result was posted with `?next=1`."
+    )
+
+
+class HeartbeatAnswer(Answer):
+    acknowledged: Literal[True]
+    next_heartbeat_interval: int
+    commands: list[Literal["drain"]] = Field(
+        default=[], description="Only for a draining agent: stop polling."
+    )

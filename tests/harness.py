@@ -77,6 +77,22 @@ async def make_agents(
     return made
 
 
+def on_database(url: str, work: Any) -> Any:
+    """`await work(conn)` in a transaction on the database at `url`, outside any server
+    (to look at or change what a test cannot reach through the API)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def run() -> Any:
+        engine = create_async_engine(url)
+        try:
+            async with engine.begin() as conn:
+                return await work(conn)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
 @contextmanager
 def fresh_database(backend: str, tmp: Path) -> Iterator[str]:
     """A new, empty database: a SQLite file, or a PostgreSQL database dropped afterwards."""

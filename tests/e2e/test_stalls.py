@@ -61,16 +61,25 @@ class Prober:
         assert worst < HEALTHY_WITHIN, f"{what}: /healthz took {worst * 1000:.0f} ms"
 
 
+def _agent(stack: Stack, agent_id: str, key: str) -> httpx.Client:
+    """A client speaking as an official agent does."""
+    headers = {
+        "Authorization": f"Bearer {key}",
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        "User-Agent": "Stavily-Agent/1.0.0",
+    }
+    return httpx.Client(base_url=stack.url, headers=headers, timeout=15)
+
+
 def _yaml_post(stack: Stack, path: str, source: str) -> httpx.Response:
     return stack.api.post(
         path, content=source, headers={"Content-Type": "application/yaml"}, timeout=60
     )
 
 
-def _chain(name: str, count: int, cycle: bool = False) -> str:
-    # pinned to an agent that does not exist: the run waits, and no agent of the test
-    # takes its steps
-    lines = [f"name: {name}", "agents: {single_agent: nobody}", "actions:", "  steps:"]
+def _chain(name: str, count: int, cycle: bool = False, agent: str = "nobody") -> str:
+    lines = [f"name: {name}", f"agents: {{single_agent: {agent}}}", "actions:", "  steps:"]
     for i in range(count):
         dep = i - 1 if i else (count - 1 if cycle else None)
         depends = f", depends_on: [s{dep}]" if dep is not None else ""
@@ -118,17 +127,25 @@ def test_stalling_requests_leave_the_server_answering(stack: Stack) -> None:
         answer = _yaml_post(stack, "/api/v1/workflows", _chain("long", 12_000))
     assert answer.status_code == 422, answer.text
     assert "12000 steps: a workflow has at most 2000" in answer.text
-    # ... and one of 2,000 is validated, applied and run, off the event loop.
-    with prober.watching("a 2,000-step chain"):
-        answer = _yaml_post(stack, "/api/v1/workflows/validate", _chain("long", 2_000))
+    # ... and one of 2,000 is validated, applied, run and failed (its 1,999 other steps
+    # wound down) without holding up the server.
+    long_id, long_key = stack.create_agent(f"stall-long-{uuid.uuid4().hex[:6]}")
+    chain = _chain("long", 2_000, agent=stack.agent(long_id)["name"])
+    with prober.watching("a 2,000-step chain validated and applied"):
+        answer = _yaml_post(stack, "/api/v1/workflows/validate", chain)
         assert answer.status_code == 200, answer.text
         assert len(answer.json()["steps"]) == 2_000
-        answer = _yaml_post(stack, "/api/v1/workflows", _chain("long", 2_000))
+        answer = _yaml_post(stack, "/api/v1/workflows", chain)
         assert answer.status_code == 201, answer.text
-    # (Starting it writes its 2,000 step rows in one transaction: on SQLite, on the loop.)
-    started = time.monotonic()
-    assert stack.run("long")["status"] == "running"
-    print(f"a 2,000-step execution started in {time.monotonic() - started:.3f} s")
+    with prober.watching("a 2,000-step execution started"):
+        long_run = stack.run("long")
+    with _agent(stack, long_id, long_key) as agent:
+        instruction = agent.get(f"/agents/v1/{long_id}/instructions").json()["instruction"]
+        base = f"/agents/v1/{long_id}/instructions/{instruction['id']}"
+        with prober.watching("a 2,000-step execution failed and wound down"):
+            answer = agent.post(f"{base}/result", json={"status": "failed", "error_message": "x"})
+        assert answer.status_code == 200, answer.text
+    assert stack.execution(long_run["id"])["status"] == "failed"
 
     # A 2,000-step cycle is found without recursion (it went 2,000 calls deep): 422.
     with prober.watching("a 2,000-step cycle"):
@@ -143,13 +160,7 @@ def test_stalling_requests_leave_the_server_answering(stack: Stack) -> None:
         "actions: {steps: [{name: only, plugin: echo}]}\n"
     )
     execution = stack.run(flat)
-    headers = {
-        "Authorization": f"Bearer {key}",
-        "Content-Type": "application/json",
-        "Accept": "application/json",
-        "User-Agent": "Stavily-Agent/1.0.0",
-    }
-    with httpx.Client(base_url=stack.url, headers=headers, timeout=15) as agent:
+    with _agent(stack, agent_id, key) as agent:
         instruction = agent.get(f"/agents/v1/{agent_id}/instructions").json()["instruction"]
         base = f"/agents/v1/{agent_id}/instructions/{instruction['id']}"
         assert agent.put(base, json={"status": "executing"}).status_code == 200

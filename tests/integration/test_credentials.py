@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from stavily.security import agent_tokens, bootstrap
 from stavily.security.access import RETIRED_REASON, REVOKED_BOOTSTRAP, WEAK_BOOTSTRAP
@@ -26,23 +25,11 @@ from stavily.store.db import Database
 from stavily.store.models import api_tokens, server_keys
 from stavily.timeutil import utcnow
 from tests import harness
-from tests.harness import ADMIN_TOKEN, PG_ONLY, Orchestrator, fresh_database, serve
+from tests.harness import ADMIN_TOKEN, PG_ONLY, Orchestrator, fresh_database, on_database, serve
 
 OLD_TOKEN = "stv_old_bootstrap_token_0123456789abcdefghij"
 SHARED_KEY = "shared-agent-jwt-key-0123456789abcdef0123456789"
 CLI = [sys.executable, "-m", "stavily.cli.main"]
-
-
-def _on_database(url: str, work: Any) -> Any:
-    async def run() -> Any:
-        engine = create_async_engine(url)
-        try:
-            async with engine.begin() as conn:
-                return await work(conn)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(run())
 
 
 def _database(url: str, work: Any) -> Any:
@@ -72,7 +59,7 @@ def _server_keys(url: str) -> dict[str, str]:
         rows = await conn.execute(sa.select(server_keys.c.name, server_keys.c.value))
         return {row.name: row.value for row in rows}
 
-    return _on_database(url, read)  # type: ignore[no-any-return]
+    return on_database(url, read)  # type: ignore[no-any-return]
 
 
 def _token_id(url: str, secret: str) -> str:
@@ -80,7 +67,7 @@ def _token_id(url: str, secret: str) -> str:
         query = sa.select(api_tokens.c.id).where(api_tokens.c.token_hash == digest(secret))
         return str(await conn.scalar(query))
 
-    return _on_database(url, read)  # type: ignore[no-any-return]
+    return on_database(url, read)  # type: ignore[no-any-return]
 
 
 def _status(orch: Orchestrator, token: str) -> int:

@@ -3,7 +3,6 @@ exchange, agent JWTs, drain/disable/enable/revoke/rotate, the fleet summary and 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
@@ -14,12 +13,11 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from stavily.security import agent_tokens
 from stavily.security.access import create_api_token
 from stavily.store.models import organizations
-from tests.harness import Orchestrator
+from tests.harness import Orchestrator, on_database
 
 
 def _tag() -> str:
@@ -65,18 +63,6 @@ def audit_actions(orch: Orchestrator, subject_id: str) -> list[str]:
     return [r["action"] for r in reversed(records)]
 
 
-def _on_database(orch: Orchestrator, work: Any) -> Any:
-    async def run() -> Any:
-        engine = create_async_engine(orch.database_url)
-        try:
-            async with engine.begin() as conn:
-                return await work(conn)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(run())
-
-
 def signing_key(orch: Orchestrator) -> str:
     """The server's key, where it keeps it: not in the database, only its fingerprint."""
     return agent_tokens.load_key(orch.settings.agent_jwt_key, orch.settings.data_dir)
@@ -94,7 +80,7 @@ def api_token(orch: Orchestrator, role: str) -> str:
         )
         return secret
 
-    return _on_database(orch, create)  # type: ignore[no-any-return]
+    return on_database(orch.database_url, create)  # type: ignore[no-any-return]
 
 
 class Agent:

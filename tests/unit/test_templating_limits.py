@@ -160,3 +160,29 @@ def test_secrets_used_in_expressions_are_refused(template: str) -> None:
 )
 def test_secrets_inserted_as_they_are_are_accepted(template: str) -> None:
     assert _problem(template) == ""
+
+
+async def test_renderings_that_waited_past_their_budget_never_start() -> None:
+    """With every worker busy, a rendering whose time runs out in the queue is dropped,
+    not started later without a budget."""
+    slow = "{% for a in inputs.s %}{% for b in inputs.s %}{% endfor %}{% endfor %}"
+    busy = [
+        asyncio.create_task(render_limited({"v": slow}, CONTEXT, RenderLimits(timeout=0.5)))
+        for _ in range(4)
+    ]
+    await asyncio.sleep(0.05)
+    started: list[bool] = []
+
+    def tick() -> str:
+        started.append(True)
+        return ""
+
+    queued = {"v": "{{ tick() }}" + slow}
+    with pytest.raises(TemplateTimeout):
+        await render_limited(queued, {**CONTEXT, "tick": tick}, RenderLimits(timeout=0.05))
+    for task in busy:
+        with pytest.raises(TemplateTimeout):
+            await task
+    assert await render_limited({"v": "{{ inputs.n }}"}, CONTEXT, LIMITS) == {"v": 3}
+    await asyncio.sleep(0.1)
+    assert started == []  # the queued one never ran

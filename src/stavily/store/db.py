@@ -18,6 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from stavily.store import prebuilt
 
+YIELD_EVERY = 16  # statements of one SQLite write block between turns of the event loop
+
 
 class InlineConnection:
     """The calls our code makes on an AsyncConnection, run at once on a sync one.
@@ -36,13 +38,24 @@ class InlineConnection:
     def __init__(self, connection: Connection) -> None:
         self.sync_connection = connection
         self.dialect = connection.dialect
+        self._statements = 0
+
+    async def _turn(self) -> None:
+        """Every YIELD_EVERY statements of one block, let the event loop run: a block of
+        thousands (a big execution started, or wound down) would otherwise hold it for
+        their whole time. Other writers wait on the write lock meanwhile, readers read."""
+        self._statements += 1
+        if self._statements % YIELD_EVERY == 0:
+            await asyncio.sleep(0)
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        await self._turn()
         if prebuilt.is_prebuilt(statement) and prebuilt.uniform(parameters):
             return prebuilt.run(self.sync_connection, statement, parameters)
         return self.sync_connection.execute(statement, parameters)
 
     async def scalar(self, statement: Any, parameters: Any = None) -> Any:
+        await self._turn()
         if prebuilt.is_prebuilt(statement):
             return prebuilt.run(self.sync_connection, statement, parameters).scalar()
         return self.sync_connection.scalar(statement, parameters)

@@ -274,6 +274,8 @@ class _Run:
 
     def __call__(self, value: Any, context: dict[str, Any], limits: RenderLimits) -> Any:
         with self.lock:
+            if self.interrupted:  # its time ran out while it waited for a thread
+                raise TemplateTimeout(f"rendering took longer than {limits.timeout:g}s")
             self.thread = threading.get_ident()
         try:
             try:
@@ -288,8 +290,10 @@ class _Run:
 
     def interrupt(self) -> None:
         with self.lock:
-            if self.thread is not None and not self.done and not self.interrupted:
-                self.interrupted = True
+            if self.interrupted or self.done:
+                return
+            self.interrupted = True
+            if self.thread is not None:  # running: else it will not start
                 _set_async_exc(self.thread, ctypes.py_object(TemplateTimeout))
 
 

@@ -135,4 +135,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def healthz() -> JSONResponse:
         return JSONResponse({"status": "ok", "version": __version__})
 
+    @app.get("/health", tags=["health"], response_model=schemas.Healthy)
+    async def health() -> JSONResponse:
+        """Stavily's own scripts probe this; it says no more than that the server answers."""
+        return JSONResponse({"status": "healthy"})
+
     return app

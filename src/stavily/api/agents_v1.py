@@ -192,7 +192,19 @@ async def do_result(
     return {"acknowledged": True, "next_instruction": claimed[0] if claimed else None}
 
 
-async def do_heartbeat(state: State, agent: AgentIdentity, beat: Heartbeat) -> dict[str, Any]:
+_AGENT_PRODUCT = re.compile(r"^Stavily-Agent/([^\s/;()]{1,100})")
+
+
+def agent_version(user_agent: str | None) -> str | None:
+    """The version in `User-Agent: Stavily-Agent/1.0.0`: the official agents send it on
+    every request, and no version in their heartbeats."""
+    match = _AGENT_PRODUCT.match(user_agent or "")
+    return match.group(1) if match else None
+
+
+async def do_heartbeat(
+    state: State, agent: AgentIdentity, beat: Heartbeat, user_agent: str | None = None
+) -> dict[str, Any]:
     if beat.status not in HEARTBEAT_STATUSES:
         raise InvalidInput(
             f"'{beat.status}' is not a heartbeat status",
@@ -203,7 +215,7 @@ async def do_heartbeat(state: State, agent: AgentIdentity, beat: Heartbeat) -> d
     state.heartbeats.record(
         agent.id,
         "offline" if beat.status == "offline" else "online",
-        version=beat.version,
+        version=beat.version or agent_version(user_agent),
         hostname=beat.hostname,
         os=beat.os,
         interval=beat.heartbeat_interval,
@@ -284,7 +296,8 @@ async def result(
     responses=errors(401, 403, 413, 422, 429),
 )
 async def heartbeat(request: Request, beat: Heartbeat, agent: CurrentAgent) -> JSONResponse:
-    return JSONResponse(await do_heartbeat(state_of(request), agent, beat))
+    user_agent = request.headers.get("user-agent")
+    return JSONResponse(await do_heartbeat(state_of(request), agent, beat, user_agent))
 
 
 # -- the fast path ---------------------------------------------------------------------------
@@ -320,11 +333,15 @@ def _poll_params(query: dict[str, str]) -> tuple[float, int | None] | None:
     return float(wait), int(slots) if slots is not None else None
 
 
-def _credential(scope: Scope) -> str | None:
+def _header(scope: Scope, wanted: bytes) -> str | None:
     for name, value in scope["headers"]:
-        if name == b"authorization":
-            return bearer_of(value.decode("latin-1"))
+        if name == wanted:
+            return value.decode("latin-1")
     return None
+
+
+def _credential(scope: Scope) -> str | None:
+    return bearer_of(_header(scope, b"authorization"))
 
 
 async def serve_fast(scope: Scope, receive: Receive, send: Send, body: bytes | None) -> bool:
@@ -365,7 +382,7 @@ async def serve_fast(scope: Scope, receive: Receive, send: Send, body: bytes | N
             if beat is None:
                 return False
             agent = await agent_for(state, _credential(scope), agent_id)
-            answer = await do_heartbeat(state, agent, beat)
+            answer = await do_heartbeat(state, agent, beat, _header(scope, b"user-agent"))
         else:
             return False
     except StavilyError as exc:

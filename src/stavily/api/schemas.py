@@ -73,6 +73,12 @@ class Health(Answer):
     version: str
 
 
+class Healthy(Answer):
+    """What Stavily's own set-up scripts probe for."""
+
+    status: Literal["healthy"]
+
+
 # -- agents (private API) ----------------------------------------------------------------
 
 AgentType = Literal["action", "sensor"]

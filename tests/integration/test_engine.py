@@ -347,7 +347,13 @@ outputs:
     assert steps_of(done)["celebrate"]["status"] == "skipped"
 
 
-def test_server_enforces_step_timeout_and_refuses_the_late_result(quick: Orchestrator) -> None:
+def test_a_silent_agent_loses_the_step_and_its_late_result_is_refused(
+    quick: Orchestrator,
+) -> None:
+    """An agent that says nothing for the step's timeout and the grace after it went
+    silent (agents report their plugin's timeout themselves): the step runs again under
+    the agent-lost budget (3 attempts, although max_retries is 1), and a late result of an
+    earlier attempt gets 409."""
     name, agent = pinned(
         quick,
         """
@@ -359,26 +365,83 @@ actions:
     execution = quick.run(name)
     first = agent.poll()
     assert first is not None
-    agent.client.put(
-        f"/agents/v1/{agent.id}/instructions/{first['id']}", json={"status": "executing"}
-    )
-    second = agent.poll(wait=10)  # lease = 1 s timeout + 1 s grace, then retried
-    assert second is not None and second["attempt"] == 2 and second["id"] != first["id"]
+    seen = [first]
+    while len(seen) < 3:
+        agent.client.put(
+            f"/agents/v1/{agent.id}/instructions/{seen[-1]['id']}", json={"status": "executing"}
+        )
+        again = agent.poll(wait=10)  # lease = 1 s timeout + 1 s grace, then retried
+        assert again is not None and again["attempt"] == len(seen) + 1, again
+        seen.append(again)
     late = agent.client.post(
         f"/agents/v1/{agent.id}/instructions/{first['id']}/result",
         json={"status": "completed", "result": {}},
     )
     assert late.status_code == 409
     agent.client.put(
-        f"/agents/v1/{agent.id}/instructions/{second['id']}", json={"status": "executing"}
+        f"/agents/v1/{agent.id}/instructions/{seen[-1]['id']}", json={"status": "executing"}
     )
     deadline = time.monotonic() + 10
     while quick.execution(execution["id"])["status"] == "running" and time.monotonic() < deadline:
         time.sleep(0.1)
     done = quick.execution(execution["id"])
     assert done["status"] == "failed"
-    assert done["steps"][0]["error"].startswith("timed out")
+    assert done["steps"][0]["error"] == (
+        "agent lost: it went silent while running the step (no result within its 1s "
+        "timeout and 1s of grace)"
+    )
+    assert done["steps"][0]["attempts"] == 3
+
+
+def test_a_dead_official_agents_step_runs_again_on_another_agent(quick: Orchestrator) -> None:
+    """Killed mid-step, an official agent just goes silent: with default error handling
+    the step succeeds on another eligible agent, within the timeout, the grace and one
+    reaper turn of its death."""
+    name = unique("wf")
+    pool = unique("pool")
+    dead, alive = SimAgent(quick, f"{pool}-a"), SimAgent(quick, f"{pool}-b")
+    quick.apply(
+        f"name: {name}\nagents: {{pools: [{{agent_regex: '{pool}-.*'}}]}}\n"
+        "actions: {steps: [{name: only, plugin: echo, timeout: 1s}]}\n"
+    )
+    execution = quick.run(name)
+    taker, other = dead, alive
+    first = taker.poll()
+    if first is None:  # routed to the other one
+        taker, other = alive, dead
+        first = taker.poll()
+    assert first is not None
+    base = f"/agents/v1/{taker.id}/instructions/{first['id']}"
+    assert taker.client.put(base, json={"status": "executing"}).status_code == 200
+    died = time.monotonic()  # from here the taker sends nothing
+    again = other.poll(wait=10)
+    waited = time.monotonic() - died
+    assert again is not None and again["attempt"] == 2
+    assert waited < 1 + 1 + 1.5, waited  # timeout + grace + reaper (0.2 s) and slack
+    assert other.report(again, "completed", output={"ok": True}).status_code == 200
+    done = quick.execution(execution["id"])
+    assert done["status"] == "succeeded"
     assert done["steps"][0]["attempts"] == 2
+
+
+def test_a_timeout_the_agent_reports_is_a_timeout(quick: Orchestrator) -> None:
+    """`retry_on` tells the agent's timeout from its errors."""
+    name, agent = pinned(
+        quick,
+        """
+actions:
+  steps:
+    - {name: t, plugin: echo, error_handling: {max_retries: 2, retry_on: [error]}}
+""",
+    )
+    execution = quick.run(name)
+    instruction = agent.poll()
+    assert instruction is not None
+    answer = agent.report(instruction, "failed", error="timed out after 300s")
+    assert answer.status_code == 200
+    done = quick.execution(execution["id"])
+    assert done["status"] == "failed"  # not retried: only errors are
+    assert done["steps"][0]["attempts"] == 1
 
 
 def test_whole_execution_timeout(quick: Orchestrator) -> None:

@@ -79,6 +79,16 @@ def step_output(report: dict[str, Any]) -> Any:
     return result
 
 
+_TIMED_OUT = {"timeout", "timed_out"}
+
+
+def _timed_out(report: dict[str, Any]) -> bool:
+    """A failure the agent reports as its plugin overrunning the step's timeout: by its
+    status (`timeout`), or in our agent's words ("timed out after 30s")."""
+    message = str(report.get("error_message") or "")
+    return report.get("status") in _TIMED_OUT or message.startswith("timed out")
+
+
 def _page(free: int, sqlite: bool = False) -> int:
     """How many candidates a claim reads for `free` slots: a few more (the rest are
     offered to other waiting agents), a power of two (few distinct statements). On
@@ -772,7 +782,8 @@ class Engine:
                     finished_at=now,
                 )
             else:
-                await progression.retry_or_fail(step, row, ERROR, error or "failed")
+                cause = TIMEOUT if _timed_out(report) else ERROR
+                await progression.retry_or_fail(step, row, cause, error or "failed")
         done = [progression]
         await self._settle(conn, done)
         return done
@@ -839,8 +850,11 @@ class Engine:
         self, condition: Any, reason: str | None, now: datetime, cause: str = AGENT_LOST
     ) -> int:
         """Retire each matching attempt (a late result for it gets 409) and retry the step
-        or fail it. Without a reason, the lease ran out: a step that had started overran
-        its timeout; one that never started lost its agent."""
+        or fail it. Without a reason, the lease ran out: the agent is lost. Agents enforce
+        the step's timeout themselves and report its expiry as a result; one that says
+        nothing for the timeout and the grace after it has gone silent (an official agent
+        killed mid-step sends nothing at all), so the step runs again elsewhere under the
+        agent-lost budget, not as a timeout of its own."""
         done: list[Progression] = []
         async with self.db.write() as conn:
             query = (
@@ -864,11 +878,11 @@ class Engine:
                 if row is None:
                     continue  # reported or taken back meanwhile
                 if reason is None:
-                    cause = TIMEOUT if row.status == "executing" else AGENT_LOST
                     message = (
-                        f"timed out: no result within {row.timeout_seconds}s "
-                        f"(+{self.settings.lease_grace}s grace)"
-                        if cause == TIMEOUT
+                        "agent lost: it went silent while running the step (no result "
+                        f"within its {row.timeout_seconds}s timeout and "
+                        f"{self.settings.lease_grace}s of grace)"
+                        if row.status == "executing"
                         else "agent lost: the instruction was never started"
                     )
                 else:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from tests.harness import Orchestrator, SimAgent, fresh_database, serve
 
@@ -670,3 +671,47 @@ def test_schema_and_dry_run(orchestrator: Orchestrator, tmp_path: Path) -> None:
     assert bad.json()["error"]["details"] == [
         {"path": "actions.steps[0].depends_on[0]", "message": "unknown step 'deploy'"}
     ]
+
+
+def test_the_server_logs_what_happens(quick: Orchestrator) -> None:
+    """Steps retried and failed, executions failed, attempts taken back and why, refused
+    credentials at most once per source every 10 s (a flood cannot fill the disk)."""
+    with structlog.testing.capture_logs() as logs:
+        name, agent = pinned(
+            quick,
+            """
+actions:
+  steps:
+    - {name: a, plugin: echo, error_handling: {max_retries: 1}}
+""",
+        )
+        execution = quick.run(name)
+        agent.work(lambda step, instruction: ("failed", "boom"))
+        assert quick.execution(execution["id"])["status"] == "failed"
+
+        silent, silent_agent = pinned(
+            quick, "actions: {steps: [{name: s, plugin: echo, timeout: 1s}]}"
+        )
+        quick.run(silent)
+        first = silent_agent.poll()
+        assert first is not None
+        silent_agent.client.put(
+            f"/agents/v1/{silent_agent.id}/instructions/{first['id']}", json={"status": "executing"}
+        )
+        assert silent_agent.poll(wait=10) is not None  # taken back, then handed out again
+
+        wrong = quick.agent_client("stva_not_a_credential")
+        for _ in range(20):
+            answer = wrong.post(f"/agents/v1/{agent.id}/heartbeat", json={"status": "online"})
+            assert answer.status_code == 401
+    by_event: dict[str, list[dict[str, Any]]] = {}
+    for entry in logs:
+        by_event.setdefault(entry["event"], []).append(entry)
+    retried, failed = by_event["step retried"], by_event["step failed"]
+    assert retried[0]["execution_id"] == execution["id"] and retried[0]["cause"] == "error"
+    assert failed[0]["error"] == "boom" and failed[0]["attempts"] == 2
+    assert by_event["execution failed"][0]["execution_id"] == execution["id"]
+    (taken,) = by_event["instruction taken back"]
+    assert taken["instruction_id"] == first["id"] and "went silent" in taken["reason"]
+    (refused,) = by_event["agent credential refused"]
+    assert refused["source"] == agent.id and refused["log_level"] == "warning"

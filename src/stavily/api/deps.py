@@ -5,14 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
+import structlog
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
 from limits import RateLimitItem
 from limits.strategies import RateLimiter
 
 from stavily.config import Settings
-from stavily.errors import RateLimited
+from stavily.errors import RateLimited, StavilyError
 from stavily.fleet import AgentIdentity, HeartbeatBuffer, authenticate_agent
+from stavily.logging import Throttled
 from stavily.security import CredentialCache, Principal, authenticate_token
 from stavily.store.db import Database
 from stavily.workflows.engine import Engine
@@ -80,9 +82,18 @@ APIToken = Annotated[str | None, Depends(api_token)]
 AgentCredential = Annotated[str | None, Depends(agent_credential)]
 
 
+# Refused credentials are logged, at most a line per kind and source every 10 s.
+refusals = Throttled(structlog.get_logger("stavily.access"))
+
+
 async def current_principal(request: Request, credential: APIToken) -> Principal:
     state = state_of(request)
-    return await authenticate_token(state.db, credential, state.token_cache)
+    try:
+        return await authenticate_token(state.db, credential, state.token_cache)
+    except StavilyError as exc:
+        source = request.client.host if request.client else "unknown"
+        refusals.warning("API token refused", source, reason=exc.message)
+        raise
 
 
 async def agent_for(
@@ -91,9 +102,13 @@ async def agent_for(
     """The agent behind the credential, held to its rate limit unless `limited` is off:
     results are not, as official agents never retry one (a refused result is lost and
     its step waits for its lease to expire)."""
-    agent = await authenticate_agent(
-        state.db, credential, agent_id, state.agent_cache, state.jwt_key
-    )
+    try:
+        agent = await authenticate_agent(
+            state.db, credential, agent_id, state.agent_cache, state.jwt_key
+        )
+    except StavilyError as exc:
+        refusals.warning("agent credential refused", agent_id, reason=exc.message)
+        raise
     if limited and not state.limiter.hit(state.agent_limit, "agent", agent.id):
         raise RateLimited("too many requests from this agent", retry_after=1)
     return agent

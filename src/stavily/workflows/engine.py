@@ -896,6 +896,14 @@ class Engine:
                     finished_at=now,
                     error_message=message,
                 )
+                log.warning(
+                    "instruction taken back",
+                    instruction_id=row.id,
+                    execution_id=row.execution_id,
+                    agent_id=row.agent_id,
+                    attempt=row.attempt,
+                    reason=message,
+                )
                 if execution is None:
                     continue
                 progression = self._progression(conn, execution, "system", now)
@@ -989,6 +997,11 @@ class Engine:
                 settled = now - timedelta(seconds=self.settings.mass_death_settle)
                 dead = [a for a in dead if a.dead_at <= settled]
             if dead:
+                log.warning(
+                    "agents offline: missed heartbeats",
+                    count=len(dead),
+                    agents=[a.id for a in dead[:50]],
+                )
                 await conn.execute(
                     agents.update()
                     .where(agents.c.id.in_([a.id for a in dead]))

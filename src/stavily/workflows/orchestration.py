@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stavily import audit
@@ -37,6 +38,7 @@ from stavily.store.prebuilt import prebuilt
 from stavily.workflows import queries, states
 from stavily.workflows.templating import RenderLimits, TemplateProblem, render_limited
 
+log = structlog.get_logger("stavily.engine")
 # Where a step's failure came from, for `error_handling.retry_on`.
 ERROR, TIMEOUT, AGENT_LOST = "error", "timeout", "agent_lost"
 UNROUTABLE = "unroutable"  # no eligible agent ever came: never retried
@@ -218,8 +220,10 @@ class Progression:
     ) -> None:
         """A failed attempt: queue the next one after its backoff, or fail the step."""
         spec = step["spec"]
+        where = {"execution_id": self.execution["id"], "step": step["name"]}
         if may_retry(spec, step["attempts"], cause, self.agent_lost_budget):
             delay = retry_delay(spec.get("retry") or {}, step["attempts"])
+            log.info("step retried", **where, attempt=step["attempts"], cause=cause, error=error)
             step["error"] = error
             await self.conn.execute(
                 step_runs.update().where(step_runs.c.id == step["id"]).values(error=error)
@@ -233,6 +237,7 @@ class Progression:
                 delay,
             )
             return
+        log.warning("step failed", **where, attempts=step["attempts"], cause=cause, error=error)
         await self.step_ended(step, "failed", error=error, finished_at=self.now)
 
     async def resume(self) -> None:
@@ -684,6 +689,13 @@ class Progression:
             finished_at=self.now,
         )
         self.execution["status"] = final
+        if final != "succeeded":
+            (log.warning if final == "failed" else log.info)(
+                f"execution {final}",
+                execution_id=execution_id,
+                workflow=self.execution.get("workflow_name"),
+                error=error,
+            )
         self._audit(
             f"execution.{final}", "execution", execution_id, **({"error": error} if error else {})
         )

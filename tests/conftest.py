@@ -3,12 +3,19 @@ STAVILY_TEST_DATABASE_URL is set."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.harness import PG_URL, Orchestrator, fresh_database, serve
+
+# The servers of these tests run in this process: their log lines go to the real standard
+# error, never into the output of a CLI command a test captures (CliRunner swaps
+# sys.stdout and sys.stderr), and loggers are not cached, so capture_logs sees them.
+structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.__stderr__))
 
 BACKENDS = [
     "sqlite",

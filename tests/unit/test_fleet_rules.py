@@ -6,7 +6,7 @@ import time
 
 from stavily.fleet.agents import AgentIdentity, eligible
 from stavily.ids import new_id
-from stavily.workflows.engine import step_output
+from stavily.workflows.handout import step_output
 
 AGENT = AgentIdentity(
     id="agt_1",

@@ -47,6 +47,7 @@ from stavily.store.notify import WorkChannel
 from stavily.timeutil import isoformat, utcnow
 from stavily.workflows import queries, service, states
 from stavily.workflows.definition import WorkflowDefinition, parse_duration, plan
+from stavily.workflows.handout import instruction_payload, step_output, timed_out
 from stavily.workflows.orchestration import (
     AGENT_LOST,
     ERROR,
@@ -66,27 +67,6 @@ log = structlog.get_logger("stavily.engine")
 COMPLETED = {"completed", "success", "succeeded"}
 FAILED = {"failed", "failure", "error", "timeout", "timed_out"}
 PROGRESS_STATUSES = {"executing", "running", "in_progress", "started"}
-
-
-def step_output(report: dict[str, Any]) -> Any:
-    """What a step produced: official agents wrap it in `execution_result.output_data`;
-    our agent may send the plugin's output as `result` itself."""
-    result = report.get("result")
-    if isinstance(result, dict):
-        wrapped = result.get("execution_result")
-        if isinstance(wrapped, dict) and "output_data" in wrapped:
-            return wrapped["output_data"]
-    return result
-
-
-_TIMED_OUT = {"timeout", "timed_out"}
-
-
-def _timed_out(report: dict[str, Any]) -> bool:
-    """A failure the agent reports as its plugin overrunning the step's timeout: by its
-    status (`timeout`), or in our agent's words ("timed out after 30s")."""
-    message = str(report.get("error_message") or "")
-    return report.get("status") in _TIMED_OUT or message.startswith("timed out")
 
 
 def _page(free: int, sqlite: bool = False) -> int:
@@ -118,30 +98,6 @@ def _offers(rows: Iterable[Any], agent: AgentIdentity | None = None) -> Iterator
     for row in _oldest_first(rows):
         if agent is None or eligible(agent, row.selector):
             yield _offer(row)
-
-
-_UNSHOWN_CONTEXT = ("secrets", "secret_nonce")
-
-
-def instruction_payload(row: Any, policy: SecretPolicy) -> dict[str, Any]:
-    """An instruction as AGENT_API.md fixes it, plus fields old agents ignore; secrets
-    revealed (security.secrets), and where they come from left out."""
-    context = row.context or {}
-    refs, nonce = context.get("secrets") or {}, context.get("secret_nonce")
-    if refs:
-        context = {k: v for k, v in context.items() if k not in _UNSHOWN_CONTEXT}
-    return {
-        "id": row.id,
-        "plugin_id": row.plugin_id,
-        "instruction_type": row.instruction_type,
-        "plugin_configuration": secrets.reveal(row.plugin_configuration, nonce, refs, policy),
-        "input_data": secrets.reveal(row.input_data, nonce, refs, policy),
-        "timeout_seconds": int(row.timeout_seconds),
-        "max_retries": int(row.max_retries),
-        "correlation_id": row.correlation_id,
-        "attempt": int(row.attempt),
-        "context": context,
-    }
 
 
 class Engine:
@@ -782,7 +738,7 @@ class Engine:
                     finished_at=now,
                 )
             else:
-                cause = TIMEOUT if _timed_out(report) else ERROR
+                cause = TIMEOUT if timed_out(report) else ERROR
                 await progression.retry_or_fail(step, row, cause, error or "failed")
         done = [progression]
         await self._settle(conn, done)

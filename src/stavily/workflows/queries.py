@@ -242,7 +242,7 @@ def _in_order(ids: Any) -> tuple[Any, list[Any]]:
     return given, [given.c.n]
 
 
-# What an agent is handed of an instruction (engine.instruction_payload).
+# What an agent is handed of an instruction (handout.instruction_payload).
 PAYLOAD_COLUMNS = (
     *("id", "plugin_id", "instruction_type", "plugin_configuration", "input_data"),
     *("timeout_seconds", "max_retries", "correlation_id", "attempt", "context"),

@@ -253,8 +253,15 @@ class Stack:
         return response.json()["agent_id"], response.json()["api_key"]
 
     def start_agent(
-        self, agent_id: str, key: str, plugins_dir: Path, poll_wait: str = POLL_WAIT
+        self,
+        agent_id: str,
+        key: str,
+        plugins_dir: Path,
+        poll_wait: str = POLL_WAIT,
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> Process:
+        """`stavily agent run` for this agent; `extra` arguments and `env` variables added."""
         args = [
             *CLI,
             "agent",
@@ -271,8 +278,9 @@ class Stack:
             HEARTBEAT_INTERVAL,
             "--poll-wait",
             poll_wait,
+            *extra,
         ]
-        return self.processes.start("agent", args, base_env())
+        return self.processes.start("agent", args, {**base_env(), **(env or {})})
 
     def agent(self, agent_id: str) -> dict[str, Any]:
         response = self.api.get(f"/api/v1/agents/{agent_id}")

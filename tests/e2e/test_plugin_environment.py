@@ -13,12 +13,8 @@ import pytest
 import yaml
 
 from tests.e2e.support import (
-    CLI,
-    HEARTBEAT_INTERVAL,
-    POLL_WAIT,
     Processes,
     Stack,
-    base_env,
     workflow,
     write_plugin,
 )
@@ -84,14 +80,8 @@ def _agent(stack: Stack, plugins: Path) -> str:
     own environment holds a secret of the host's."""
     agent_name = f"env-agent-{uuid.uuid4().hex[:6]}"
     agent_id, key = stack.create_agent(agent_name)
-    args = [
-        *CLI,
-        *("agent", "run", "--url", stack.url, "--agent-id", agent_id, "--token", key),
-        *("--plugins-dir", str(plugins), "--heartbeat-interval", HEARTBEAT_INTERVAL),
-        *("--poll-wait", POLL_WAIT, "--allow-env", "DEPLOY_*"),
-    ]
-    env = {**base_env(), "STAVILY_AGENT_ALLOW_ENV": "REGION", "HOST_SECRET": SECRET_VALUE}
-    stack.processes.start("agent", args, env)
+    env = {"STAVILY_AGENT_ALLOW_ENV": "REGION", "HOST_SECRET": SECRET_VALUE}
+    stack.start_agent(agent_id, key, plugins, extra=("--allow-env", "DEPLOY_*"), env=env)
     return agent_name
 
 

@@ -403,11 +403,12 @@ def _model(model: type[ModelT], body: bytes) -> ModelT | None:
         return None
 
 
-async def refuse_result(scope: Scope, body: bytes, problem: str) -> None:
+async def refuse_result(
+    scope: Scope, agent_id: str, instruction_id: str, body: bytes, problem: str
+) -> None:
     """A result the edge refused for its nesting (api.middleware) fails its step now: the
     official agents never send a result again, and the step would wait for its lease.
     Only for the agent the instruction is leased to; anything else changes nothing."""
-    parts = scope["path"].split("/")
     state: State = scope["app"].state.stavily
     report = {
         "status": "failed",
@@ -416,8 +417,8 @@ async def refuse_result(scope: Scope, body: bytes, problem: str) -> None:
     }
     digest = hashlib.sha256(body or problem.encode()).hexdigest()
     try:
-        agent = await agent_for(state, _credential(scope), parts[3], limited=False)
+        agent = await agent_for(state, _credential(scope), agent_id, limited=False)
         state.heartbeats.touch(agent.id)
-        await state.engine.result(agent, parts[5], report, digest)
+        await state.engine.result(agent, instruction_id, report, digest)
     except StavilyError:
         pass  # not this agent's, or no longer running: the answer says what was wrong

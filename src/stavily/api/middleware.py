@@ -17,9 +17,10 @@ from stavily.api.errors import error_response
 
 _SLASHES = re.compile(r"/{2,}")
 FastPath = Callable[[Scope, Receive, Send, bytes | None], Awaitable[bool]]
-# Told of an agent's result refused at the edge for its nesting (its scope, the body, and
-# why), so the step does not wait for its lease: official agents never send it again.
-RefusedResult = Callable[[Scope, bytes, str], Awaitable[None]]
+# Told of an agent's result refused at the edge for its nesting (its scope, the agent and
+# instruction ids of its path, the body, and why), so the step does not wait for its
+# lease: official agents never send it again.
+RefusedResult = Callable[[Scope, str, str, bytes, str], Awaitable[None]]
 # Bodies larger than this have their nesting measured on a worker thread.
 _DEPTH_ON_THREAD = 64 * 1024
 
@@ -158,7 +159,7 @@ class EdgeMiddleware:
                 and parts[4] == "instructions"
                 and parts[6] == "result"
             ):
-                await self.refused_result(scope, body, problem)
+                await self.refused_result(scope, parts[3], parts[5], body, problem)
 
     def _fast(self, path: str) -> FastPath | None:
         return self.fast_path if path.startswith("/agents/v1/") else None

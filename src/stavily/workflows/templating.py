@@ -97,14 +97,19 @@ def _check_widths(text: str) -> None:
             raise _too_big("the formatted text")
 
 
+def _check_sizes(what: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """A width or a count past the limit (`center(10**9)`) would make text that large."""
+    for arg in (*args, *kwargs.values()):
+        if isinstance(arg, int) and not isinstance(arg, bool) and arg > _max_output():
+            raise _too_big(what)
+
+
 def _sized_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
     """A filter whose numeric arguments (a width, a count) or replacement may make text
     beyond the limit, checked before it runs."""
 
     def checked(value: Any, *args: Any, **kwargs: Any) -> Any:
-        for arg in (*args, *kwargs.values()):
-            if isinstance(arg, int) and not isinstance(arg, bool) and arg > _max_output():
-                raise _too_big(f"the result of '{name}'")
+        _check_sizes(f"the result of '{name}'", args, kwargs)
         if name == "replace" and len(args) >= 2 and isinstance(value, str):
             old, new = str(args[0]), str(args[1])
             grows = (value.count(old) if old else len(value) + 1) * len(new)
@@ -126,9 +131,7 @@ class _LimitedEnvironment(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-        for arg in (*args, *kwargs.values()):
-            if isinstance(arg, int) and not isinstance(arg, bool) and arg > _max_output():
-                raise _too_big(f"the result of {getattr(__obj, '__name__', 'the call')}")
+        _check_sizes(f"the result of {getattr(__obj, '__name__', 'the call')}", args, kwargs)
         if getattr(__obj, "__name__", None) in ("format", "format_map"):
             # the sandbox hands out str.format wrapped: the string is the wrapped one's
             owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
@@ -240,13 +243,12 @@ def render(value: Any, context: dict[str, Any], limits: RenderLimits | None = No
     _limits.max_output = limits.max_output
     try:
         rendered = _render(value, context, [limits.max_output])
-        if has_templates(value):
-            try:
-                size = len(orjson.dumps(rendered, option=orjson.OPT_NON_STR_KEYS))
-            except (TypeError, orjson.JSONEncodeError) as exc:
-                raise TemplateProblem(f"the rendered value cannot be stored: {exc}") from None
-            if size > limits.max_output:
-                raise _too_big("the rendered configuration")
+        try:
+            size = len(orjson.dumps(rendered, option=orjson.OPT_NON_STR_KEYS))
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            raise TemplateProblem(f"the rendered value cannot be stored: {exc}") from None
+        if size > limits.max_output:
+            raise _too_big("the rendered configuration")
         return rendered
     finally:
         if previous is None:

@@ -20,7 +20,7 @@ from stavily.api.json import JSONResponse
 from stavily.api.middleware import EdgeMiddleware
 from stavily.config import Settings
 from stavily.fleet import HeartbeatBuffer
-from stavily.fleet.agents import restart_deadlines
+from stavily.fleet.liveness import restart_deadlines
 from stavily.logging import configure as configure_logging
 from stavily.security import CredentialCache, agent_tokens, bootstrap
 from stavily.security.credentials import clear_caches
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         await restart_deadlines(db)  # our downtime is not the agents' silence
         heartbeats = HeartbeatBuffer(settings)
-        engine = Engine(db, settings)
+        engine = Engine(db, settings, heartbeats)
         app.state.stavily = State(
             settings=settings,
             db=db,
@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             heartbeat_limit=parse_limit(settings.heartbeat_rate_limit),
         )
         flusher = LoopService(
-            "heartbeat-flusher", settings.heartbeat_flush_interval, lambda: heartbeats.flush(db)
+            "heartbeat-flusher", settings.heartbeat_flush_interval, engine.flush_heartbeats
         )
         reaper = LoopService("lease-reaper", settings.reaper_interval, engine.expire_leases)
         if not db.is_sqlite:

@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     agent_rate_limit: str = Field(
         default="1000/second", description="Agent API requests one agent may send."
     )
+    heartbeat_rate_budget: float = Field(
+        default=2000,
+        ge=0,
+        description="Heartbeats a second the server plans for: with more live agents than "
+        "this many per heartbeat interval, next_heartbeat_interval is stretched (up to 10 "
+        "times) so that the fleet beats at this rate (0: never stretched).",
+    )
     heartbeat_flush_interval: float = Field(
         default=0.5, description="Heartbeats are coalesced in memory and written this often."
     )

@@ -137,11 +137,12 @@ async def do_poll(
     official: bool,
     receive: Receive,
 ) -> dict[str, Any]:
-    state.heartbeats.touch(agent.id)  # a valid request is a sign of life
+    # A valid request is a sign of life. An official agent polls only when it runs
+    # nothing: anything still leased to it was lost on the way (its poll answer, or its
+    # never-retried result) and goes back (see HeartbeatBuffer).
+    state.heartbeats.touch(agent.id, running=[] if official else None)
     if official:
-        # An official agent polls only when it runs nothing: anything still leased to it
-        # was lost on the way (its poll answer, or its never-retried result) and goes back.
-        await state.engine.release_unreported(agent, [])
+        await state.engine.release_unreported(state.heartbeats.overdue(agent.id))
     wait = min(wait, state.settings.max_poll_wait)
     waiter = Waiter(agent)
     watcher = asyncio.create_task(_watch_disconnect(receive, waiter)) if wait else None
@@ -155,6 +156,8 @@ async def do_poll(
     finally:
         if watcher is not None:
             watcher.cancel()
+    if official and claimed:
+        state.heartbeats.handed(agent.id, [c["id"] for c in claimed])
     return _poll_answer(claimed, state.settings.poll_interval, slots)
 
 
@@ -186,6 +189,7 @@ async def do_result(
     next: bool,
 ) -> dict[str, Any]:
     state.heartbeats.touch(agent.id)
+    state.heartbeats.reported(agent.id, instruction_id)
     digest = hashlib.sha256(body).hexdigest()
     fields = report.model_dump(exclude_unset=True)
     claimed = await state.engine.result(agent, instruction_id, fields, digest, int(next))
@@ -219,7 +223,7 @@ async def do_heartbeat(
         hostname=beat.hostname,
         os=beat.os,
         interval=beat.heartbeat_interval,
-        busy=beat.running is not None,
+        running=beat.running,
         facts={
             **(beat.system.model_dump(exclude_none=True) if beat.system else {}),
             **({"labels": beat.labels} if beat.labels is not None else {}),
@@ -229,11 +233,9 @@ async def do_heartbeat(
     )
     if beat.status == "offline":
         await state.engine.release_unstarted(agent)
-    elif beat.running is not None:
-        await state.engine.release_unreported(agent, beat.running)
     answer: dict[str, Any] = {
         "acknowledged": True,
-        "next_heartbeat_interval": state.settings.heartbeat_interval,
+        "next_heartbeat_interval": round(state.heartbeats.told_interval),
     }
     if agent.admin_state == "draining":
         answer["commands"] = ["drain"]  # our agent stops polling; old agents ignore it

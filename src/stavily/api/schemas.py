@@ -82,8 +82,8 @@ class Healthy(Answer):
 # -- agents (private API) ----------------------------------------------------------------
 
 AgentType = Literal["action", "sensor"]
-AgentHealth = Literal["online", "degraded", "offline"]
-ShownStatus = Literal["online", "degraded", "offline", "draining", "disabled", "revoked"]
+AgentHealth = Literal["online", "busy", "degraded", "offline"]
+ShownStatus = Literal["online", "busy", "degraded", "offline", "draining", "disabled", "revoked"]
 
 
 class AgentView(Answer):

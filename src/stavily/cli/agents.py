@@ -48,6 +48,7 @@ LabelOpt = Annotated[
 
 STATE_STYLES = {
     "online": "green",
+    "busy": "blue",
     "degraded": "yellow",
     "offline": "dim",
     "draining": "cyan",
@@ -118,7 +119,7 @@ def list_agents(
         str | None,
         typer.Option(
             "--state",
-            help="Only agents in this state: online, degraded, offline, draining, disabled, "
+            help="Only agents in this state: online, busy, degraded, offline, draining, disabled, "
             "revoked",
         ),
     ] = None,

@@ -2,17 +2,18 @@
 
 from stavily.fleet.agents import (
     AgentIdentity,
-    HeartbeatBuffer,
     authenticate_agent,
     create_agent,
     eligible,
     get_agent,
     list_agents,
 )
+from stavily.fleet.liveness import HeartbeatBuffer, Liveness
 
 __all__ = [
     "AgentIdentity",
     "HeartbeatBuffer",
+    "Liveness",
     "authenticate_agent",
     "create_agent",
     "eligible",

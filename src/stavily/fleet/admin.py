@@ -24,7 +24,7 @@ from stavily.store.models import ACTIVE_INSTRUCTION, QUEUED, agents, instruction
 from stavily.timeutil import utcnow
 
 AdminState = Literal["active", "draining", "disabled"]
-SHOWN_STATES = ("online", "degraded", "offline", "draining", "disabled", "revoked")
+SHOWN_STATES = ("online", "busy", "degraded", "offline", "draining", "disabled", "revoked")
 _ACTIONS = {"active": "agent.enabled", "draining": "agent.drained", "disabled": "agent.disabled"}
 
 
@@ -205,7 +205,7 @@ async def fleet_summary(
         if state in ("revoked", "disabled"):
             continue
         total += row["capacity"]
-        if state in ("online", "degraded"):
+        if state in ("online", "busy", "degraded"):
             available += max(0, row["capacity"] - in_use.get(row["id"], 0))
     return {
         "agents": len(rows),

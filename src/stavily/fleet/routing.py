@@ -4,8 +4,8 @@ Agents pull their work, so a choice is a preference among the agents waiting for
 right now (in a long poll): the chosen one takes it at once, and if it does not, any
 eligible agent may after a short window. With fewer than two such agents there is nothing
 to choose and whoever polls first takes the work. Strategies:
-- `least_loaded` (default): the agent with the lowest running/capacity, online before
-  degraded, then by name.
+- `least_loaded` (default): the agent with the lowest running/capacity, online or busy
+  before degraded, then by name.
 - `round_robin`: eligible waiting agents in turn, per selector (kept by each replica).
 - `sticky`: the agent that ran this execution's latest step, waiting or not, if it is still
   eligible and has room (held for longer); otherwise least loaded.
@@ -71,7 +71,7 @@ class Router:
             # states as literals: with bound values, PostgreSQL planned it at every call
             one_of(agents.c.admin_state, ["active"]),
             agents.c.revoked_at.is_(None),
-            one_of(agents.c.status, ("online", "degraded")),
+            one_of(agents.c.status, ("online", "busy", "degraded")),
         )
         if selector.get("single_agent"):
             query = query.where(agents.c.name == selector["single_agent"])
@@ -113,6 +113,6 @@ class Router:
         else:
             choice = min(
                 candidates,
-                key=lambda c: (c.status != "online", c.running / c.capacity, c.running, c.name),
+                key=lambda c: (c.status == "degraded", c.running / c.capacity, c.running, c.name),
             )
         return Preference(choice.id, now + timedelta(seconds=self.prefer_seconds))

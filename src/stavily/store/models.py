@@ -106,7 +106,8 @@ agents = sa.Table(
     sa.Column("type", sa.String(20), nullable=False),
     sa.Column("labels", sa.JSON, nullable=False),
     sa.Column("capacity", sa.Integer, nullable=False),
-    # online | offline | disabled (later: degraded, draining)
+    # health: online | busy | degraded | offline (fleet.liveness); the operator's
+    # decisions are in admin_state
     sa.Column("status", sa.String(20), nullable=False),
     sa.Column("credential_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("version", sa.String(100)),
@@ -127,7 +128,9 @@ agents = sa.Table(
     # an agent that heartbeats while it runs work can be declared dead before its leases end
     sa.Column("heartbeats_while_busy", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.UniqueConstraint("organization_id", "name", name="uq_agents_org_name"),
+    # the liveness sweep reads only agents past a deadline
     sa.Index("ix_agents_liveness", "status", "dead_at"),
+    sa.Index("ix_agents_late", "status", "late_at"),
 )
 
 # Keys the orchestrator itself holds, shared by every replica (the agent JWT signing key).

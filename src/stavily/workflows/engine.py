@@ -27,6 +27,7 @@ from stavily.fleet.agents import (
     eligible,
     identity_of,
 )
+from stavily.fleet.liveness import HeartbeatBuffer, Liveness
 from stavily.fleet.routing import Router
 from stavily.fleet.waiters import Waiter, Waiters
 from stavily.ids import new_id
@@ -101,9 +102,14 @@ def _offers(rows: Iterable[Any], agent: AgentIdentity | None = None) -> Iterator
 
 
 class Engine:
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(
+        self, db: Database, settings: Settings, heartbeats: HeartbeatBuffer | None = None
+    ) -> None:
         self.db = db
         self.settings = settings
+        # signs of life, and which agents are lost (the fleet's business)
+        self.heartbeats = heartbeats or HeartbeatBuffer(settings)
+        self.liveness = Liveness(db, settings, self.heartbeats)
         self.router = Router(settings.routing_prefer_seconds, settings.routing_sticky_seconds)
         self.secret_policy = SecretPolicy.of(
             settings.secret_env_prefix, settings.secret_env_names, settings.variables()
@@ -115,7 +121,6 @@ class Engine:
         self.waiters = Waiters()
         # queued instructions routed to one agent, until they are claimed or it lapses
         self._preferred: dict[str, dict[str, Any]] = {}
-        self._unreported_checked: dict[str, datetime] = {}
         self._plans: dict[str, tuple[WorkflowDefinition, list[dict[str, Any]]]] = {}
         # PostgreSQL: how queued work reaches the long polls of the other replicas
         self.channel: WorkChannel | None = None
@@ -757,7 +762,16 @@ class Engine:
             None,
             now,
         )
-        await self.sweep_liveness()
+        lost = await self.liveness.sweep()
+        if lost:
+            await self._take_back(
+                sa.and_(
+                    instructions.c.agent_id.in_(lost),
+                    one_of(instructions.c.status, ACTIVE_INSTRUCTION),
+                ),
+                "agent offline: missed heartbeats",
+                utcnow(),
+            )
         await self.fail_unroutable()
         await self.enforce_deadlines()
         return count
@@ -782,25 +796,25 @@ class Engine:
             utcnow(),
         )
 
-    async def release_unreported(self, agent: AgentIdentity, running: list[str]) -> int:
-        """An agent that lists what it runs hands back the rest: work leased to it that it
-        never received (a poll answer lost, a restart). Only leases older than
-        `unreported_grace` count, so an answer still on its way is not taken back."""
+    async def flush_heartbeats(self) -> int:
+        """Write the signs of life heard; work an agent no longer reports running (a poll
+        answer lost, a restart) goes back."""
+        return await self.release_unreported(await self.heartbeats.flush(self.db))
+
+    async def release_unreported(self, instruction_ids: list[str]) -> int:
+        if not instruction_ids:
+            return 0
+        grace = timedelta(seconds=self.settings.unreported_grace)
         now = utcnow()
-        checked = self._unreported_checked.get(agent.id)
-        if checked is not None and (now - checked).total_seconds() < self.settings.unreported_grace:
-            return 0  # at most one look per grace period: heartbeats stay free of reads
-        self._unreported_checked[agent.id] = now
-        unreported = sa.and_(
-            instructions.c.agent_id == agent.id,
-            one_of(instructions.c.status, ACTIVE_INSTRUCTION),
-            instructions.c.id.not_in(running),
-            instructions.c.leased_at < now - timedelta(seconds=self.settings.unreported_grace),
+        return await self._take_back(
+            sa.and_(
+                instructions.c.id.in_(instruction_ids),
+                one_of(instructions.c.status, ACTIVE_INSTRUCTION),
+                instructions.c.leased_at < now - grace,
+            ),
+            "agent does not report running it",
+            now,
         )
-        async with self.db.read() as conn:  # the common answer, "none", costs no write
-            if not await conn.scalar(sa.select(instructions.c.id).where(unreported).limit(1)):
-                return 0
-        return await self._take_back(unreported, "agent does not report running it", now)
 
     async def _take_back(
         self, condition: Any, reason: str | None, now: datetime, cause: str = AGENT_LOST
@@ -882,125 +896,6 @@ class Engine:
             await self._settle(conn, done)
         self._wake(done)
         return len(expired)
-
-    async def sweep_liveness(self) -> list[str]:
-        """Agents silent past their deadlines: degraded when late, offline when dead.
-
-        An agent that heartbeats while it works and goes silent is dead: its work goes
-        elsewhere now. One that does not (the official agents run a plugin in silence) is
-        left its leases; only their expiry takes the work back.
-        """
-        now = utcnow()
-        async with self.db.write() as conn:
-            # Rows are locked in id order, as the heartbeat flush does: no deadlocks.
-            late = (
-                (
-                    await conn.execute(
-                        self.db.for_update(
-                            sa.select(agents.c.id)
-                            .where(agents.c.status == "online", agents.c.late_at < now)
-                            .order_by(agents.c.id)
-                        )
-                    )
-                )
-                .scalars()
-                .all()
-            )
-            if late:
-                await conn.execute(
-                    agents.update().where(agents.c.id.in_(late)).values(status="degraded")
-                )
-            silent = (
-                await conn.execute(
-                    self.db.for_update(
-                        sa.select(
-                            agents.c.id,
-                            agents.c.organization_id,
-                            agents.c.heartbeats_while_busy,
-                            agents.c.dead_at,
-                        )
-                        .where(agents.c.status.in_(("online", "degraded")), agents.c.dead_at < now)
-                        .order_by(agents.c.id)
-                        .limit(1000)
-                    )
-                )
-            ).all()
-            busy = set(
-                (
-                    await conn.execute(
-                        sa.select(instructions.c.agent_id).where(
-                            instructions.c.agent_id.in_([a.id for a in silent]),
-                            one_of(instructions.c.status, ACTIVE_INSTRUCTION),
-                        )
-                    )
-                ).scalars()
-            )
-            dead = [a for a in silent if a.heartbeats_while_busy or a.id not in busy]
-            # Agents that fell silent just now, in numbers, are held back a while: see
-            # _suspect_mass_death. Those silent for longer are dead whatever the count.
-            held_until = now - timedelta(seconds=self.settings.mass_death_hold)
-            recent = [a for a in dead if a.dead_at > held_until]
-            if recent and await self._suspect_mass_death(conn, len(recent), now):
-                log.warning(
-                    "many agents fell silent at once: suspecting this server or the network, "
-                    "not the agents; their work stays for now",
-                    silent=len(recent),
-                )
-                dead = [a for a in dead if a.dead_at <= held_until]
-            else:
-                # A mass silence shows over a few sweeps, not in one: act on an agent only
-                # once it has been past its deadline for a moment.
-                settled = now - timedelta(seconds=self.settings.mass_death_settle)
-                dead = [a for a in dead if a.dead_at <= settled]
-            if dead:
-                log.warning(
-                    "agents offline: missed heartbeats",
-                    count=len(dead),
-                    agents=[a.id for a in dead[:50]],
-                )
-                await conn.execute(
-                    agents.update()
-                    .where(agents.c.id.in_([a.id for a in dead]))
-                    .values(status="offline")
-                )
-                await audit.append(
-                    conn,
-                    [
-                        audit.entry(
-                            a.organization_id,
-                            "system",
-                            "agent.offline",
-                            "agent",
-                            a.id,
-                            {"reason": "missed heartbeats"},
-                            at=now,
-                        )
-                        for a in dead
-                    ],
-                )
-        if dead:
-            await self._take_back(
-                sa.and_(
-                    instructions.c.agent_id.in_([a.id for a in dead]),
-                    one_of(instructions.c.status, ACTIVE_INSTRUCTION),
-                ),
-                "agent offline: missed heartbeats",
-                utcnow(),
-            )
-        return [a.id for a in dead]
-
-    async def _suspect_mass_death(self, conn: AsyncConnection, silent: int, now: datetime) -> bool:
-        """Half the live fleet falling silent in one sweep is more likely an overloaded
-        server or a cut network than dead agents: taking all their work back would make
-        things worse (the same guard as Kubernetes' unhealthy-zone threshold)."""
-        if silent < self.settings.mass_death_min_agents:
-            return False
-        alive = await conn.scalar(
-            sa.select(sa.func.count())
-            .select_from(agents)
-            .where(agents.c.status.in_(("online", "degraded")), agents.c.dead_at >= now)
-        )
-        return silent > self.settings.mass_death_fraction * (silent + int(alive or 0))
 
     async def fail_unroutable(self) -> int:
         """Steps queued longer than `unroutable_after` with no eligible agent at all fail."""

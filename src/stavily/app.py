@@ -15,11 +15,12 @@ from limits.strategies import SlidingWindowCounterRateLimiter
 
 from stavily import __version__
 from stavily.api import agents_v1, errors, fleet, schemas, v1
-from stavily.api.deps import State
+from stavily.api.deps import BurstLimit, State
 from stavily.api.json import JSONResponse
 from stavily.api.middleware import EdgeMiddleware
 from stavily.config import Settings
 from stavily.fleet import HeartbeatBuffer
+from stavily.fleet.agents import AgentLookups
 from stavily.fleet.liveness import restart_deadlines
 from stavily.logging import configure as configure_logging
 from stavily.security import CredentialCache, agent_tokens, bootstrap
@@ -66,19 +67,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await restart_deadlines(db)  # our downtime is not the agents' silence
         heartbeats = HeartbeatBuffer(settings)
         engine = Engine(db, settings, heartbeats)
+        # In memory: per replica. Redis storage would share them (limits supports it).
+        limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
         app.state.stavily = State(
             settings=settings,
             db=db,
             engine=engine,
             heartbeats=heartbeats,
             agent_cache=CredentialCache(settings.credential_cache_seconds),
+            agent_lookups=AgentLookups(db),
             token_cache=CredentialCache(settings.credential_cache_seconds),
             organization_id=organization_id,
             jwt_key=await agent_tokens.signing_key(db, settings.agent_jwt_key, settings.data_dir),
-            # In memory: per replica. Redis storage would share them (limits supports it).
-            limiter=SlidingWindowCounterRateLimiter(MemoryStorage()),
-            agent_limit=parse_limit(settings.agent_rate_limit),
-            heartbeat_limit=parse_limit(settings.heartbeat_rate_limit),
+            agent_limit=BurstLimit(limiter, parse_limit(settings.agent_rate_limit), "agent"),
+            heartbeat_limit=BurstLimit(
+                limiter, parse_limit(settings.heartbeat_rate_limit), "heartbeat"
+            ),
         )
         flusher = LoopService(
             "heartbeat-flusher", settings.heartbeat_flush_interval, engine.flush_heartbeats

@@ -214,7 +214,7 @@ async def do_heartbeat(
             f"'{beat.status}' is not a heartbeat status",
             [{"path": "status", "message": f"expected one of {sorted(HEARTBEAT_STATUSES)}"}],
         )
-    if not state.limiter.hit(state.heartbeat_limit, "heartbeat", agent.id):
+    if not state.heartbeat_limit.hit(agent.id):
         raise RateLimited("too many heartbeats from this agent", retry_after=1)
     state.heartbeats.record(
         agent.id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -14,10 +15,38 @@ from limits.strategies import RateLimiter
 from stavily.config import Settings
 from stavily.errors import RateLimited, StavilyError
 from stavily.fleet import AgentIdentity, HeartbeatBuffer, authenticate_agent
+from stavily.fleet.agents import AgentLookups
 from stavily.logging import Throttled
 from stavily.security import CredentialCache, Principal, authenticate_token
 from stavily.store.db import Database
 from stavily.workflows.engine import Engine
+
+
+class BurstLimit:
+    """A rate limit per key (limits' algorithm and storage) counting only the requests
+    that follow the same key's previous one within the limit's window.
+
+    A limit is for bursts: an agent calling every few seconds (normally all of them)
+    then costs the limiter nothing, and its bookkeeping - limits' in-memory storage scans
+    every key it holds each 10 ms - grows with the agents that burst, not with the fleet.
+    A burst is refused from the limit's count plus one."""
+
+    MAX_KEYS = 200_000
+
+    def __init__(self, limiter: RateLimiter, item: RateLimitItem, kind: str) -> None:
+        self.limiter, self.item, self.kind = limiter, item, kind
+        self.window = float(item.get_expiry())
+        self._last: dict[str, float] = {}
+
+    def hit(self, key: str) -> bool:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if len(self._last) >= self.MAX_KEYS:
+            self._last.clear()
+        self._last[key] = now
+        if last is None or now - last >= self.window:
+            return True
+        return self.limiter.hit(self.item, self.kind, key)
 
 
 @dataclass
@@ -27,12 +56,12 @@ class State:
     engine: Engine
     heartbeats: HeartbeatBuffer
     agent_cache: CredentialCache[AgentIdentity]
+    agent_lookups: AgentLookups
     token_cache: CredentialCache[Principal]
     organization_id: str
     jwt_key: str
-    limiter: RateLimiter
-    agent_limit: RateLimitItem
-    heartbeat_limit: RateLimitItem
+    agent_limit: BurstLimit
+    heartbeat_limit: BurstLimit
 
 
 def state_of(request: Request) -> State:
@@ -104,12 +133,12 @@ async def agent_for(
     its step waits for its lease to expire)."""
     try:
         agent = await authenticate_agent(
-            state.db, credential, agent_id, state.agent_cache, state.jwt_key
+            state.agent_lookups, credential, agent_id, state.agent_cache, state.jwt_key
         )
     except StavilyError as exc:
         refusals.warning("agent credential refused", agent_id, reason=exc.message)
         raise
-    if limited and not state.limiter.hit(state.agent_limit, "agent", agent.id):
+    if limited and not state.agent_limit.hit(agent.id):
         raise RateLimited("too many requests from this agent", retry_after=1)
     return agent
 

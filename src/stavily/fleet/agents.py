@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import re2  # type: ignore[import-untyped]
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -19,6 +21,8 @@ from stavily.security.credentials import CredentialCache, digest, generate
 from stavily.store.db import Database
 from stavily.store.models import agents
 from stavily.timeutil import isoformat, utcnow
+
+log = structlog.get_logger("stavily.fleet")
 
 AGENT_TYPES = ("action", "sensor")
 
@@ -188,8 +192,88 @@ async def get_agent(conn: AsyncConnection, organization_id: str, agent_id: str) 
     return row
 
 
+class AgentLookups:
+    """Credential look-ups, gathered: those that missed the cache into one query per turn
+    of the event loop (ten thousand agents calling a server that just started, nothing
+    cached, cost a few queries, not ten thousand), and the background refreshes of cached
+    ones into one query a second."""
+
+    REFRESH_EVERY = 1.0
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._waiting: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._stale: dict[tuple[str, str], tuple[CredentialCache[AgentIdentity], str]] = {}
+        self._running: set[asyncio.Task[None]] = set()
+
+    def find(self, by: str, key: str) -> asyncio.Future[Any]:
+        """The agent's row (IDENTITY_COLUMNS) by its credential's digest (`by="hash"`) or
+        its id (`by="id"`), or None."""
+        future = self._waiting.get((by, key))
+        if future is None:
+            if not self._waiting:
+                self._start(self._answer())
+            future = self._waiting[(by, key)] = asyncio.get_running_loop().create_future()
+        return future
+
+    def refresh(
+        self, cache: CredentialCache[AgentIdentity], cache_key: str, by: str, key: str
+    ) -> None:
+        """Look a cached identity up again in the background (see CredentialCache.due)."""
+        if not self._stale:
+            self._start(self._refresh())
+        self._stale[(by, key)] = (cache, cache_key)
+
+    def _start(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _answer(self) -> None:
+        await asyncio.sleep(0)  # the requests of this turn join in
+        batch, self._waiting = self._waiting, {}
+        try:
+            found = await self._query(list(batch))
+        except BaseException as exc:
+            for future in batch.values():
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for wanted, future in batch.items():
+            if not future.done():
+                future.set_result(found.get(wanted))
+
+    async def _refresh(self) -> None:
+        await asyncio.sleep(self.REFRESH_EVERY)
+        batch, self._stale = self._stale, {}
+        try:
+            found = await self._query(list(batch))
+        except Exception:
+            log.exception("refreshing cached agent credentials failed", count=len(batch))
+            return  # they expire as they would have; a request then looks them up
+        for wanted, (cache, cache_key) in batch.items():
+            row = found.get(wanted)
+            if row is None:
+                cache.discard(cache_key)
+            else:
+                cache.put(cache_key, identity_of(row))
+
+    async def _query(self, wanted: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+        found: dict[tuple[str, str], Any] = {}
+        async with self.db.read() as conn:
+            for by, column in (("hash", agents.c.credential_hash), ("id", agents.c.id)):
+                keys = sorted(key for kind, key in wanted if kind == by)
+                for i in range(0, len(keys), 1000):
+                    query = sa.select(*IDENTITY_COLUMNS, agents.c.credential_hash)
+                    for row in await conn.execute(query.where(column.in_(keys[i : i + 1000]))):
+                        found[(by, row.credential_hash if by == "hash" else row.id)] = row
+        return found
+
+
 async def authenticate_agent(
-    db: Database,
+    lookups: AgentLookups,
     credential: str | None,
     path_agent_id: str,
     cache: CredentialCache[AgentIdentity],
@@ -205,21 +289,20 @@ async def authenticate_agent(
     claims = None
     if jwt_key and agent_tokens.looks_like_jwt(credential):
         claims = agent_tokens.verify(jwt_key, credential)
-        key = f"agent:{claims['sub']}"
+        by, lookup, key = "id", str(claims["sub"]), f"agent:{claims['sub']}"
     else:
         key = digest(credential)
+        by, lookup = "hash", key
     identity = cache.get(key)
     if identity is None:
-        if claims is not None:
-            where = agents.c.id == str(claims["sub"])
-        else:
-            where = agents.c.credential_hash == key
-        async with db.read() as conn:
-            row = (await conn.execute(sa.select(*IDENTITY_COLUMNS).where(where))).first()
+        # shielded: one request given up must not cancel the others' shared look-up
+        row = await asyncio.shield(lookups.find(by, lookup))
         if row is None:
             raise Unauthorized("unknown agent credential")
         identity = identity_of(row)
         cache.put(key, identity)
+    elif cache.due(key):
+        lookups.refresh(cache, key, by, lookup)
     if claims is not None and claims["iat"] < int(identity.credential_issued_at):
         raise Unauthorized("this token was issued before the agent's credential was replaced")
     if identity.id != path_agent_id:

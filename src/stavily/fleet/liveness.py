@@ -17,6 +17,7 @@ The states, as the fleet view shows them:
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from datetime import datetime, timedelta
 from time import monotonic
@@ -30,6 +31,7 @@ from stavily import audit
 from stavily.config import Settings
 from stavily.store.db import Database
 from stavily.store.models import ACTIVE_INSTRUCTION, agents, instructions, one_of
+from stavily.store.prebuilt import prebuilt
 from stavily.timeutil import utcnow
 
 log = structlog.get_logger("stavily.fleet")
@@ -37,7 +39,30 @@ log = structlog.get_logger("stavily.fleet")
 LIVE = ("online", "busy", "degraded")
 # what a heartbeat says of the agent, written only when it changed
 SAID = ("version", "hostname", "os", "facts")
+FLUSH_AT_MOST = 250  # agents written per transaction of a flush
 CHUNK = 2000  # ids per IN list: well inside every driver's limit on bound values
+
+
+# A flush's update of each agent heard (prebuilt: run straight on the driver).
+_FLUSH = prebuilt(
+    agents.update()
+    .where(agents.c.id == sa.bindparam("b_id"))
+    .values(
+        last_heartbeat_at=sa.bindparam("b_at"),
+        late_at=sa.bindparam("b_late"),
+        dead_at=sa.bindparam("b_dead"),
+        status=sa.bindparam("b_status"),
+        version=sa.func.coalesce(sa.bindparam("b_version"), agents.c.version),
+        hostname=sa.func.coalesce(sa.bindparam("b_hostname"), agents.c.hostname),
+        os=sa.func.coalesce(sa.bindparam("b_os"), agents.c.os),
+        facts=sa.func.coalesce(
+            sa.bindparam("b_facts", type_=sa.JSON(none_as_null=True)), agents.c.facts
+        ),
+        heartbeats_while_busy=sa.func.coalesce(
+            sa.bindparam("b_busy", type_=sa.Boolean), agents.c.heartbeats_while_busy
+        ),
+    )
+)
 
 
 def _chunks(ids: list[str]) -> list[list[str]]:
@@ -294,8 +319,21 @@ class HeartbeatBuffer:
         }
 
     async def _write(self, db: Database, batch: dict[str, dict[str, Any]]) -> list[str]:
+        """In transactions of FLUSH_AT_MOST agents, letting the event loop run between
+        them: a flush of thousands would otherwise hold it (SQLite writes inline) while
+        every request waits."""
         # In id order, like every other multi-row update of agents: no lock-order deadlocks.
         ids = sorted(batch)
+        unreported: list[str] = []
+        for i in range(0, len(ids), FLUSH_AT_MOST):
+            if i:
+                await asyncio.sleep(0)
+            unreported += await self._write_some(db, batch, ids[i : i + FLUSH_AT_MOST])
+        return unreported
+
+    async def _write_some(
+        self, db: Database, batch: dict[str, dict[str, Any]], ids: list[str]
+    ) -> list[str]:
         now = utcnow()
         grace = timedelta(seconds=self.settings.unreported_grace)
         extended = now + timedelta(seconds=self.settings.lease_grace)
@@ -335,28 +373,7 @@ class HeartbeatBuffer:
                         back.append(before[agent_id])
                 rows.append(self._row(agent_id, beat, status))
             if rows:
-                await conn.execute(
-                    agents.update()
-                    .where(agents.c.id == sa.bindparam("b_id"))
-                    .values(
-                        last_heartbeat_at=sa.bindparam("b_at"),
-                        late_at=sa.bindparam("b_late"),
-                        dead_at=sa.bindparam("b_dead"),
-                        status=sa.bindparam("b_status"),
-                        version=sa.func.coalesce(sa.bindparam("b_version"), agents.c.version),
-                        hostname=sa.func.coalesce(sa.bindparam("b_hostname"), agents.c.hostname),
-                        os=sa.func.coalesce(sa.bindparam("b_os"), agents.c.os),
-                        facts=sa.func.coalesce(
-                            sa.bindparam("b_facts", type_=sa.JSON(none_as_null=True)),
-                            agents.c.facts,
-                        ),
-                        heartbeats_while_busy=sa.func.coalesce(
-                            sa.bindparam("b_busy", type_=sa.Boolean),
-                            agents.c.heartbeats_while_busy,
-                        ),
-                    ),
-                    rows,
-                )
+                await conn.execute(_FLUSH, rows)
             for chunk in _chunks(extend):
                 await conn.execute(
                     instructions.update()

@@ -37,9 +37,15 @@ class CredentialCache(Generic[T]):
     def __init__(self, ttl: float, max_entries: int = 100_000) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
-        self._entries: dict[str, tuple[float, T]] = {}
+        # key -> (expires, value, refresh from): monotonic seconds
+        self._entries: dict[str, tuple[float, T, float]] = {}
         self._generation = 0  # clears so far
         self._missed: dict[str, int] = {}  # key -> the generation its lookup began in
+
+    def _begin(self, key: str) -> None:
+        if len(self._missed) >= self.max_entries:
+            self._missed.clear()
+        self._missed[key] = self._generation
 
     def get(self, key: str) -> T | None:
         hit = self._entries.get(key)
@@ -47,11 +53,19 @@ class CredentialCache(Generic[T]):
             self._entries.pop(key, None)
             hit = None
         if hit is None:
-            if len(self._missed) >= self.max_entries:
-                self._missed.clear()
-            self._missed[key] = self._generation
+            self._begin(key)
             return None
         return hit[1]
+
+    def due(self, key: str) -> bool:
+        """Whether an entry is past half its time: the caller looks it up again in the
+        background (once), so a credential in steady use never waits for a lookup."""
+        hit = self._entries.get(key)
+        if hit is None or hit[2] > time.monotonic():
+            return False
+        self._entries[key] = (hit[0], hit[1], float("inf"))
+        self._begin(key)
+        return True
 
     def put(self, key: str, value: T) -> None:
         if self._missed.get(key, self._generation) != self._generation:
@@ -59,7 +73,8 @@ class CredentialCache(Generic[T]):
         self._missed.pop(key, None)
         if len(self._entries) >= self.max_entries:
             self._entries.clear()
-        self._entries[key] = (time.monotonic() + self.ttl, value)
+        now = time.monotonic()
+        self._entries[key] = (now + self.ttl, value, now + self.ttl / 2)
 
     def discard(self, key: str) -> None:
         self._entries.pop(key, None)

@@ -8,14 +8,17 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+import structlog
 import yaml
 
 from stavily.security.environment import PASSED_ENV as _PASSED_ENV
@@ -43,6 +46,10 @@ _RUNTIMES = {
 }
 STDERR_KEPT = 64 * 1024
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+STOPPED_MESSAGE = "killed: the agent was told to stop now"
+
+log = structlog.get_logger("stavily.agent")
 
 
 class Refused(Exception):
@@ -286,14 +293,7 @@ async def run_plugin(
     except Refused as refused:
         return Outcome(False, error_message=str(refused), duration=time.monotonic() - started)
     timeout = _time_limit(instruction, manifest)
-    memory = _memory_limit(manifest)
-
-    def limits() -> None:  # runs in the child, before exec
-        if memory and sys.platform == "linux":
-            import resource
-
-            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-
+    setup = _child_setup(_memory_limit(manifest), watched=_PLUGIN_PROCESSES.watched())
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(
             {
@@ -315,20 +315,28 @@ async def run_plugin(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            # Its own session and process group: the agent's terminal signals do not reach
+            # it, and one killpg reaches everything it started.
             start_new_session=True,
-            preexec_fn=limits if memory else None,
+            preexec_fn=setup,
         )
+        _PLUGIN_PROCESSES.add(process.pid)
         try:
             stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
         except TimeoutError:
             # The whole process group: a plugin's children die with it.
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_group(process.pid)
             await process.wait()
             return Outcome(
                 False,
                 error_message=f"timed out after {timeout:g}s",
                 duration=time.monotonic() - started,
             )
+        except asyncio.CancelledError:
+            kill_group(process.pid)  # a cancelled run leaves nothing running
+            raise
+        finally:
+            stopped = _PLUGIN_PROCESSES.discard(process.pid)
     except OSError as exc:
         return Outcome(False, error_message=f"could not start the plugin: {exc}")
     finally:
@@ -336,6 +344,14 @@ async def run_plugin(
     text = stdout.decode(errors="replace")
     err = stderr.decode(errors="replace")[-STDERR_KEPT:]
     duration = time.monotonic() - started
+    if stopped:
+        return Outcome(
+            False,
+            error_message=STOPPED_MESSAGE,
+            exit_code=process.returncode,
+            stderr=err,
+            duration=duration,
+        )
     if process.returncode != 0:
         return Outcome(
             False,
@@ -346,3 +362,155 @@ async def run_plugin(
             duration=duration,
         )
     return Outcome(True, output=parse_output(text), exit_code=0, stderr=err, duration=duration)
+
+
+# -- plugin processes: what runs, and what kills it when the agent goes away ----------------
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL a plugin's process group; one already gone is no error."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@cache
+def _prctl() -> Callable[..., int]:
+    """libc's prctl, looked up once in the agent: the child only calls it."""
+    import ctypes
+
+    function = ctypes.CDLL(None, use_errno=True).prctl
+    function.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _child_setup(memory: int | None, watched: bool) -> Callable[[], None] | None:
+    """What the plugin's child runs between fork and exec (Linux only), or None.
+
+    With None CPython vforks, about 1 ms; with a function it must fork the whole agent
+    (~75 MB), about 5 ms more. So there is one only for a memory limit (RLIMIT_AS) or when
+    no guardian watches the plugins; it then also sets the parent-death signal, which is
+    free once the child runs anyway. Elsewhere than Linux neither exists."""
+    if sys.platform != "linux" or (watched and not memory):
+        return None
+    import resource  # here, not in the child: an import there would cost each start
+
+    parent = os.getpid()  # before the fork: the child compares its parent with it
+    prctl = _prctl()
+
+    def setup() -> None:
+        # SIGKILL when the *thread* that forked this child exits. asyncio forks from the
+        # event loop's thread, which lives as long as the agent does.
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)  # the agent died before the signal was set: nobody waits for us
+        if memory:
+            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+    return setup
+
+
+# The guardian: it reads "+<pgid>" and "-<pgid>" lines from the agent until the pipe closes,
+# which happens however the agent ends (SIGKILL, a crash, the OOM killer), then kills every
+# group still listed. Only that end of file may end it: it ignores the stop signals.
+_GUARDIAN = """\
+import os, signal, sys
+for number in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+    signal.signal(number, signal.SIG_IGN)
+groups = set()
+for line in sys.stdin.buffer:
+    (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
+for group in groups:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class PluginProcesses:
+    """The process groups of the plugins this agent runs now, and their guardian.
+
+    Each plugin leads its own session, so nothing the kernel does on the agent's death
+    reaches the plugin's children. One small guardian process per agent (started with the
+    first plugin, never one per run) holds a pipe from the agent: when the agent is gone,
+    however it went, the pipe closes and the guardian kills every group still running.
+    Telling it costs one pipe write per start and one per end."""
+
+    def __init__(self) -> None:
+        self.running: set[int] = set()
+        self._stopped: set[int] = set()
+        self._stopping = False
+        self._guardian: subprocess.Popen[bytes] | None = None
+
+    def watched(self) -> bool:
+        """Whether a guardian watches the plugins; starts one if none runs."""
+        if self._guardian is not None and self._guardian.poll() is not None:
+            log.warning("the plugin guardian is gone", exit_code=self._guardian.returncode)
+            self._guardian = None
+        if self._guardian is None:
+            self._start_guardian()
+        return self._guardian is not None
+
+    def add(self, pgid: int) -> None:
+        self.running.add(pgid)
+        self._tell(b"+%d\n" % pgid)
+        if self._stopping:  # started after `stop`, or while it ran
+            self._stopped.add(pgid)
+            kill_group(pgid)
+
+    def discard(self, pgid: int) -> bool:
+        """Forget a plugin whose leader has exited; whether `stop` killed it."""
+        self.running.discard(pgid)
+        self._tell(b"-%d\n" % pgid)
+        stopped = pgid in self._stopped
+        self._stopped.discard(pgid)
+        return stopped
+
+    def stop(self) -> int:
+        """Kill every running plugin's group now, and each one started from now on; their
+        steps fail saying so."""
+        self._stopping = True
+        for pgid in self.running:
+            self._stopped.add(pgid)
+            kill_group(pgid)
+        return len(self.running)
+
+    def _start_guardian(self) -> None:
+        try:
+            self._guardian = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _GUARDIAN, "stavily-plugin-guardian"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                bufsize=0,
+                # Out of the agent's session: a Ctrl-C or hang-up of its terminal is the
+                # agent's to handle, and the guardian must outlive it.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            log.warning("no plugin guardian: plugins may outlive a killed agent", error=str(exc))
+            return
+        if self.running:  # a guardian started again: it learns what runs
+            self._tell(b"".join(b"+%d\n" % pgid for pgid in self.running))
+
+    def _tell(self, message: bytes) -> None:
+        guardian = self._guardian
+        if guardian is None or guardian.stdin is None:
+            return
+        try:
+            guardian.stdin.write(message)
+        except OSError:  # the next plugin start starts another, which learns what runs
+            log.warning("the plugin guardian is gone", exit_code=guardian.poll())
+            self._guardian = None
+
+
+# One per process: the agent's plugins, whichever coroutine started them.
+_PLUGIN_PROCESSES = PluginProcesses()
+
+
+def kill_running_plugins() -> int:
+    """Kill every plugin this agent runs now, children included, and any it starts later;
+    how many were running."""
+    return _PLUGIN_PROCESSES.stop()

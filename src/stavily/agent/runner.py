@@ -20,7 +20,7 @@ import httpx
 import structlog
 
 from stavily import __version__
-from stavily.agent.plugins import refusal, run_plugin
+from stavily.agent.plugins import kill_running_plugins, refusal, run_plugin
 from stavily.agent.system import SystemFigures
 
 log = structlog.get_logger("stavily.agent")
@@ -105,11 +105,16 @@ class Agent:
         return not self.stopping.is_set() and not self.draining
 
     def stop(self) -> None:
-        if not self.stopping.is_set():
-            log.info("stopping after the running instructions", running=len(self.running))
-            self.stopping.set()
-            self._hold.set()
-            self._changed.set()
+        """The first SIGTERM/SIGINT: finish what runs, take nothing new. A second one: the
+        operator will not wait, so every running plugin is killed (children included) and
+        its step reported failed before the agent goes offline."""
+        if self.stopping.is_set():
+            log.warning("stopping now: killing the running plugins", killed=kill_running_plugins())
+            return
+        log.info("stopping after the running instructions", running=len(self.running))
+        self.stopping.set()
+        self._hold.set()
+        self._changed.set()
 
     def _set_draining(self, draining: bool) -> None:
         if draining == self.draining or self.stopping.is_set():

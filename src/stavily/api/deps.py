@@ -23,30 +23,32 @@ from stavily.workflows.engine import Engine
 
 
 class BurstLimit:
-    """A rate limit per key (limits' algorithm and storage) counting only the requests
-    that follow the same key's previous one within the limit's window.
+    """A rate limit per key (limits' algorithm and storage) that sees only the requests
+    following the same key's previous one within the limit's window.
 
     A limit is for bursts: an agent calling every few seconds (normally all of them)
     then costs the limiter nothing, and its bookkeeping - limits' in-memory storage scans
     every key it holds each 10 ms - grows with the agents that burst, not with the fleet.
-    A burst is refused from the limit's count plus one."""
+    The request that began a burst is counted with the one that shows it, so the count
+    is exact: the limit's N requests pass, the next is refused."""
 
     MAX_KEYS = 200_000
 
     def __init__(self, limiter: RateLimiter, item: RateLimitItem, kind: str) -> None:
         self.limiter, self.item, self.kind = limiter, item, kind
         self.window = float(item.get_expiry())
-        self._last: dict[str, float] = {}
+        self._last: dict[str, tuple[float, bool]] = {}  # key -> (when, counted)
 
     def hit(self, key: str) -> bool:
         now = time.monotonic()
         last = self._last.get(key)
         if len(self._last) >= self.MAX_KEYS:
             self._last.clear()
-        self._last[key] = now
-        if last is None or now - last >= self.window:
+        if last is None or now - last[0] >= self.window:
+            self._last[key] = (now, False)
             return True
-        return self.limiter.hit(self.item, self.kind, key)
+        self._last[key] = (now, True)
+        return self.limiter.hit(self.item, self.kind, key, cost=1 if last[1] else 2)
 
 
 @dataclass

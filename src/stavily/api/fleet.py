@@ -20,6 +20,7 @@ from stavily.api.json import JSONResponse
 from stavily.api.schemas import errors
 from stavily.errors import Forbidden
 from stavily.fleet import admin, enrollment
+from stavily.fleet.agents import holding
 from stavily.security import agent_tokens
 
 public = APIRouter(prefix="/agents/v1", tags=["agents"])
@@ -175,9 +176,10 @@ def _forget_credentials(state: Any) -> None:
         state.engine.channel.publish_credentials_changed()
 
 
-def _applied(state: Any, agent_id: str, row: Any) -> JSONResponse:
+def _applied(state: Any, agent_id: str, row: Any, held: dict[str, int]) -> JSONResponse:
     _forget_credentials(state)
-    return JSONResponse(admin.admin_view(row, state.heartbeats.pending(agent_id)))
+    view = admin.admin_view(row, state.heartbeats.pending(agent_id), held.get(agent_id, 0))
+    return JSONResponse(view)
 
 
 async def _set_state(
@@ -188,7 +190,8 @@ async def _set_state(
         row = await admin.set_admin_state(
             conn, principal.organization_id, agent_id, target, principal.actor
         )
-    return _applied(state, agent_id, row)
+        held = await holding(conn, principal.organization_id, agent_id)
+    return _applied(state, agent_id, row, held)
 
 
 @private.post("/agents/{agent_id}/drain", **_ADMIN_ROUTE)
@@ -219,7 +222,7 @@ async def revoke_agent(agent_id: str, principal: CurrentPrincipal, state: AppSta
     principal.require("agents:write")
     async with state.db.write() as conn:
         row = await admin.revoke(conn, principal.organization_id, agent_id, principal.actor)
-    answer = _applied(state, agent_id, row)
+    answer = _applied(state, agent_id, row, {})
     await state.engine.release_agent(agent_id, "agent revoked")
     return answer
 
@@ -239,8 +242,9 @@ async def rotate_agent_credential(
         row, credential = await admin.rotate_credential(
             conn, principal.organization_id, agent_id, principal.actor
         )
+        held = await holding(conn, principal.organization_id, agent_id)
     _forget_credentials(state)
-    view = admin.admin_view(row, state.heartbeats.pending(agent_id))
+    view = admin.admin_view(row, state.heartbeats.pending(agent_id), held.get(agent_id, 0))
     return JSONResponse({"agent_id": agent_id, "api_key": credential, **view}, status_code=201)
 
 

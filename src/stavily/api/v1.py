@@ -13,7 +13,7 @@ from stavily.api.deps import AppState, CurrentPrincipal, State
 from stavily.api.json import JSONResponse
 from stavily.api.schemas import errors
 from stavily.fleet import create_agent, get_agent, list_agents
-from stavily.fleet.agents import agent_view
+from stavily.fleet.agents import agent_view, holding
 from stavily.workflows import service as workflows
 from stavily.workflows.definition import (
     WorkflowDefinition,
@@ -76,7 +76,9 @@ async def list_agents_route(principal: CurrentPrincipal, state: AppState) -> JSO
     pending = state.heartbeats.snapshot()
     async with state.db.read() as conn:
         rows = await list_agents(conn, principal.organization_id)
-    return JSONResponse({"agents": [agent_view(r, pending.get(r["id"])) for r in rows]})
+        held = await holding(conn, principal.organization_id)
+    views = [agent_view(r, pending.get(r["id"]), held.get(r["id"], 0)) for r in rows]
+    return JSONResponse({"agents": views})
 
 
 @router.get(
@@ -91,7 +93,8 @@ async def get_agent_route(
     pending = state.heartbeats.pending(agent_id)  # before the row: see list_agents_route
     async with state.db.read() as conn:
         row = await get_agent(conn, principal.organization_id, agent_id)
-    return JSONResponse(agent_view(row, pending))
+        held = await holding(conn, principal.organization_id, agent_id)
+    return JSONResponse(agent_view(row, pending, held.get(agent_id, 0)))
 
 
 _DEFINITION_BODY = {

@@ -18,9 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stavily import audit
 from stavily.errors import Conflict
-from stavily.fleet.agents import agent_view, get_agent
+from stavily.fleet.agents import agent_view, get_agent, holding
 from stavily.security.credentials import digest, generate
-from stavily.store.models import ACTIVE_INSTRUCTION, QUEUED, agents, instructions, one_of
+from stavily.store.models import QUEUED, agents, instructions
 from stavily.timeutil import utcnow
 
 AdminState = Literal["active", "draining", "disabled"]
@@ -28,9 +28,11 @@ SHOWN_STATES = ("online", "busy", "degraded", "offline", "draining", "disabled",
 _ACTIONS = {"active": "agent.enabled", "draining": "agent.drained", "disabled": "agent.disabled"}
 
 
-def admin_view(row: Any, pending: dict[str, Any] | None = None) -> dict[str, Any]:
+def admin_view(
+    row: Any, pending: dict[str, Any] | None = None, held: int | None = None
+) -> dict[str, Any]:
     """The private API's agent view plus `state` (the shown status, see agent_view)."""
-    view = agent_view(row, pending)
+    view = agent_view(row, pending, held)
     view["state"] = view["status"]
     return view
 
@@ -165,17 +167,7 @@ async def fleet_summary(
         .mappings()
         .all()
     )
-    in_use = {
-        agent_id: int(count)
-        for agent_id, count in await conn.execute(
-            sa.select(instructions.c.agent_id, sa.func.count())
-            .where(
-                instructions.c.organization_id == organization_id,
-                one_of(instructions.c.status, ACTIVE_INSTRUCTION),
-            )
-            .group_by(instructions.c.agent_id)
-        )
-    }
+    in_use = await holding(conn, organization_id)
     waiting: Counter[str] = Counter()
     selector_text = sa.cast(instructions.c.selector, sa.Text)
     for text, count in await conn.execute(
@@ -196,7 +188,7 @@ async def fleet_summary(
     total = available = 0
     for row in rows:
         beat = pending.get(row["id"])
-        state = agent_view(row, beat)["status"]
+        state = agent_view(row, beat, in_use.get(row["id"], 0))["status"]
         by_state[state] += 1
         by_type[row["type"]] += 1
         for key, value in sorted((row["labels"] or {}).items()):

@@ -19,7 +19,7 @@ from stavily.ids import new_id
 from stavily.security import agent_tokens
 from stavily.security.credentials import CredentialCache, digest, generate
 from stavily.store.db import Database
-from stavily.store.models import agents
+from stavily.store.models import ACTIVE_INSTRUCTION, agents, instructions, one_of
 from stavily.timeutil import isoformat, utcnow
 
 log = structlog.get_logger("stavily.fleet")
@@ -140,8 +140,25 @@ def shown_status(agent: Any) -> str:
     return str(agent["status"])
 
 
-def agent_view(row: Any, pending: dict[str, Any] | None = None) -> dict[str, Any]:
-    """An agent as the private API shows it, with heartbeats not yet flushed applied.
+async def holding(
+    conn: AsyncConnection, organization_id: str, agent_id: str | None = None
+) -> dict[str, int]:
+    """How many instructions each agent holds (leased or executing), by agent id."""
+    query = sa.select(instructions.c.agent_id, sa.func.count()).where(
+        instructions.c.organization_id == organization_id,
+        one_of(instructions.c.status, ACTIVE_INSTRUCTION),
+    )
+    if agent_id is not None:
+        query = query.where(instructions.c.agent_id == agent_id)
+    rows = await conn.execute(query.group_by(instructions.c.agent_id))
+    return {held_by: int(count) for held_by, count in rows}
+
+
+def agent_view(
+    row: Any, pending: dict[str, Any] | None = None, held: int | None = None
+) -> dict[str, Any]:
+    """An agent as the private API shows it, with heartbeats not yet flushed applied,
+    and busy as it is now when `held` (the instructions it holds) is given.
 
     `status` is what an operator needs first: the operator's state when the agent is not
     active (draining, disabled, revoked), else its health (online, busy, degraded,
@@ -161,6 +178,8 @@ def agent_view(row: Any, pending: dict[str, Any] | None = None) -> dict[str, Any
         data["last_heartbeat_at"] = max(
             filter(None, [data.get("last_heartbeat_at"), pending["last_heartbeat_at"]])
         )
+    if held is not None and data["status"] in ("online", "busy"):
+        data["status"] = "busy" if held else "online"
     data["health"] = data["status"]
     data["status"] = shown_status(data)
     for key in ("created_at", "last_heartbeat_at", "revoked_at", "credential_issued_at"):

@@ -14,6 +14,9 @@
 -- the schedule falls behind and catches up (at most one second of it) as soon as
 -- connections are free again, so the achieved rate shows whether the server kept up.
 -- "max": no waiting, as fast as the connections allow (the sustained maximum).
+-- Like our agents, each thread beats less often when an answer's next_heartbeat_interval
+-- is longer than INTERVAL (the server stretching its fleet's beats when overloaded); the
+-- longest told comes back as "told_s".
 --
 -- At the end one line "WRK_JSON {...}" carries the figures for the Python driver (the
 -- same keys as wrk_agents.lua, plus the statuses seen and how far the schedule fell
@@ -45,6 +48,8 @@ local mode = "healthz"
 local agents = {}
 local position = 0
 local period_us = 0
+local interval_s = 5
+told_s = 0
 local next_slot = 0
 -- Globals, not locals: done() reads them from each thread with thread:get().
 max_behind_us = 0
@@ -65,6 +70,7 @@ function init(args)
       return
    end
    local interval = tonumber(args[3] or "5")
+   interval_s = interval
    local thread_count = tonumber(args[4] or "1")
    local index = 0
    for line in io.lines(args[2]) do
@@ -136,6 +142,13 @@ end
 
 function response(status, headers, body)
    responses = responses + 1
+   local told = tonumber(body and body:match('"next_heartbeat_interval":(%d+)') or "")
+   if told and told > told_s then
+      told_s = told
+   end
+   if mode == "paced" and told then
+      period_us = math.max(told, interval_s) * 1000000 / math.max(1, #agents)
+   end
    if status < 200 or status > 299 then
       non2xx = non2xx + 1
       last_bad_status = status
@@ -151,7 +164,7 @@ end
 
 function done(summary, latency, requests)
    local sent_all, seen, bad, s429, s4xx, s5xx = 0, 0, 0, 0, 0, 0
-   local last_bad, behind, late = 0, 0, 0
+   local last_bad, behind, late, told = 0, 0, 0, 0
    for _, thread in ipairs(threads) do
       sent_all = sent_all + (thread:get("sent") or 0)
       seen = seen + (thread:get("responses") or 0)
@@ -165,6 +178,7 @@ function done(summary, latency, requests)
       end
       behind = math.max(behind, thread:get("max_behind_us") or 0)
       late = late + (thread:get("dropped_slots") or 0)
+      told = math.max(told, thread:get("told_s") or 0)
    end
    local errors = summary.errors
    io.write(string.format(
@@ -172,9 +186,9 @@ function done(summary, latency, requests)
       '"status429": %d, "status4xx": %d, "status5xx": %d, "last_bad_status": %d, ' ..
       '"connect_errors": %d, "read_errors": %d, "write_errors": %d, "timeouts": %d, ' ..
       '"p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d, "mean_us": %.1f, ' ..
-      '"max_behind_us": %d, "dropped_slots": %d, "sent": %d}\n',
+      '"max_behind_us": %d, "dropped_slots": %d, "sent": %d, "told_s": %d}\n',
       summary.requests, seen, summary.duration, bad, s429, s4xx, s5xx, last_bad,
       errors.connect, errors.read, errors.write, errors.timeout,
       latency:percentile(50), latency:percentile(90), latency:percentile(99),
-      latency.max, latency.mean, behind, late, sent_all))
+      latency.max, latency.mean, behind, late, sent_all, told))
 end

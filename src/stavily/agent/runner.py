@@ -86,6 +86,8 @@ class Agent:
         )
         self.base = f"/agents/v1/{config.agent_id}"
         self.system = SystemFigures(config.plugins_dir)
+        # seconds between heartbeats: ours, or longer when the server's answer says so
+        self.beat_every = float(config.heartbeat_interval)
         self.stopping = asyncio.Event()
         self.draining = False
         # Set on stop and while draining: a held poll is abandoned, no new one starts.
@@ -187,6 +189,10 @@ class Agent:
             answer = response.json()
         except ValueError:
             return
+        told = answer.get("next_heartbeat_interval") if isinstance(answer, dict) else None
+        if isinstance(told, int | float) and 1 <= told <= 3600:
+            # Longer than ours: the server is stretching its fleet's beats (overload).
+            self.beat_every = max(self.config.heartbeat_interval, float(told))
         commands = answer.get("commands") if isinstance(answer, dict) else None
         # Only an accepted answer changes the drain: a failed heartbeat says nothing.
         self._set_draining(isinstance(commands, list) and "drain" in commands)
@@ -194,7 +200,7 @@ class Agent:
     async def _heartbeat_loop(self) -> None:
         while True:
             await self._heartbeat("online")
-            await asyncio.sleep(self.config.heartbeat_interval)
+            await asyncio.sleep(self.beat_every)
 
     # -- taking work ----------------------------------------------------------------------
 

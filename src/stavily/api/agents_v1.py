@@ -235,7 +235,7 @@ async def do_heartbeat(
         await state.engine.release_unstarted(agent)
     answer: dict[str, Any] = {
         "acknowledged": True,
-        "next_heartbeat_interval": round(state.heartbeats.told_interval),
+        "next_heartbeat_interval": round(state.heartbeats.interval_for(agent.id)),
     }
     if agent.admin_state == "draining":
         answer["commands"] = ["drain"]  # our agent stops polling; old agents ignore it

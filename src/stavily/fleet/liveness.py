@@ -158,11 +158,18 @@ class HeartbeatBuffer:
 
     # -- signs of life -----------------------------------------------------------------------
 
-    def _deadlines(self, agent_id: str, at: datetime) -> dict[str, Any]:
+    def interval_for(self, agent_id: str) -> float:
+        """The agent's heartbeat interval: its own (if it says), or longer while the
+        server stretches them (see stretch); its deadlines and its heartbeat's answer
+        (`next_heartbeat_interval`) follow it."""
         base = float(self.settings.heartbeat_interval)
-        interval = self._intervals.get(agent_id, base)  # its own, if it says
-        if self.told_interval > base:  # agents told to beat less often (stretch) get longer
+        interval = self._intervals.get(agent_id, base)
+        if self.told_interval > base:
             interval = max(interval, self.told_interval)
+        return interval
+
+    def _deadlines(self, agent_id: str, at: datetime) -> dict[str, Any]:
+        interval = self.interval_for(agent_id)
         return {
             "late_at": at + timedelta(seconds=interval * self.settings.degraded_after_missed),
             "dead_at": at + timedelta(seconds=interval * self.settings.offline_after_missed),

@@ -40,6 +40,12 @@ Each backend gets a fresh database per test and a real `stavily serve` subproces
    times (--quick: 1). Target: under 2 x the heartbeat interval (10 s). A wait is given
    up after --detect-limit seconds; then the agent's and the step's state are shown.
 
+3. A dead official agent: two agents speaking exactly the official protocol (their
+   User-Agent, no query strings, silent while "running"); A takes a step with a 5 s
+   timeout, says `executing` and then sends nothing (killed, or SIGTERM: it sends nothing
+   either); B polls every second. Measured: the time until B is handed attempt 2, against
+   timeout + STAVILY_LEASE_GRACE (5 s for this test) + a reaper turn + B's poll.
+
 PostgreSQL: STAVILY_BENCH_DATABASE_URL (default
 postgresql+asyncpg://postgres@127.0.0.1:5432/test) names the server; a fresh database is
 created for each test and dropped afterwards. wrk: Debian package `wrk`. Nothing here is
@@ -691,6 +697,84 @@ def _one_detection(
     return outcome
 
 
+# -- 3. a dead official agent ----------------------------------------------------------------
+
+OFFICIAL_TIMEOUT = 5  # the step's timeout_seconds
+OFFICIAL_GRACE = 5  # STAVILY_LEASE_GRACE for this test
+OFFICIAL_HEADERS = {"User-Agent": "Stavily-Agent/1.0.0", "Content-Type": "application/json"}
+
+
+def official_death_test(backend: str, options: argparse.Namespace, tmp: Path) -> list[float | None]:
+    """An official agent dies mid-step. It heartbeats nothing while a plugin runs (one loop
+    for everything), so killed it simply goes silent, as a silent healthy one would: the
+    server waits for the lease (timeout + STAVILY_LEASE_GRACE) and the step runs again on
+    another agent, attempt 2. Two agents speak exactly the official protocol (no query
+    strings, their User-Agent): A polls, says `executing`, then sends nothing ("killed");
+    B polls every second as the official agents do when idle (every 10 s by default).
+    Measured: from A's last request to B being handed attempt 2. Expected at most timeout
+    + grace + one reaper turn (1 s) + B's poll interval (1 s)."""
+    env = {**SERVER_ENV, "STAVILY_LEASE_GRACE": str(OFFICIAL_GRACE)}
+    times: list[float | None] = []
+    with fresh_database(backend, tmp, options.pg_url) as database_url:
+        server = Server(backend, database_url, tmp / "data-official", tmp / "server-off.log")
+        with server_env(env):
+            server.start()
+        try:
+            for repeat in range(1, options.repeats + 1):
+                times.append(_official_death(server, repeat, options))
+        finally:
+            server.stop()
+            report_problems(server, server.problems())
+    return times
+
+
+def _official_death(server: Server, repeat: int, options: argparse.Namespace) -> float | None:
+    names = [f"go{repeat}-a", f"go{repeat}-b"]
+    (a_id, a_key), (b_id, b_key) = create_agents_proc(server.url, names)
+    workflow = f"bench-go-{repeat}"
+    with admin_client(server.url) as api:
+        applied = api.post(
+            "/api/v1/workflows",
+            content=(
+                f"name: {workflow}\nagents: {{pools: [{{agent_regex: 'go{repeat}-[ab]'}}]}}\n"
+                "actions: {steps: [{name: only, plugin: echo, timeout: "
+                f"{OFFICIAL_TIMEOUT}s}}]}}\n"
+            ),
+            headers={"Content-Type": "application/yaml"},
+        )
+        applied.raise_for_status()
+        api.post(f"/api/v1/workflows/{workflow}/runs", json={"inputs": {}}).raise_for_status()
+    a = httpx.Client(
+        base_url=server.url, headers={**OFFICIAL_HEADERS, "Authorization": f"Bearer {a_key}"}
+    )
+    b = httpx.Client(
+        base_url=server.url, headers={**OFFICIAL_HEADERS, "Authorization": f"Bearer {b_key}"}
+    )
+    try:
+        taken = a.get(f"/agents/v1/{a_id}/instructions").json()["instruction"]
+        if taken is None:
+            raise RuntimeError("the step was not handed to A")
+        a.put(f"/agents/v1/{a_id}/instructions/{taken['id']}", json={"status": "executing"})
+        died = time.monotonic()  # from here A sends nothing
+        limit = OFFICIAL_TIMEOUT + OFFICIAL_GRACE + options.detect_limit
+        while time.monotonic() - died < limit:
+            again = b.get(f"/agents/v1/{b_id}/instructions").json()["instruction"]
+            if again is not None and again["attempt"] == 2:
+                seconds = time.monotonic() - died
+                b.post(
+                    f"/agents/v1/{b_id}/instructions/{again['id']}/result",
+                    json={"status": "completed", "result": {}},
+                )
+                say(f"    repeat {repeat}: attempt 2 on B {seconds:.2f} s after A went silent")
+                return seconds
+            time.sleep(1)
+        say(f"    repeat {repeat}: NOT re-run within {limit:g} s")
+        return None
+    finally:
+        a.close()
+        b.close()
+
+
 def fmt_s(value: float | None) -> str:
     return "never" if value is None else f"{value:.2f} s"
 
@@ -715,6 +799,8 @@ def bench_backend(backend: str, options: argparse.Namespace) -> dict[str, Any]:
         report["hb"] = heartbeat_test(backend, options, tmp)
         say(f"\n== {backend}: dead-agent detection ==")
         report["dead"] = dead_agent_test(backend, options, tmp)
+        say(f"\n== {backend}: a dead official agent ==")
+        report["official"] = official_death_test(backend, options, tmp)
         keep = bool(report["hb"]["server_problems"] or report["dead"]["server_problems"])
     finally:
         if keep:
@@ -749,7 +835,10 @@ def figure_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
             f"paced heartbeats/s (target {target:.0f})",
             f"{paced['rate']:.0f}" + ("" if paced["rate"] >= 0.97 * target else " LOW"),
         ),
-        ("  latency p50 / p99", _latency(paced)),
+        (
+            "  latency p50 / p99 (target p99 < 50 ms)",
+            _latency(paced) + ("" if paced["p99_us"] < 50_000 else " HIGH"),
+        ),
         ("  next_heartbeat_interval told", f"{paced.get('told', INTERVAL)} s"),
         ("  non-2xx / socket errors", f"{paced['non2xx']} / {paced['socket_errors']}"),
         ("  beats dropped (schedule > 1 s late)", str(paced["dropped_slots"])),
@@ -766,7 +855,11 @@ def figure_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         ("  DB rows written/s", f"{writes['rows']:.0f}" if pg else "n/a"),
         ("  CPU %: server / postgres / wrk / other", _cpu(paced["cpu"])),
-        ("  server CPU per heartbeat", _per_beat(paced)),
+        (
+            "  server CPU per heartbeat (target < 0.3 ms)",
+            _per_beat(paced)
+            + ("" if paced["cpu"]["server"] / 100 / max(paced["rate"], 1) < 0.0003 else " HIGH"),
+        ),
         (
             f"  agents heard in the last {paced.get('told', INTERVAL) + 1} s",
             f"{delivery['recent']}/{delivery['agents']}",
@@ -804,6 +897,14 @@ def figure_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "  A killed after its last heartbeat",
             " ".join(f"{r['last_beat_before_kill']:.1f} s" for r in repeats),
+        ),
+        (
+            "official agent dead mid-step: re-run after",
+            " ".join(fmt_s(t) for t in report["official"]),
+        ),
+        (
+            f"  expected (timeout {OFFICIAL_TIMEOUT} s + grace {OFFICIAL_GRACE} s + reaper + poll)",
+            f"<= {OFFICIAL_TIMEOUT + OFFICIAL_GRACE + 2} s",
         ),
         (
             "server log error lines",
@@ -870,6 +971,9 @@ def healthy(report: dict[str, Any]) -> bool:
         and statistics.median(times) < 2 * INTERVAL
         and not hb["server_problems"]
         and not dead["server_problems"]
+        and all(
+            t is not None and t <= OFFICIAL_TIMEOUT + OFFICIAL_GRACE + 3 for t in report["official"]
+        )
     )
 
 

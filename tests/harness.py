@@ -189,10 +189,14 @@ def serve(database_url: str, data_dir: Path, **overrides: Any) -> Iterator[Orche
         bootstrap_token=ADMIN_TOKEN,
         host="127.0.0.1",
         port=port,
-        heartbeat_flush_interval=0.05,
-        reaper_interval=0.2,
         # tests hammer the API on purpose; rate limits have tests of their own
-        **{"heartbeat_rate_limit": "1000/second", "agent_rate_limit": "10000/second", **overrides},
+        **{
+            "heartbeat_flush_interval": 0.05,
+            "reaper_interval": 0.2,
+            "heartbeat_rate_limit": "1000/second",
+            "agent_rate_limit": "10000/second",
+            **overrides,
+        },
     )
     config = uvicorn.Config(
         create_app(settings),

@@ -122,12 +122,12 @@ def test_least_loaded_waiting_agent_gets_the_work(fleet: Orchestrator) -> None:
         got: dict[str, Any] = {}
 
         def wait(agent: SimAgent, got: dict[str, Any] = got) -> None:
-            got[agent.id] = agent.poll(wait=3)
+            got[agent.id] = agent.poll(wait=1.5)  # shorter than the preference (2 s)
 
         threads = [threading.Thread(target=wait, args=(a,)) for a in (busy, idle)]
         for thread in threads:
             thread.start()
-        time.sleep(1)  # both are waiting in their long polls
+        time.sleep(0.4)  # both are waiting in their long polls
         fleet.run(name)
         for thread in threads:
             thread.join()
@@ -146,12 +146,12 @@ def test_round_robin_takes_waiting_agents_in_turn(fleet: Orchestrator) -> None:
         got: dict[str, Any] = {}
 
         def wait(agent: SimAgent, got: dict[str, Any] = got) -> None:
-            got[agent.id] = agent.poll(wait=3)
+            got[agent.id] = agent.poll(wait=1.5)  # shorter than the preference (2 s)
 
         threads = [threading.Thread(target=wait, args=(a,)) for a in agents]
         for thread in threads:
             thread.start()
-        time.sleep(1)
+        time.sleep(0.4)  # all are waiting in their long polls
         fleet.run(name)
         # the chosen agent takes it at once; the others find nothing until their wait ends
         for thread in threads:

@@ -2,7 +2,7 @@
 silent while a plugin runs, no query strings, `User-Agent: Stavily-Agent/1.0.0`.
 
 The server runs with a 1 s heartbeat interval, so an agent is degraded after 1.2 s and
-offline after 1.5 s of silence: a silence of 6 s is four offline windows.
+offline after 1.5 s of silence: a silence of 4 s is over two and a half offline windows.
 """
 
 from __future__ import annotations
@@ -136,8 +136,8 @@ def test_a_silent_official_agent_running_a_step_is_busy_never_degraded_or_offlin
     runner, idle, instruction = taken(agent, other)
     runner.start(instruction)
     time.sleep(0.2)  # known as holding work at the next flush (every 50 ms here)
-    # Silent for four offline windows while its plugin runs.
-    assert seen_for(live, runner, 6) == {"busy"}
+    # Silent for over two offline windows while its plugin runs.
+    assert seen_for(live, runner, 4) == {"busy"}
     summary = live.api.get("/api/v1/fleet").json()
     assert summary["by_state"]["busy"] >= 1
     assert idle.poll() is None  # nothing was taken from it
@@ -145,7 +145,7 @@ def test_a_silent_official_agent_running_a_step_is_busy_never_degraded_or_offlin
     # Acknowledged: online again, with no false offline in the moments after (the old
     # sweep read the deadline from before the silence and declared it offline).
     assert seen_for(live, runner, 0.3, poll=True) <= {"busy", "online"}  # until a flush
-    assert seen_for(live, runner, 2, poll=True) == {"online"}
+    assert seen_for(live, runner, 1.5, poll=True) == {"online"}
     assert live.wait_for(execution["id"])["status"] == "succeeded"
     assert "agent.offline" not in actions(live, runner)
     assert "agent.offline" not in actions(live, idle) or health(live, idle) == "offline"
@@ -189,24 +189,23 @@ def test_the_heartbeat_interval_stretches_with_the_fleet_and_deadlines_follow(
     longer window (an overloaded server slows the beats instead of losing agents)."""
     with (
         fresh_database(backend, tmp_path) as url,
-        serve(url, tmp_path, heartbeat_interval=2, heartbeat_rate_budget=1) as orch,
+        serve(
+            url, tmp_path, heartbeat_interval=1, heartbeat_rate_budget=1, reaper_interval=0.05
+        ) as orch,
     ):
         agents = [Official(orch, f"s-{i}") for i in range(6)]
         answers = [a.beat().json()["next_heartbeat_interval"] for a in agents]
-        assert answers == [2] * 6  # nobody counted yet
+        assert answers == [1] * 6  # nobody counted yet
         deadline = time.monotonic() + 5
-        told = 2
-        while told == 2 and time.monotonic() < deadline:  # counted every 10 sweeps
-            time.sleep(0.2)
+        told = 1
+        while told == 1 and time.monotonic() < deadline:  # counted every 10 sweeps
+            time.sleep(0.05)
             told = agents[0].beat().json()["next_heartbeat_interval"]
         assert told == 6  # six live agents at one beat a second
-        time.sleep(0.2)
-        view = orch.api.get(f"/api/v1/agents/{agents[0].id}").json()
+        time.sleep(0.1)
         assert health(orch, agents[0]) == "online"
-        assert view["last_heartbeat_at"]
-        # silent for longer than its configured 1.5 x 2 s: still online, told 6 s
-        time.sleep(3.5)
-        assert health(orch, agents[0]) == "online"
+        # silent for longer than its configured 1.5 x 1 s: still online, told 6 s
+        assert seen_for(orch, agents[0], 2.5) == {"online"}
 
 
 def test_stretch_is_bounded_and_off_without_a_budget() -> None:

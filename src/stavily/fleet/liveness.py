@@ -413,7 +413,7 @@ class HeartbeatBuffer:
             if batch[agent_id].get("beat"):
                 self._written[agent_id] = tuple(batch[agent_id].get(k) or None for k in SAID)
         if back:
-            log.info("agents online", count=len(back), agents=[a.id for a in back[:50]])
+            log.info("agents online", count=len(back), agents=[a.id for a in back[:10]])
         return unreported
 
 
@@ -501,7 +501,7 @@ class Liveness:
         log.info(
             "agents busy: silent while they run a step, so given until their lease ends",
             count=len(busy),
-            agents=[a.id for a in busy[:50]],
+            agents=[a.id for a in busy[:10]],
         )
 
     async def _not_all_at_once(

@@ -347,7 +347,9 @@ def _heartbeat_test(
     target = len(created) / INTERVAL
 
     say(f"  wrk ceiling: GET /healthz, {options.ceiling_duration:g} s ...")
+    cpu = CpuMeter(server)
     ceiling = wrk_ceiling(server.url, options.ceiling_duration, threads, connections)
+    ceiling["cpu"] = cpu.stop()
     result["ceiling"] = ceiling
     say(
         f"    {ceiling['rate']:.0f} requests/s, p50 {ceiling['p50_us'] / 1000:.2f} ms, "
@@ -878,6 +880,8 @@ def figure_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("  CPU %: server / postgres / wrk / other ", _cpu(fastest["cpu"])),
         ("  server CPU per heartbeat ", _per_beat(fastest)),
         ("wrk ceiling GET /healthz req/s", f"{ceiling['rate']:.0f}"),
+        # what a request costs that does nothing: the HTTP stack's own floor
+        ("  server CPU per /healthz request", _per_beat(ceiling)),
     ]
     repeats = dead["repeats"]
     times = [r["seconds"] for r in repeats]

@@ -153,6 +153,10 @@ class HeartbeatBuffer:
         self._health: dict[str, str] = {}  # from each agent's last heartbeat's figures
         self._written: dict[str, tuple[Any, ...]] = {}  # what the last flush wrote
         self.told_interval = float(settings.heartbeat_interval)  # see stretch()
+        # agents heard since _heard_since, and how many in the interval before (stretch)
+        self._heard: set[str] = set()
+        self._heard_before = 0
+        self._heard_since = monotonic()
         # official agents: what this server handed each, and when (see overdue())
         self._handed: dict[str, dict[str, float]] = {}
 
@@ -201,6 +205,7 @@ class HeartbeatBuffer:
         """A heartbeat: `status` is "online" or "offline" as the agent says; `running`
         the instructions it says it runs (our agents; None: it does not say)."""
         now = utcnow()
+        self._heard.add(agent_id)
         if interval:
             self._intervals[agent_id] = interval
         entry = self._pending.setdefault(agent_id, {})
@@ -283,10 +288,17 @@ class HeartbeatBuffer:
         longer when so many agents are live that they would beat faster than
         `heartbeat_rate_budget` (as Consul scales its agents' sync interval with the size
         of the cluster), so a fleet too big for the server slows its beats instead of
-        missing its deadlines. Their deadlines follow the interval told."""
+        missing its deadlines. Their deadlines follow the interval told. The fleet is the
+        live agents, or those heard within the last interval if more (agents not yet
+        written as live: a fleet calling a server for the first time)."""
+        now = monotonic()
+        if now - self._heard_since >= self.told_interval:
+            self._heard_before, self._heard = len(self._heard), set()
+            self._heard_since = now
+        fleet = max(live_agents, self._heard_before, len(self._heard))
         base = float(self.settings.heartbeat_interval)
         budget = self.settings.heartbeat_rate_budget
-        wanted = live_agents / budget if budget else base
+        wanted = fleet / budget if budget else base
         self.told_interval = max(base, min(wanted, base * 10))
         return self.told_interval
 
@@ -421,7 +433,7 @@ class Liveness:
     """The sweep: agents silent past their deadlines are degraded when late and lost
     when dead. Returns the lost; the engine takes their work back."""
 
-    COUNT_EVERY = 10  # sweeps between counts of the live fleet (for stretch)
+    COUNT_EVERY = 3  # sweeps between counts of the live fleet (for stretch)
 
     def __init__(self, db: Database, settings: Settings, buffer: HeartbeatBuffer) -> None:
         self.db = db
@@ -443,6 +455,7 @@ class Liveness:
             agents.c.status,
             agents.c.heartbeats_while_busy,
             agents.c.dead_at,
+            agents.c.last_heartbeat_at,
         )
         async with self.db.write() as conn:
             # Rows are locked in id order, as the heartbeat flush does: no deadlocks.
@@ -455,6 +468,10 @@ class Liveness:
                 conn, columns, agents.c.status.in_(LIVE), agents.c.dead_at < settled
             )
             silent = {a.id: a for a in (*late, *dead) if a.id not in alive_here}
+            given = await self._stretched(conn, list(silent.values()), now, settled)
+            late = [a for a in late if a.id not in given or given[a.id] == "late"]
+            dead = [a for a in dead if a.id not in given]
+            silent = {a.id: a for a in (*late, *dead) if a.id in silent}
             if not silent:
                 return []
             held = await _held(conn, sorted(silent))
@@ -482,6 +499,34 @@ class Liveness:
             dead = await self._not_all_at_once(conn, dead, now)
             await self._offline(conn, dead, now)
         return [a.id for a in dead]
+
+    async def _stretched(
+        self, conn: AsyncConnection, silent: list[Any], now: datetime, settled: datetime
+    ) -> dict[str, str]:
+        """While the server stretches the heartbeat interval, agents whose deadlines were
+        set under a shorter one get the longer window now (they were told to beat less
+        often, or could not be heard sooner): `late` for those it leaves late, `alive`
+        for the others. The rest are as silent as they seem."""
+        if self.buffer.told_interval <= self.settings.heartbeat_interval:
+            return {}
+        given, rows = {}, []
+        for agent in silent:
+            if agent.last_heartbeat_at is None:
+                continue
+            interval = timedelta(seconds=self.buffer.interval_for(agent.id))
+            late_at = agent.last_heartbeat_at + interval * self.settings.degraded_after_missed
+            dead_at = agent.last_heartbeat_at + interval * self.settings.offline_after_missed
+            if dead_at > settled and dead_at > agent.dead_at:
+                given[agent.id] = "late" if late_at <= now else "alive"
+                rows.append({"b_id": agent.id, "b_late": late_at, "b_dead": dead_at})
+        if rows:
+            await conn.execute(
+                agents.update()
+                .where(agents.c.id == sa.bindparam("b_id"))
+                .values(late_at=sa.bindparam("b_late"), dead_at=sa.bindparam("b_dead")),
+                rows,
+            )
+        return given
 
     async def _locked(self, conn: AsyncConnection, columns: Any, *where: Any) -> list[Any]:
         query = sa.select(*columns).where(*where).order_by(agents.c.id).limit(5000)

@@ -28,6 +28,7 @@ from tests.e2e.support import (
     workflow,
     write_plugin,
 )
+from tests.harness import fresh_database
 
 pytestmark = [
     pytest.mark.e2e,
@@ -35,6 +36,14 @@ pytestmark = [
         sys.platform != "linux", reason="parent-death signals and /proc are Linux only"
     ),
 ]
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    """SQLite only: what is under test is the agent's processes, not the server's database."""
+    with fresh_database("sqlite", tmp_path) as url:
+        yield url
+
 
 # Starts a `sleep 60` child, then writes both pids and its own parent-death signal
 # (PR_GET_PDEATHSIG) to `pidfile` and sleeps 60 s itself.

@@ -168,10 +168,8 @@ def agent_view(
     for key in ("credential_hash", "late_at", "dead_at"):
         data.pop(key, None)
     if pending:
-        # Whether it holds work is known at the next flush: until then, busy stays busy.
-        keep_busy = data["status"] == "busy" and pending.get("status") == "online"
         for key in ("status", "version", "hostname", "os"):
-            if pending.get(key) is not None and not (key == "status" and keep_busy):
+            if pending.get(key) is not None:
                 data[key] = pending[key]
         if pending.get("facts"):
             data["facts"] = pending["facts"]

@@ -6,9 +6,14 @@ import gc
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+import fastapi_offline
 import structlog
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from limits import parse as parse_limit
 from limits.storage import MemoryStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
@@ -33,6 +38,14 @@ from stavily.workflows.engine import Engine
 
 log = structlog.get_logger("stavily")
 
+OPENAPI_URL = "/api/v1/openapi.json"
+DOCS_URL = "/api/v1/docs"
+REDOC_URL = "/api/v1/redoc"
+DOCS_STATIC_URL = "/api/v1/docs/static"
+# Swagger UI's and ReDoc's files as the fastapi-offline package ships them, so the docs
+# pages work with no route to a CDN (offline, air-gapped).
+DOCS_STATIC_DIR = Path(fastapi_offline.__file__).parent / "static"
+
 
 def tune_garbage_collector() -> None:
     """Keep the collector's pauses off the request path.
@@ -46,6 +59,40 @@ def tune_garbage_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 10, 10)
+
+
+def install_docs(app: FastAPI) -> None:
+    """Swagger UI at /api/v1/docs and ReDoc at /api/v1/redoc, their scripts, styles and
+    icon under /api/v1/docs/static: no page loads anything from another host. Like the
+    OpenAPI document, they need no credential; Swagger UI's Authorize button takes an API
+    token or agent credential for the document's bearer schemes and keeps it on reload."""
+    # Fails at startup, not on the first page view, if the package's files are missing.
+    app.mount(DOCS_STATIC_URL, StaticFiles(directory=DOCS_STATIC_DIR), name="docs-static")
+
+    @app.get(DOCS_URL, include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=root + OPENAPI_URL,
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_STATIC_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_STATIC_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_STATIC_URL}/favicon.png",
+            oauth2_redirect_url=None,
+            # No validator badge: it would send the document's URL to validator.swagger.io.
+            swagger_ui_parameters={"persistAuthorization": True, "validatorUrl": None},
+        )
+
+    @app.get(REDOC_URL, include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_redoc_html(
+            openapi_url=root + OPENAPI_URL,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_STATIC_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_STATIC_URL}/favicon.png",
+            with_google_fonts=False,
+        )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -112,13 +159,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="Stavily Orchestrator",
         version=__version__,
-        openapi_url="/api/v1/openapi.json",
-        docs_url="/api/v1/docs",
+        openapi_url=OPENAPI_URL,
+        docs_url=None,  # served by install_docs, from local files
         redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,  # bearer schemes only: no OAuth2 flow
         default_response_class=JSONResponse,
         lifespan=lifespan,
     )
     errors.install(app)
+    install_docs(app)
     app.add_middleware(
         EdgeMiddleware,
         max_body_bytes=settings.max_body_bytes,

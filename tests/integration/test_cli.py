@@ -160,13 +160,20 @@ def test_apply_list_show(cli: Invoke, tmp_path: Path) -> None:
     assert applied.exit_code == 0, applied.output
     assert f"applied workflow {name} version 1" in applied.stdout
 
-    # JSON by extension, and by content when the extension says nothing.
+    # The same definition as JSON (by extension): unchanged, no new version.
     data = yaml.safe_load(_workflow(name, tag))
+    same = cli("workflow", "apply", _write(tmp_path, "same.json", json.dumps(data)), "-o", "json")
+    assert same.exit_code == 0, same.output
+    assert (_json(same)["version"], _json(same)["unchanged"]) == (1, True)
+    assert f"workflow {name} unchanged (version 1)" in cli("workflow", "apply", yaml_file).stdout
+    # JSON by extension, and by content when the extension says nothing.
+    data["description"] = "changed once"
     as_json = cli(
         "workflow", "apply", _write(tmp_path, "flow.json", json.dumps(data)), "-o", "json"
     )
     assert as_json.exit_code == 0, as_json.output
-    assert _json(as_json)["version"] == 2
+    assert (_json(as_json)["version"], _json(as_json)["unchanged"]) == (2, False)
+    data["description"] = "changed twice"
     sniffed = cli("workflow", "apply", _write(tmp_path, "flow.txt", json.dumps(data)))
     assert sniffed.exit_code == 0, sniffed.output
     assert "version 3" in sniffed.stdout

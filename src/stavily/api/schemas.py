@@ -203,6 +203,14 @@ class Workflow(Answer):
     updated_at: datetime
 
 
+class AppliedWorkflow(Workflow):
+    """What an apply made: a new version, or the latest one again."""
+
+    unchanged: bool = Field(
+        description="True: the definition was the latest version's, and no version was made."
+    )
+
+
 class WorkflowList(Answer):
     workflows: list[Workflow]
 

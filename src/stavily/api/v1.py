@@ -12,6 +12,7 @@ from stavily.api import schemas
 from stavily.api.deps import AppState, CurrentPrincipal, State
 from stavily.api.json import JSONResponse
 from stavily.api.schemas import errors
+from stavily.audit.log import parse_since
 from stavily.fleet import create_agent, get_agent, list_agents
 from stavily.fleet.agents import agent_view, holding
 from stavily.workflows import service as workflows
@@ -161,19 +162,30 @@ async def validate_workflow(
     status_code=201,
     tags=["workflows"],
     openapi_extra=_DEFINITION_BODY,
-    response_model=schemas.Workflow,
-    responses=errors(401, 403, 413, 422),
+    response_model=schemas.AppliedWorkflow,
+    response_description="A new version (`unchanged: false`).",
+    responses={
+        200: {
+            "model": schemas.AppliedWorkflow,
+            "description": "The definition is the latest version's: that version "
+            "(`unchanged: true`), nothing written.",
+        },
+        **errors(401, 403, 413, 422),
+    },
 )
 async def apply_workflow(
     request: Request, principal: CurrentPrincipal, state: AppState
 ) -> JSONResponse:
+    """Create the workflow or a new version of it (201). A definition the same as the
+    latest version's once parsed (spacing, comments, key order and defaults written out
+    do not count) makes no version: 200 with that version and `unchanged: true`."""
     principal.require("workflows:write")
     source, definition = await _definition(request, state)
     async with state.db.write() as conn:
         workflow = await workflows.apply(
             conn, principal.organization_id, definition, source, principal.actor
         )
-    return JSONResponse(workflow, status_code=201)
+    return JSONResponse(workflow, status_code=200 if workflow["unchanged"] else 201)
 
 
 @router.get(
@@ -346,11 +358,29 @@ async def list_audit(
     principal: CurrentPrincipal,
     state: AppState,
     subject_id: str | None = None,
+    action: str | None = Query(
+        default=None,
+        max_length=100,
+        description="This action (`workflow.applied`), or those under a prefix (`workflow.*`).",
+    ),
+    since: str | None = Query(
+        default=None,
+        max_length=64,
+        description="Records from then on: a time ago (`90s`, `30m`, `1h`, `7d`, `2w`) or an "
+        "ISO 8601 time (`2026-01-31T12:00:00Z`; without an offset, UTC).",
+    ),
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> JSONResponse:
+    """The newest records first, filtered by subject, action and time."""
     principal.require("audit:read")
+    since_at = parse_since(since) if since is not None else None
     async with state.db.read() as conn:
         records = await audit.list_records(
-            conn, principal.organization_id, subject_id=subject_id, limit=limit
+            conn,
+            principal.organization_id,
+            subject_id=subject_id,
+            action=action,
+            since=since_at,
+            limit=limit,
         )
     return JSONResponse({"records": records})

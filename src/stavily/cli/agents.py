@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -14,7 +15,9 @@ from rich.text import Text
 
 from stavily.cli.client import (
     DEFAULT_URL,
+    EXIT_NOT_FOUND,
     ApiClient,
+    CliError,
     Output,
     OutputOpt,
     TokenOpt,
@@ -31,13 +34,17 @@ from stavily.cli.client import (
 )
 
 agent_app = typer.Typer(
-    help="Agents: run the reference agent; list, show, drain, disable, enable, revoke, rotate.",
+    help="Agents: run the reference agent; create, list, show, drain, disable, enable, revoke, "
+    "rotate.",
     no_args_is_help=True,
 )
 enrollment_app = typer.Typer(help="Enrollment tokens: create, list, revoke.", no_args_is_help=True)
 fleet_app = typer.Typer(help="The fleet at a glance.", no_args_is_help=True)
 
-AgentArg = Annotated[str, typer.Argument(metavar="ID", help="The agent's id (agt_...)")]
+AgentArg = Annotated[
+    str, typer.Argument(metavar="AGENT", help="The agent's name, or its id (agt_...)")
+]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")]
 TokenIdArg = Annotated[
     str, typer.Argument(metavar="ID", help="The enrollment token's id (enr_...)")
 ]
@@ -110,6 +117,84 @@ def _facts(rows: list[tuple[str, Any]]) -> Table:
 
 
 # --- agents ---------------------------------------------------------------------------------
+
+AGENT_ID_PREFIX = "agt_"
+
+
+def resolve_agent(client: ApiClient, ref: str) -> tuple[str, str | None]:
+    """The agent a user means, as (id, name): an id (`agt_...`) as it is, the server says
+    whether it exists; else a name, looked up in the agent list (name unknown: exit 3)."""
+    if ref.startswith(AGENT_ID_PREFIX):
+        return ref, None
+    agents = client.get("/agents")["agents"]
+    for agent in agents:
+        if agent["name"] == ref:
+            return str(agent["id"]), str(agent["name"])
+    raise CliError(
+        f"no agent named '{ref}'",
+        EXIT_NOT_FOUND,
+        code="not_found",
+        hint="every agent's name and id: stavily agent list",
+    )
+
+
+def _called(agent_id: str, name: str | None) -> str:
+    return f"{name} ({agent_id})" if name else agent_id
+
+
+def _asks() -> bool:
+    """Whether a person can answer a question: standard input is a terminal."""
+    return sys.stdin.isatty()
+
+
+@agent_app.command("create")
+@handles_errors
+def create_agent(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The agent's name (unique)")],
+    agent_type: Annotated[
+        str, typer.Option("--type", help="The agent's type: action or sensor")
+    ] = "action",
+    labels: LabelOpt = None,
+    capacity: Annotated[
+        int, typer.Option("--capacity", help="Instructions the agent runs at once")
+    ] = 1,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Create an agent; its id and API key are shown only this once."""
+    body = {
+        "name": name,
+        "type": agent_type,
+        "labels": parse_labels(labels),
+        "capacity": capacity,
+    }
+    with ApiClient(url, token) as client:
+        created = client.post("/agents", json=body)
+    if output is Output.json:
+        print_json(created)
+        return
+    out = console()
+    out.print(
+        Text(
+            f"created agent {created['name']} ({created['agent_id']}); its API key:", style="green"
+        )
+    )
+    out.print(Text(created["api_key"]))
+    out.print(
+        Text(
+            "store it now: it is shown only this once "
+            f"(a lost key is replaced with: stavily agent rotate {created['name']})",
+            style="yellow",
+        )
+    )
+    out.print(
+        Text(
+            f"run it: stavily agent run --url {client.url} --agent-id {created['agent_id']} "
+            "--token <key>",
+            style="dim",
+        )
+    )
 
 
 @agent_app.command("list")
@@ -198,8 +283,9 @@ def show_agent(
     token: TokenOpt = None,
     output: OutputOpt = Output.table,
 ) -> None:
-    """An agent: state, health, labels, capacity, version, host."""
+    """An agent (by name or id): state, health, labels, capacity, version, host."""
     with ApiClient(url, token) as client:
+        agent_id, _ = resolve_agent(client, agent_id)
         agent = client.get(f"/agents/{segment(agent_id)}")
     if output is Output.json:
         print_json(agent)
@@ -207,8 +293,20 @@ def show_agent(
     _show(agent)
 
 
-def _act(agent_id: str, action: str, url: str, token: str | None, output: Output) -> None:
+def _act(
+    agent_ref: str,
+    action: str,
+    url: str,
+    token: str | None,
+    output: Output,
+    confirm: str | None = None,
+) -> None:
+    """POST the action for the agent named or given by id; first ask `confirm` (with
+    `{agent}` in it) unless it is None."""
     with ApiClient(url, token) as client:
+        agent_id, name = resolve_agent(client, agent_ref)
+        if confirm and not typer.confirm(confirm.format(agent=_called(agent_id, name)), err=True):
+            fail(f"not {action}d", exit_code=1)
         agent = client.post(f"/agents/{segment(agent_id)}/{action}")
     if output is Output.json:
         print_json(agent)
@@ -258,29 +356,41 @@ def enable(
 @handles_errors
 def revoke(
     agent_id: AgentArg,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
+    yes: YesOpt = False,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = None,
     output: OutputOpt = Output.table,
 ) -> None:
     """Refuse the agent for good: it cannot be enabled again."""
-    if not yes and not typer.confirm(
-        f"Revoke agent {agent_id} for good? It can never be enabled again", err=True
-    ):
-        fail("not revoked", exit_code=1)
-    _act(agent_id, "revoke", url, token, output)
+    question = None if yes else "Revoke agent {agent} for good? It can never be enabled again"
+    _act(agent_id, "revoke", url, token, output, confirm=question)
 
 
 @agent_app.command("rotate")
 @handles_errors
 def rotate(
     agent_id: AgentArg,
+    yes: YesOpt = False,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = None,
     output: OutputOpt = Output.table,
 ) -> None:
-    """Replace the agent's API key: the new key is shown once; the old one stops working."""
+    """Replace the agent's API key: the new key is shown once; the old one stops working.
+
+    Asks first when run from a terminal, unless --yes; a script (standard input not a
+    terminal) is not asked."""
     with ApiClient(url, token) as client:
+        agent_id, name = resolve_agent(client, agent_id)
+        if (
+            not yes
+            and _asks()
+            and not typer.confirm(
+                f"Replace the API key of agent {_called(agent_id, name)}? "
+                "The old key stops working at once",
+                err=True,
+            )
+        ):
+            fail("not rotated", exit_code=1)
         agent = client.post(f"/agents/{segment(agent_id)}/credentials")
     if output is Output.json:
         print_json(agent)

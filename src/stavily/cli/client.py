@@ -142,11 +142,20 @@ def segment(value: str) -> str:
     return quote(value, safe="")
 
 
+def base_url(url: str) -> str:
+    """The orchestrator's base URL as given, without what people paste along with it: a
+    trailing slash, or the API's own path (`http://host:8700/api/v1/` is `http://host:8700`)."""
+    url = url.strip().rstrip("/")
+    while url.lower().endswith("/api/v1"):
+        url = url[: -len("/api/v1")].rstrip("/")
+    return url or DEFAULT_URL
+
+
 class ApiClient:
     """Blocking calls to `/api/v1`; every non-2xx answer raises CliError."""
 
     def __init__(self, url: str, token: str | None, timeout: float = 30) -> None:
-        self.url = url.rstrip("/") or DEFAULT_URL
+        self.url = base_url(url)
         self.token = token
         headers = {"Accept": "application/json", "User-Agent": "stavily-cli"}
         if token:

@@ -11,6 +11,7 @@ import typer
 
 from stavily import __version__
 from stavily.cli.agents import agent_app, enrollment_app, fleet_app
+from stavily.cli.audit import app as audit_app
 from stavily.cli.executions import app as execution_app
 from stavily.cli.workflows import app as workflow_app
 
@@ -26,6 +27,7 @@ app.add_typer(workflow_app, name="workflow")
 app.add_typer(execution_app, name="execution")
 app.add_typer(enrollment_app, name="enrollment")
 app.add_typer(fleet_app, name="fleet")
+app.add_typer(audit_app, name="audit")
 
 
 def _settings(**overrides: Any) -> Any:

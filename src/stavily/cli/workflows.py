@@ -127,7 +127,8 @@ def apply(
     token: TokenOpt = None,
     output: OutputOpt = Output.table,
 ) -> None:
-    """Create the workflow, or a new version of it."""
+    """Create the workflow, or a new version of it; the same definition again (spacing,
+    comments and key order aside) makes no version: it is reported unchanged."""
     text, content_type = read_definition(file)
     with ApiClient(url, token) as client:
         workflow = client.post(
@@ -135,6 +136,11 @@ def apply(
         )
     if output is Output.json:
         print_json(workflow)
+        return
+    if workflow.get("unchanged"):
+        console().print(
+            Text(f"workflow {workflow['name']} unchanged (version {workflow['version']})")
+        )
         return
     console().print(
         Text(f"applied workflow {workflow['name']} version {workflow['version']}", style="green")

@@ -1,10 +1,14 @@
-"""Applying and reading workflow definitions; every apply is a new immutable version."""
+"""Applying and reading workflow definitions; every change applied is a new immutable
+version, and applying the latest version's definition again changes nothing."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stavily import audit
@@ -15,6 +19,23 @@ from stavily.timeutil import isoformat, utcnow
 from stavily.workflows.definition import WorkflowDefinition
 
 
+def canonical(definition: Any) -> str:
+    """A definition as one text, whatever wrote it: keys sorted, no spacing. Compared as
+    text, not as Python values: `true` and `1`, or `30` and `30.0`, are not the same to a
+    plugin, though Python finds them equal."""
+    return json.dumps(definition, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _upsert_workflow(dialect: str, row: dict[str, Any]) -> Any:
+    """The workflow's row, unless it is there already (then nothing, and no error)."""
+    insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
+    return (
+        insert(workflows)
+        .values(**row)
+        .on_conflict_do_nothing(index_elements=[workflows.c.organization_id, workflows.c.name])
+    )
+
+
 async def apply(
     conn: AsyncConnection,
     organization_id: str,
@@ -22,34 +43,59 @@ async def apply(
     source: str,
     actor: str,
 ) -> dict[str, Any]:
+    """A new version of the workflow, or, when the definition is the latest version's
+    (compared parsed and normalized: not its spacing, comments, key order or defaults
+    written out), that version again with `unchanged: true`, and no audit record.
+
+    The workflow's row is locked first (PostgreSQL; SQLite has one writer), so two
+    applies at once are numbered one after the other: the second sees the first's
+    version, and the same definition twice makes one version, never two."""
     now = utcnow()
-    existing = (
-        await conn.execute(
-            sa.select(workflows.c.id, workflows.c.latest_version).where(
-                workflows.c.organization_id == organization_id,
-                workflows.c.name == definition.name,
-            )
+    dumped = definition.model_dump(mode="json")
+    locked = (
+        sa.select(workflows.c.id, workflows.c.latest_version)
+        .where(
+            workflows.c.organization_id == organization_id,
+            workflows.c.name == definition.name,
         )
-    ).first()
+        .with_for_update()
+    )
+    existing = (await conn.execute(locked)).first()
     if existing is None:
-        workflow_id, version = new_id("wf"), 1
+        # Two first applies at once: the second's insert waits for the first's commit,
+        # then does nothing, and the lock below finds the first's row.
         await conn.execute(
-            workflows.insert().values(
-                id=workflow_id,
-                organization_id=organization_id,
-                name=definition.name,
-                latest_version=1,
-                created_at=now,
-                updated_at=now,
+            _upsert_workflow(
+                conn.dialect.name,
+                {
+                    "id": new_id("wf"),
+                    "organization_id": organization_id,
+                    "name": definition.name,
+                    "latest_version": 0,  # no version yet: this transaction writes one
+                    "created_at": now,
+                    "updated_at": now,
+                },
             )
         )
-    else:
-        workflow_id, version = existing.id, existing.latest_version + 1
-        await conn.execute(
-            workflows.update()
-            .where(workflows.c.id == workflow_id)
-            .values(latest_version=version, updated_at=now)
-        )
+        existing = (await conn.execute(locked)).one()
+    workflow_id, latest = existing.id, existing.latest_version
+    if latest:
+        current = (
+            await conn.execute(
+                sa.select(workflow_versions.c.definition).where(
+                    workflow_versions.c.workflow_id == workflow_id,
+                    workflow_versions.c.version == latest,
+                )
+            )
+        ).scalar_one()
+        if canonical(current) == canonical(dumped):
+            return {**await get(conn, organization_id, definition.name), "unchanged": True}
+    version = latest + 1
+    await conn.execute(
+        workflows.update()
+        .where(workflows.c.id == workflow_id)
+        .values(latest_version=version, updated_at=now)
+    )
     version_id = new_id("wfv")
     await conn.execute(
         workflow_versions.insert().values(
@@ -57,7 +103,7 @@ async def apply(
             organization_id=organization_id,
             workflow_id=workflow_id,
             version=version,
-            definition=definition.model_dump(mode="json"),
+            definition=dumped,
             source=source,
             created_by=actor,
             created_at=now,
@@ -77,7 +123,7 @@ async def apply(
             )
         ],
     )
-    return await get(conn, organization_id, definition.name)
+    return {**await get(conn, organization_id, definition.name), "unchanged": False}
 
 
 def _select_versions() -> sa.Select[Any]:

@@ -20,6 +20,7 @@ from limits.strategies import SlidingWindowCounterRateLimiter
 
 from stavily import __version__
 from stavily.api import agents_v1, errors, fleet, schemas, v1
+from stavily.api.access import AccessLog
 from stavily.api.deps import BurstLimit, State
 from stavily.api.json import JSONResponse
 from stavily.api.middleware import EdgeMiddleware
@@ -175,6 +176,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_json_depth=settings.max_json_depth,
         refused_result=agents_v1.refuse_result,
     )
+    app.add_middleware(AccessLog)  # outermost: it sees every answer, the edge's too
     app.include_router(agents_v1.router)
     app.include_router(v1.router)
     app.include_router(fleet.public)

@@ -1,0 +1,71 @@
+"""The access log: one structured line a request, except for the agents' routine ones.
+
+Operators' requests (the private API, the docs) are each logged at info: method, path (no
+query string), status, milliseconds, client address; never a header, so never a
+credential. Agents make almost all of a server's requests (10,000 agents heartbeating are
+2,000 a second), so only their refused or failed ones are logged one by one; the rest are
+counted and summed up in one line a minute, by status class.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = structlog.get_logger("stavily.access")
+
+SUMMARY_EVERY = 60.0
+
+
+class AccessLog:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._agent_answers: Counter[str] = Counter()
+        self._since = time.monotonic()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        status = 500  # an app that raised without answering
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self._record(scope, status, time.perf_counter() - began)
+
+    def _record(self, scope: Scope, status: int, seconds: float) -> None:
+        path = scope["path"]
+        if path.startswith("/agents/v1/") and status < 400:
+            self._agent_answers[f"{status // 100}xx"] += 1
+            now = time.monotonic()
+            if now - self._since >= SUMMARY_EVERY:
+                log.info(
+                    "agent requests",
+                    seconds=round(now - self._since),
+                    **dict(sorted(self._agent_answers.items())),
+                )
+                self._agent_answers.clear()
+                self._since = now
+            return
+        if path in ("/healthz", "/health") and status < 400:
+            return  # probes, every few seconds
+        client = scope.get("client")
+        (log.warning if status >= 500 else log.info)(
+            "request",
+            method=scope["method"],
+            path=path,
+            status=status,
+            ms=round(seconds * 1000, 1),
+            client=client[0] if client else None,
+        )

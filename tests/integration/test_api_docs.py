@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Iterator
 from urllib.parse import urljoin, urlsplit
 
 import pytest
 
 from stavily.app import DOCS_STATIC_DIR
-from tests.harness import Orchestrator
+from tests.harness import Orchestrator, fresh_database, serve
 
 OPENAPI_URL = "/api/v1/openapi.json"
 # Any absolute or protocol-relative URL in the page: all of the page's references must be
@@ -22,6 +23,14 @@ CONTENT_TYPES = {
     ".css": ("text/css",),
     ".png": ("image/png",),
 }
+
+
+@pytest.fixture(scope="module")
+def orchestrator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orchestrator]:
+    """SQLite only: the pages and their files are the same whatever the database."""
+    tmp = tmp_path_factory.mktemp("docs")
+    with fresh_database("sqlite", tmp) as url, serve(url, tmp) as running:
+        yield running
 
 
 def page(orchestrator: Orchestrator, path: str) -> tuple[str, list[str]]:

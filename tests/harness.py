@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ import httpx
 import pytest
 import uvicorn
 from sqlalchemy.engine import make_url
+from typer.testing import CliRunner, Result
 
 from stavily.api.http import HttpProtocol
 from stavily.app import create_app
@@ -282,3 +283,39 @@ class SimAgent:
                 answer = self.report(instruction, "failed", error=value)
             assert answer.status_code == 200, answer.text
         return seen
+
+
+Invoke = Callable[..., Result]
+
+
+def cli_for(orchestrator: Orchestrator) -> Invoke:
+    """Run `stavily ...` in-process with STAVILY_URL/STAVILY_TOKEN pointing at the
+    orchestrator (plain, wide output); a user error ends in an exit code, never in an
+    exception (a traceback), and one raised is raised here."""
+    from stavily.cli.main import app
+
+    runner = CliRunner()
+    assert orchestrator.api  # made first: the first client the orchestrator makes is `api`
+
+    def invoke(
+        *args: str, env: dict[str, str | None] | None = None, input: str | None = None
+    ) -> Result:
+        result = runner.invoke(
+            app,
+            list(args),
+            input=input,
+            env={
+                "STAVILY_URL": orchestrator.url,
+                "STAVILY_TOKEN": orchestrator.token,
+                "COLUMNS": "200",
+                "NO_COLOR": "1",
+                "FORCE_COLOR": None,
+                "TTY_COMPATIBLE": None,
+                **(env or {}),
+            },
+        )
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return result
+
+    return invoke

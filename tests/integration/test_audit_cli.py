@@ -5,46 +5,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from typer.testing import CliRunner, Result
 
-from stavily.cli.main import app
-from tests.harness import Orchestrator
-
-runner = CliRunner()
-
-Invoke = Callable[..., Result]
-
-
-@pytest.fixture
-def cli(orchestrator: Orchestrator) -> Invoke:
-    """`stavily ...` in-process, with STAVILY_URL/STAVILY_TOKEN set to the orchestrator."""
-
-    def invoke(*args: str, env: dict[str, str | None] | None = None) -> Result:
-        result = runner.invoke(
-            app,
-            list(args),
-            env={
-                "STAVILY_URL": orchestrator.url,
-                "STAVILY_TOKEN": orchestrator.token,
-                "COLUMNS": "200",
-                "NO_COLOR": "1",
-                "FORCE_COLOR": None,
-                "TTY_COMPATIBLE": None,
-                **(env or {}),
-            },
-        )
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise result.exception
-        return result
-
-    return invoke
+from tests.harness import Invoke, Orchestrator
 
 
 def _source(name: str, message: str = "hi") -> str:

@@ -6,46 +6,14 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
-from stavily.cli.main import app
-from tests.harness import Orchestrator, free_port
-
-runner = CliRunner()
-
-Invoke = Callable[..., Result]
-
-
-@pytest.fixture
-def cli(orchestrator: Orchestrator) -> Invoke:
-    """Run `stavily ...` with STAVILY_URL/STAVILY_TOKEN pointing at the orchestrator."""
-
-    def invoke(*args: str, env: dict[str, str | None] | None = None) -> Result:
-        result = runner.invoke(
-            app,
-            list(args),
-            env={
-                "STAVILY_URL": orchestrator.url,
-                "STAVILY_TOKEN": orchestrator.token,
-                "COLUMNS": "200",
-                "NO_COLOR": "1",
-                "FORCE_COLOR": None,
-                "TTY_COMPATIBLE": None,
-                **(env or {}),
-            },
-        )
-        # A user error ends in an exit code, never in an exception (a traceback).
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise result.exception
-        return result
-
-    return invoke
+from tests.harness import Invoke, Orchestrator, free_port
 
 
 def _tag() -> str:

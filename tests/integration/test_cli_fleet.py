@@ -5,49 +5,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
-from stavily.cli.main import app
-from tests.harness import Orchestrator
+from tests.harness import Invoke, Orchestrator
 from tests.integration.test_fleet_admin import api_token, workflow_for
-
-runner = CliRunner()
-
-Invoke = Callable[..., Result]
-
-
-@pytest.fixture
-def cli(orchestrator: Orchestrator) -> Invoke:
-    """Run `stavily ...` with STAVILY_URL/STAVILY_TOKEN pointing at the orchestrator."""
-
-    def invoke(
-        *args: str, env: dict[str, str | None] | None = None, input: str | None = None
-    ) -> Result:
-        result = runner.invoke(
-            app,
-            list(args),
-            input=input,
-            env={
-                "STAVILY_URL": orchestrator.url,
-                "STAVILY_TOKEN": orchestrator.token,
-                "COLUMNS": "200",
-                "NO_COLOR": "1",
-                "FORCE_COLOR": None,
-                "TTY_COMPATIBLE": None,
-                **(env or {}),
-            },
-        )
-        # A user error ends in an exit code, never in an exception (a traceback).
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise result.exception
-        return result
-
-    return invoke
 
 
 def _tag() -> str:

@@ -7,50 +7,15 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 from stavily.cli import agents as agents_cli
 from stavily.cli.client import base_url
-from stavily.cli.main import app
-from tests.harness import Orchestrator
-
-runner = CliRunner()
-
-Invoke = Callable[..., Result]
-
-
-@pytest.fixture
-def cli(orchestrator: Orchestrator) -> Invoke:
-    """Run `stavily ...` with STAVILY_URL/STAVILY_TOKEN pointing at the orchestrator."""
-    assert orchestrator.api  # made first: `api` is the first client the orchestrator made
-
-    def invoke(
-        *args: str, env: dict[str, str | None] | None = None, input: str | None = None
-    ) -> Result:
-        result = runner.invoke(
-            app,
-            list(args),
-            input=input,
-            env={
-                "STAVILY_URL": orchestrator.url,
-                "STAVILY_TOKEN": orchestrator.token,
-                "COLUMNS": "200",
-                "NO_COLOR": "1",
-                "FORCE_COLOR": None,
-                "TTY_COMPATIBLE": None,
-                **(env or {}),
-            },
-        )
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise result.exception
-        return result
-
-    return invoke
+from tests.harness import Invoke, Orchestrator
 
 
 def _tag() -> str:

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from stavily import audit
 from stavily.errors import Conflict
 from stavily.fleet.agents import agent_view, get_agent, holding
+from stavily.fleet.liveness import LIVE
 from stavily.security.credentials import digest, generate
 from stavily.store.models import QUEUED, agents, instructions
 from stavily.timeutil import utcnow
@@ -197,7 +198,7 @@ async def fleet_summary(
         if state in ("revoked", "disabled"):
             continue
         total += row["capacity"]
-        if state in ("online", "busy", "degraded"):
+        if state in LIVE:
             available += max(0, row["capacity"] - in_use.get(row["id"], 0))
     return {
         "agents": len(rows),

@@ -65,6 +65,14 @@ _FLUSH = prebuilt(
 )
 
 
+# New deadlines for agents, by id (a restart, a stretched interval).
+_DEADLINES = (
+    agents.update()
+    .where(agents.c.id == sa.bindparam("b_id"))
+    .values(late_at=sa.bindparam("b_late"), dead_at=sa.bindparam("b_dead"))
+)
+
+
 def _chunks(ids: list[str]) -> list[list[str]]:
     return [ids[i : i + CHUNK] for i in range(0, len(ids), CHUNK)]
 
@@ -125,12 +133,7 @@ async def restart_deadlines(db: Database, now: datetime | None = None) -> int:
             if now + (row.dead_at - row.last_heartbeat_at) > row.dead_at
         ]
         if moved:
-            await conn.execute(
-                agents.update()
-                .where(agents.c.id == sa.bindparam("b_id"))
-                .values(late_at=sa.bindparam("b_late"), dead_at=sa.bindparam("b_dead")),
-                moved,
-            )
+            await conn.execute(_DEADLINES, moved)
     return len(moved)
 
 
@@ -172,7 +175,7 @@ class HeartbeatBuffer:
             interval = max(interval, self.told_interval)
         return interval
 
-    def _deadlines(self, agent_id: str, at: datetime) -> dict[str, Any]:
+    def deadlines(self, agent_id: str, at: datetime) -> dict[str, Any]:
         interval = self.interval_for(agent_id)
         return {
             "late_at": at + timedelta(seconds=interval * self.settings.degraded_after_missed),
@@ -224,7 +227,7 @@ class HeartbeatBuffer:
             entry["status"] = self._health[agent_id] = health
             if reason:
                 facts["degraded_because"] = reason
-            entry.update(self._deadlines(agent_id, now))
+            entry.update(self.deadlines(agent_id, now))
         if interval:
             facts["heartbeat_interval"] = interval
         if running is not None:
@@ -240,7 +243,7 @@ class HeartbeatBuffer:
         entry.update(
             status=self._health.get(agent_id, "online"),
             last_heartbeat_at=now,
-            **self._deadlines(agent_id, now),
+            **self.deadlines(agent_id, now),
         )
         if running is not None:
             entry.update(running=running, reported_at=now)
@@ -513,19 +516,18 @@ class Liveness:
         for agent in silent:
             if agent.last_heartbeat_at is None:
                 continue
-            interval = timedelta(seconds=self.buffer.interval_for(agent.id))
-            late_at = agent.last_heartbeat_at + interval * self.settings.degraded_after_missed
-            dead_at = agent.last_heartbeat_at + interval * self.settings.offline_after_missed
-            if dead_at > settled and dead_at > agent.dead_at:
-                given[agent.id] = "late" if late_at <= now else "alive"
-                rows.append({"b_id": agent.id, "b_late": late_at, "b_dead": dead_at})
+            deadlines = self.buffer.deadlines(agent.id, agent.last_heartbeat_at)
+            if deadlines["dead_at"] > settled and deadlines["dead_at"] > agent.dead_at:
+                given[agent.id] = "late" if deadlines["late_at"] <= now else "alive"
+                rows.append(
+                    {
+                        "b_id": agent.id,
+                        "b_late": deadlines["late_at"],
+                        "b_dead": deadlines["dead_at"],
+                    }
+                )
         if rows:
-            await conn.execute(
-                agents.update()
-                .where(agents.c.id == sa.bindparam("b_id"))
-                .values(late_at=sa.bindparam("b_late"), dead_at=sa.bindparam("b_dead")),
-                rows,
-            )
+            await conn.execute(_DEADLINES, rows)
         return given
 
     async def _locked(self, conn: AsyncConnection, columns: Any, *where: Any) -> list[Any]:

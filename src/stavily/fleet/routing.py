@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stavily.fleet.agents import AgentIdentity, eligible
+from stavily.fleet.liveness import LIVE
 from stavily.store.models import ACTIVE_INSTRUCTION, agents, instructions, one_of, step_runs
 
 
@@ -71,7 +72,7 @@ class Router:
             # states as literals: with bound values, PostgreSQL planned it at every call
             one_of(agents.c.admin_state, ["active"]),
             agents.c.revoked_at.is_(None),
-            one_of(agents.c.status, ("online", "busy", "degraded")),
+            one_of(agents.c.status, LIVE),
         )
         if selector.get("single_agent"):
             query = query.where(agents.c.name == selector["single_agent"])

@@ -94,6 +94,24 @@ def on_database(url: str, work: Any) -> Any:
     return asyncio.run(run())
 
 
+def api_token(orch: Orchestrator, role: str) -> str:
+    """A token of another role; there is no API for tokens yet, so through the database."""
+    import sqlalchemy as sa
+
+    from stavily.security.access import create_api_token
+    from stavily.store.models import organizations
+
+    async def create(conn: Any) -> str:
+        org = await conn.scalar(
+            sa.select(organizations.c.id).where(organizations.c.name == "default")
+        )
+        name = f"{role}-{uuid.uuid4().hex[:8]}"
+        _, secret = await create_api_token(conn, org, name=name, role=role, actor="test")
+        return secret
+
+    return on_database(orch.database_url, create)  # type: ignore[no-any-return]
+
+
 @contextmanager
 def fresh_database(backend: str, tmp: Path) -> Iterator[str]:
     """A new, empty database: a SQLite file, or a PostgreSQL database dropped afterwards."""
@@ -196,6 +214,9 @@ def serve(database_url: str, data_dir: Path, **overrides: Any) -> Iterator[Orche
             "reaper_interval": 0.2,
             "heartbeat_rate_limit": "1000/second",
             "agent_rate_limit": "10000/second",
+            # the engine's tests run plugins copied onto agents by hand; the registry's
+            # tests (test_plugin_registry and others) set "refuse", the default
+            "unregistered_plugins": "allow",
             **overrides,
         },
     )

@@ -19,7 +19,7 @@ from limits.storage import MemoryStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 
 from stavily import __version__
-from stavily.api import agents_v1, errors, fleet, schemas, v1
+from stavily.api import agents_v1, errors, fleet, plugins, schemas, v1
 from stavily.api.access import AccessLog
 from stavily.api.deps import BurstLimit, State
 from stavily.api.json import JSONResponse
@@ -29,6 +29,7 @@ from stavily.fleet import HeartbeatBuffer
 from stavily.fleet.agents import AgentLookups
 from stavily.fleet.liveness import restart_deadlines
 from stavily.logging import configure as configure_logging
+from stavily.plugins.registry import Registry
 from stavily.security import CredentialCache, agent_tokens, bootstrap
 from stavily.security.credentials import clear_caches
 from stavily.services.loops import LoopService
@@ -114,6 +115,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         await restart_deadlines(db)  # our downtime is not the agents' silence
         heartbeats = HeartbeatBuffer(settings)
+        registry = Registry(db, settings)
+        await registry.start()
         engine = Engine(db, settings, heartbeats)
         # In memory: per replica. Redis storage would share them (limits supports it).
         limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
@@ -131,6 +134,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             heartbeat_limit=BurstLimit(
                 limiter, parse_limit(settings.heartbeat_rate_limit), "heartbeat"
             ),
+            plugins=registry,
+            installs=engine.installs,
         )
         flusher = LoopService(
             "heartbeat-flusher", settings.heartbeat_flush_interval, engine.flush_heartbeats
@@ -172,6 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         EdgeMiddleware,
         max_body_bytes=settings.max_body_bytes,
+        large_bodies={"/api/v1/plugins": settings.plugin_max_archive_bytes},
         fast_path=agents_v1.serve_fast,
         max_json_depth=settings.max_json_depth,
         refused_result=agents_v1.refuse_result,
@@ -181,6 +187,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(fleet.public)
     app.include_router(fleet.private)
+    app.include_router(plugins.private)
+    app.include_router(plugins.public)
 
     @app.get(
         "/healthz",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -158,6 +159,101 @@ class Settings(BaseSettings):
         "agent's result that deep fails its step).",
     )
     log_level: str = "info"
+    # -- the plugin registry (stavily.plugins) --
+    plugin_store: Literal["folder", "database"] = Field(
+        default="folder",
+        description="Where plugin artifacts are kept: a folder (plugin_store_dir), or the "
+        "database, so that replicas without a shared folder share them.",
+    )
+    plugin_store_dir: Path | None = Field(
+        default=None, description="The artifact folder; unset: data_dir/plugins."
+    )
+    plugin_keys_dir: Path | None = Field(
+        default=None,
+        description="The Ed25519 signing keys (never in the database), the same on every "
+        "replica; unset: data_dir/plugin-keys, made on first start.",
+    )
+    plugin_source_roots: list[Path] = Field(
+        default_factory=list,
+        description="Server folders a plugin may be published from by path (or file:// "
+        "git URL); none by default: the CLI uploads a local folder as an archive.",
+    )
+    plugin_git_timeout: float = Field(
+        default=120, gt=0, description="Seconds a git fetch may take."
+    )
+    plugin_max_archive_bytes: int = Field(
+        default=100 * 1024 * 1024, ge=1024, description="Largest plugin artifact or upload."
+    )
+    plugin_max_file_bytes: int = Field(
+        default=50 * 1024 * 1024, ge=1, description="Largest file in a plugin."
+    )
+    plugin_max_files: int = Field(default=10_000, ge=1, description="Most files in a plugin.")
+    plugin_allow_network: bool = Field(
+        default=True, description="Whether plugins may ask for permissions.network."
+    )
+    plugin_denied_write_paths: list[str] = Field(
+        default_factory=lambda: [
+            "/",
+            "/bin",
+            "/boot",
+            "/dev",
+            "/etc",
+            "/lib",
+            "/lib64",
+            "/proc",
+            "/root",
+            "/sbin",
+            "/sys",
+            "/usr",
+        ],
+        description="permissions.filesystem.write refused at publish: these folders and "
+        "what is under them ('/' itself only).",
+    )
+    plugin_denied_capabilities: list[str] = Field(
+        default_factory=lambda: [
+            "CAP_SYS_ADMIN",
+            "CAP_SYS_MODULE",
+            "CAP_SYS_RAWIO",
+            "CAP_SYS_PTRACE",
+            "CAP_SYS_BOOT",
+            "CAP_MAC_ADMIN",
+            "CAP_MAC_OVERRIDE",
+            "CAP_BPF",
+        ],
+        description="permissions.capabilities refused at publish.",
+    )
+    plugin_denied_system_calls: list[str] = Field(
+        default_factory=lambda: [
+            "bpf",
+            "delete_module",
+            "finit_module",
+            "init_module",
+            "kexec_load",
+            "mount",
+            "pivot_root",
+            "ptrace",
+            "reboot",
+            "swapoff",
+            "swapon",
+            "umount2",
+        ],
+        description="permissions.system_calls refused at publish.",
+    )
+    plugin_install_timeout: int = Field(
+        default=300, ge=10, description="Seconds an agent has to install a plugin."
+    )
+    plugin_install_retry_seconds: float = Field(
+        default=600,
+        ge=0,
+        description="After an agent's install of a version failed: how long it is not asked "
+        "again (others may take the step; with none left, the step fails).",
+    )
+    unregistered_plugins: Literal["refuse", "allow"] = Field(
+        default="refuse",
+        description="A workflow step naming a plugin the registry does not have: refused "
+        "at apply, or (allow: fleets whose plugins were copied onto agents by hand) run "
+        "unpinned, its config handed to the plugin as before the registry.",
+    )
 
     @classmethod
     def variables(cls) -> list[str]:
@@ -170,6 +266,14 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'stavily.db').resolve()}"
+
+    @property
+    def plugin_store_path(self) -> Path:
+        return self.plugin_store_dir or self.data_dir / "plugins"
+
+    @property
+    def plugin_keys_path(self) -> Path:
+        return self.plugin_keys_dir or self.data_dir / "plugin-keys"
 
     @property
     def is_sqlite(self) -> bool:

@@ -236,6 +236,8 @@ class Stack:
             "STAVILY_DATABASE_URL": self.database_url,
             "STAVILY_DATA_DIR": str(self.data_dir),
             "STAVILY_BOOTSTRAP_TOKEN": ADMIN_TOKEN,
+            # plugins copied onto agents by hand run too; registry plugins are pinned
+            "STAVILY_UNREGISTERED_PLUGINS": "allow",
         }
 
     def start_server(self) -> Process:

@@ -3,7 +3,6 @@ refused request changes nothing. Routes come from the server's own OpenAPI docum
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
@@ -16,15 +15,11 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-import sqlalchemy as sa
 import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from stavily.security.access import create_api_token
-from stavily.store.models import organizations
-from tests.harness import Orchestrator
+from tests.harness import Orchestrator, api_token
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 AUTHS = ("none", "bad", "basic", "binary", "admin", "agent")
@@ -1234,26 +1229,6 @@ def test_huge_limits_are_422(orchestrator: Orchestrator, path: str, params: dict
 
 
 # -- permissions ------------------------------------------------------------------------------
-
-
-def api_token(orch: Orchestrator, role: str) -> str:
-    """A token of another role; there is no API for tokens yet, so through the database."""
-
-    async def create() -> str:
-        engine = create_async_engine(orch.database_url)
-        try:
-            async with engine.begin() as conn:
-                org = await conn.scalar(
-                    sa.select(organizations.c.id).where(organizations.c.name == "default")
-                )
-                _, secret = await create_api_token(
-                    conn, org, name=f"{role}-{uuid.uuid4().hex[:8]}", role=role, actor="test"
-                )
-                return secret
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(create())
 
 
 def test_validating_a_workflow_needs_workflows_write(orchestrator: Orchestrator) -> None:

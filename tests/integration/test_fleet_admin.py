@@ -12,12 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
 from stavily.security import agent_tokens
-from stavily.security.access import create_api_token
-from stavily.store.models import organizations
-from tests.harness import Orchestrator, on_database
+from tests.harness import Orchestrator, api_token
 
 
 def _tag() -> str:
@@ -66,21 +63,6 @@ def audit_actions(orch: Orchestrator, subject_id: str) -> list[str]:
 def signing_key(orch: Orchestrator) -> str:
     """The server's key, where it keeps it: not in the database, only its fingerprint."""
     return agent_tokens.load_key(orch.settings.agent_jwt_key, orch.settings.data_dir)
-
-
-def api_token(orch: Orchestrator, role: str) -> str:
-    """A token of another role; there is no API for tokens yet, so through the database."""
-
-    async def create(conn: Any) -> str:
-        org = await conn.scalar(
-            sa.select(organizations.c.id).where(organizations.c.name == "default")
-        )
-        _, secret = await create_api_token(
-            conn, org, name=f"{role}-{_tag()}", role=role, actor="test"
-        )
-        return secret
-
-    return on_database(orch.database_url, create)  # type: ignore[no-any-return]
 
 
 class Agent:

@@ -22,6 +22,7 @@ from stavily.api.schemas import errors
 from stavily.errors import InvalidInput, RateLimited, StavilyError
 from stavily.fleet.agents import AgentIdentity
 from stavily.fleet.waiters import Waiter
+from stavily.plugins.installs import is_install
 
 router = APIRouter(prefix="/agents/v1", tags=["agents"])
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -152,10 +153,14 @@ async def do_poll(
         return not waiter.hung_up and (pending is None or pending.get("status") != "offline")
 
     try:
-        claimed = await state.engine.poll(agent, slots or 1, wait, wanted, waiter)
+        claimed = await state.engine.poll(agent, slots or 1, wait, wanted, waiter, official)
     finally:
         if watcher is not None:
             watcher.cancel()
+    if official and not claimed and wanted():
+        # idle, and maybe only because the steps waiting need a plugin it lacks
+        install = await state.installs.next_for(agent)
+        claimed = [install] if install else []
     if official and claimed:
         state.heartbeats.handed(agent.id, [c["id"] for c in claimed])
     return _poll_answer(claimed, state.settings.poll_interval, slots)
@@ -176,6 +181,9 @@ async def do_progress(
         include={"status", "execution_log", "max_retries"}, exclude_unset=True
     )
     fields = {k: v for k, v in fields.items() if v is not None}
+    if is_install(instruction_id):
+        updated = await state.installs.progress(agent, instruction_id, fields)
+        return {"success": True, "instruction_id": instruction_id, "updated_fields": updated}
     updated = await state.engine.progress(agent, instruction_id, fields)
     return {"success": True, "instruction_id": instruction_id, "updated_fields": updated}
 
@@ -192,7 +200,11 @@ async def do_result(
     state.heartbeats.reported(agent.id, instruction_id)
     digest = hashlib.sha256(body).hexdigest()
     fields = report.model_dump(exclude_unset=True)
-    claimed = await state.engine.result(agent, instruction_id, fields, digest, int(next))
+    if is_install(instruction_id):
+        await state.installs.result(agent, instruction_id, fields, digest)
+        claimed = await state.engine.claim(agent, 1) if next else []
+    else:
+        claimed = await state.engine.result(agent, instruction_id, fields, digest, int(next))
     return {"acknowledged": True, "next_instruction": claimed[0] if claimed else None}
 
 

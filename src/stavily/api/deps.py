@@ -17,6 +17,8 @@ from stavily.errors import RateLimited, StavilyError
 from stavily.fleet import AgentIdentity, HeartbeatBuffer, authenticate_agent
 from stavily.fleet.agents import AgentLookups
 from stavily.logging import Throttled
+from stavily.plugins.installs import Installs
+from stavily.plugins.registry import Registry
 from stavily.security import CredentialCache, Principal, authenticate_token
 from stavily.store.db import Database
 from stavily.workflows.engine import Engine
@@ -64,6 +66,8 @@ class State:
     jwt_key: str
     agent_limit: BurstLimit
     heartbeat_limit: BurstLimit
+    plugins: Registry
+    installs: Installs
 
 
 def state_of(request: Request) -> State:

@@ -52,6 +52,7 @@ class EdgeMiddleware:
         fast_path: FastPath | None = None,
         max_json_depth: int = 128,
         refused_result: RefusedResult | None = None,
+        large_bodies: dict[str, int] | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -61,6 +62,8 @@ class EdgeMiddleware:
         # back (orjson writes 254 levels) and walking them recursively fails.
         self.max_json_depth = max_json_depth
         self.refused_result = refused_result
+        # Paths that take a large body that is not JSON (a plugin archive), and its limit.
+        self.large_bodies = large_bodies or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,14 +78,18 @@ class EdgeMiddleware:
                 scope, receive, send
             )
             return
+        declared = _is_json(scope)
+        limit = self.max_body_bytes
+        if declared is False and scope["method"] == "POST":
+            limit = self.large_bodies.get(path, limit)
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
-                    too_large = int(value) > self.max_body_bytes
+                    too_large = int(value) > limit
                 except ValueError:
                     too_large = False
                 if too_large:
-                    await self._too_large(scope, receive, send)
+                    await self._too_large(scope, receive, send, limit)
                     return
         received = 0
 
@@ -91,11 +98,10 @@ class EdgeMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise HTTPException(413, self._message())
+                if received > limit:
+                    raise HTTPException(413, self._message(limit))
             return message
 
-        declared = _is_json(scope)
         if declared is not False and scope["method"] in ("POST", "PUT", "PATCH"):
             # Read the body here, refuse JSON the strict parser refuses (NaN, Infinity,
             # lone surrogates, nesting past 1024) with 422, and replay it to the app.
@@ -164,11 +170,13 @@ class EdgeMiddleware:
     def _fast(self, path: str) -> FastPath | None:
         return self.fast_path if path.startswith("/agents/v1/") else None
 
-    def _message(self) -> str:
-        return f"the request body is larger than {self.max_body_bytes} bytes"
+    def _message(self, limit: int | None = None) -> str:
+        return f"the request body is larger than {limit or self.max_body_bytes} bytes"
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> Any:
-        response = error_response(413, "payload_too_large", self._message())
+    async def _too_large(
+        self, scope: Scope, receive: Receive, send: Send, limit: int | None = None
+    ) -> Any:
+        response = error_response(413, "payload_too_large", self._message(limit))
         await response(scope, receive, send)
 
 

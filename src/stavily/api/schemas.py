@@ -55,6 +55,8 @@ _ERRORS = {
     409: "The state forbids it now (a name taken, an execution finished, an instruction "
     "no longer leased to this agent, an agent revoked...).",
     413: "The body is larger than the server's limit.",
+    415: "The body's content type is not one this route takes.",
+    416: "The range asked for lies outside the artifact.",
     422: "The request is invalid: `details` lists every problem with its path.",
     429: "Rate limited: retry after `Retry-After` seconds.",
 }
@@ -199,6 +201,9 @@ class Workflow(Answer):
     version_id: str
     description: str | None
     definition: dict[str, Any]
+    plugins: dict[str, Any] = Field(
+        description="Each step's plugin version, pinned when the version was applied."
+    )
     created_at: datetime
     updated_at: datetime
 
@@ -231,6 +236,9 @@ class WorkflowVersion(Answer):
     version: int
     version_id: str
     definition: dict[str, Any]
+    plugins: dict[str, Any] = Field(
+        description="Each step's plugin version, pinned when the version was applied."
+    )
     source: str = Field(description="The text applied, as sent.")
     created_by: str
     created_at: datetime

@@ -15,6 +15,7 @@ from stavily.api.schemas import errors
 from stavily.audit.log import parse_since
 from stavily.fleet import create_agent, get_agent, list_agents
 from stavily.fleet.agents import agent_view, holding
+from stavily.plugins.pins import pin_steps
 from stavily.workflows import service as workflows
 from stavily.workflows.definition import (
     WorkflowDefinition,
@@ -144,7 +145,11 @@ async def validate_workflow(
     """Dry run: every problem (422), or what would run (200). Nothing is saved."""
     principal.require("workflows:write")
     _, definition = await _definition(request, state)
-    steps = await offload.run(plan, definition)
+    async with state.db.read() as conn:
+        pins = await pin_steps(
+            conn, principal.organization_id, definition, state.settings.unregistered_plugins
+        )
+    steps = await offload.run(plan, definition, pins)
     return JSONResponse(
         {
             "valid": True,
@@ -182,8 +187,11 @@ async def apply_workflow(
     principal.require("workflows:write")
     source, definition = await _definition(request, state)
     async with state.db.write() as conn:
+        pins = await pin_steps(
+            conn, principal.organization_id, definition, state.settings.unregistered_plugins
+        )
         workflow = await workflows.apply(
-            conn, principal.organization_id, definition, source, principal.actor
+            conn, principal.organization_id, definition, source, principal.actor, pins
         )
     return JSONResponse(workflow, status_code=200 if workflow["unchanged"] else 201)
 

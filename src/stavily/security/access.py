@@ -21,7 +21,14 @@ ROLES = ("admin", "operator", "viewer", "auditor")
 
 # What each role may do; reading is open to every role.
 _PERMISSIONS = {
-    "admin": {"read", "agents:write", "workflows:write", "executions:run", "audit:read"},
+    "admin": {
+        "read",
+        "agents:write",
+        "workflows:write",
+        "executions:run",
+        "audit:read",
+        "plugins:write",
+    },
     "operator": {"read", "workflows:write", "executions:run"},
     "viewer": {"read"},
     "auditor": {"read", "audit:read"},

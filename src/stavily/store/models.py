@@ -183,6 +183,8 @@ workflow_versions = sa.Table(
     sa.Column("source", sa.Text, nullable=False),
     sa.Column("created_by", sa.String(100), nullable=False),
     _created(),
+    # each step's plugin version, pinned at apply (plugins.pins); null: none registered
+    sa.Column("plugins", sa.JSON),
     sa.UniqueConstraint("workflow_id", "version", name="uq_workflow_versions_wf_version"),
 )
 
@@ -329,4 +331,83 @@ audit_records = sa.Table(
     sa.Column("details", sa.JSON, nullable=False),
     sa.Index("ix_audit_records_org_id", "organization_id", "id"),
     sa.Index("ix_audit_records_subject", "subject_id"),
+)
+
+# -- the plugin registry (stavily.plugins) ---------------------------------------------------
+
+plugins = sa.Table(
+    "plugins",
+    metadata,
+    sa.Column(
+        "organization_id", sa.String(40), sa.ForeignKey("organizations.id"), primary_key=True
+    ),
+    sa.Column("id", sa.String(200), primary_key=True),
+    sa.Column("name", sa.String(200)),
+    sa.Column("description", sa.Text),
+    sa.Column("type", sa.String(20), nullable=False),
+    _created(),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+plugin_versions = sa.Table(
+    "plugin_versions",
+    metadata,
+    sa.Column("organization_id", sa.String(40), primary_key=True),
+    sa.Column("plugin_id", sa.String(200), primary_key=True),
+    sa.Column("version", sa.String(100), primary_key=True),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    # the manifest as validated, and how the plugin takes its input (plugins.manifest)
+    sa.Column("manifest", sa.JSON, nullable=False),
+    sa.Column("protocol", sa.String(20), nullable=False),
+    # what was signed ({id, version, sha256, size, created}), the signature and its key
+    sa.Column("signed", sa.JSON, nullable=False),
+    sa.Column("signature", sa.String(200), nullable=False),
+    sa.Column("key_id", sa.String(40), nullable=False),
+    # where it came from: {kind: git|path|archive, url, ref, commit, sub_directory}
+    sa.Column("source", sa.JSON, nullable=False),
+    # active | deprecated | yanked
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("status_reason", sa.Text),
+    _created(),
+    sa.Column("published_by", sa.String(100), nullable=False),
+    sa.ForeignKeyConstraint(
+        ["organization_id", "plugin_id"], ["plugins.organization_id", "plugins.id"]
+    ),
+)
+
+plugin_blob_chunks = sa.Table(
+    "plugin_blob_chunks",
+    metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+# Which agent has which plugin version: install results, and our agents' runs of it.
+agent_plugins = sa.Table(
+    "agent_plugins",
+    metadata,
+    sa.Column("agent_id", sa.String(40), sa.ForeignKey("agents.id"), primary_key=True),
+    sa.Column("plugin_id", sa.String(200), primary_key=True),
+    sa.Column("version", sa.String(100), primary_key=True),
+    sa.Column("sha256", sa.String(64)),
+    # installing | installed | failed
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("instruction_id", sa.String(40)),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+plugin_rollouts = sa.Table(
+    "plugin_rollouts",
+    metadata,
+    _id(),
+    _org(),
+    sa.Column("plugin_id", sa.String(200), nullable=False),
+    sa.Column("version", sa.String(100), nullable=False),
+    sa.Column("selector", sa.JSON, nullable=False),
+    sa.Column("agents", sa.JSON, nullable=False),  # the agent ids it installs on
+    _created(),
+    sa.Column("created_by", sa.String(100), nullable=False),
 )

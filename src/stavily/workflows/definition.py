@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import re2  # type: ignore[import-untyped]
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -22,6 +23,7 @@ from pydantic import (
 )
 
 from stavily.errors import InvalidInput
+from stavily.plugins.versions import parse_range
 from stavily.security.environment import refusal
 from stavily.security.secrets import SecretPolicy, reference_problems
 from stavily.workflows import messages
@@ -32,7 +34,6 @@ _PLUGIN_REF = re.compile(
     r"^(?P<id>[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)"
     r"(?:-v(?P<version>\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?))?$"
 )
-_SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 DEFAULT_TIMEOUT_SECONDS = 300
 MAX_PARALLEL = 1000
 MAX_TIMEOUT_SECONDS = 7 * 86400
@@ -154,9 +155,24 @@ class ErrorHandling(_Strict):
         }
 
 
+def _version_range(value: str | None) -> str | None:
+    if value is not None:
+        parse_range(value)
+    return value
+
+
+VersionRange = Annotated[
+    str | None,
+    Field(
+        default=None, max_length=200, description="A version, a range (^1.2, ~1.2.3), or latest."
+    ),
+    AfterValidator(_version_range),
+]
+
+
 class PluginRef(_Strict):
     id: str = Field(pattern=r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$", max_length=200)
-    version: str | None = Field(default=None, pattern=_SEMVER.pattern)
+    version: VersionRange = None
 
     @model_validator(mode="before")
     @classmethod
@@ -178,6 +194,8 @@ class Step(_Strict):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str | None = None
     plugin: PluginRef
+    # ours: the plugin's version or range, beside `plugin: id`
+    version: VersionRange = None
     agents: AgentSelection | None = None
     depends_on: list[str] = Field(default_factory=list)
     config: dict[str, Any] = Field(default_factory=dict)
@@ -218,6 +236,20 @@ class Step(_Strict):
         if self.parallel is False:
             return 1
         return min(int(self.parallel), MAX_PARALLEL)
+
+    @model_validator(mode="after")
+    def _one_version(self) -> Step:
+        if self.version is not None and self.plugin.version not in (None, self.version):
+            raise ValueError(
+                f"the plugin says version {self.plugin.version} and `version` says "
+                f"{self.version}: write one of them"
+            )
+        return self
+
+    @property
+    def plugin_range(self) -> str | None:
+        """The version or range the step asks for (None: the latest)."""
+        return self.version or self.plugin.version
 
     @property
     def timeout_seconds(self) -> int:
@@ -796,8 +828,12 @@ def _selector(*levels: AgentSelection | None) -> dict[str, Any]:
     return {**chosen, "strategy": strategy or "least_loaded"}
 
 
-def plan(definition: WorkflowDefinition) -> list[dict[str, Any]]:
-    """The steps one execution runs, resolved: actions, then outputs after every action."""
+def plan(
+    definition: WorkflowDefinition, pins: dict[str, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """The steps one execution runs, resolved: actions, then outputs after every action.
+    `pins`: each step's plugin version, chosen when the workflow was applied
+    (plugins.pins); a step without one runs its plugin as the agent has it."""
     steps: list[dict[str, Any]] = []
     action_names = [s.name for s in definition.actions.steps]
     secrets = {
@@ -807,6 +843,7 @@ def plan(definition: WorkflowDefinition) -> list[dict[str, Any]]:
         stage: Stage | None = getattr(definition, stage_name)
         for step in stage.steps if stage else []:
             depends_on = list(step.depends_on)
+            pin = (pins or {}).get(step.name)
             if stage_name == "outputs":
                 depends_on = list(dict.fromkeys(action_names + depends_on))
             steps.append(
@@ -818,11 +855,14 @@ def plan(definition: WorkflowDefinition) -> list[dict[str, Any]]:
                     "waiting": len(depends_on),
                     "spec": {
                         "plugin_id": step.plugin.id,
-                        "plugin_version": step.plugin.version,
+                        "plugin_version": pin["version"] if pin else step.plugin.version,
+                        "plugin": pin,
                         "config": step.config,
                         "agent_type": "action",
                         "selector": _selector(step.agents, stage.agents, definition.agents),
-                        "timeout_seconds": step.timeout_seconds,
+                        "timeout_seconds": step.timeout_seconds
+                        if step.timeout is not None or not pin or not pin["execution_time"]
+                        else pin["execution_time"],
                         "max_retries": step.error_handling.max_retries,
                         "retry": step.error_handling.policy(),
                         "on_failure": step.error_handling.on_failure,

@@ -31,6 +31,7 @@ from stavily.fleet.liveness import HeartbeatBuffer, Liveness
 from stavily.fleet.routing import Router
 from stavily.fleet.waiters import Waiter, Waiters
 from stavily.ids import new_id
+from stavily.plugins.installs import Installs
 from stavily.security import secrets
 from stavily.security.secrets import SecretPolicy
 from stavily.store.db import Database
@@ -48,7 +49,13 @@ from stavily.store.notify import WorkChannel
 from stavily.timeutil import isoformat, utcnow
 from stavily.workflows import queries, service, states
 from stavily.workflows.definition import WorkflowDefinition, parse_duration, plan
-from stavily.workflows.handout import instruction_payload, step_output, timed_out
+from stavily.workflows.handout import (
+    COMPLETED,
+    FAILED,
+    instruction_payload,
+    step_output,
+    timed_out,
+)
 from stavily.workflows.orchestration import (
     AGENT_LOST,
     ERROR,
@@ -65,8 +72,6 @@ from stavily.workflows.views import execution_view, step_view
 
 log = structlog.get_logger("stavily.engine")
 
-COMPLETED = {"completed", "success", "succeeded"}
-FAILED = {"failed", "failure", "error", "timeout", "timed_out"}
 PROGRESS_STATUSES = {"executing", "running", "in_progress", "started"}
 
 
@@ -81,6 +86,13 @@ def _page(free: int, sqlite: bool = False) -> int:
 
 def _oldest_first(rows: Iterable[Any]) -> list[Any]:
     return sorted(rows, key=lambda r: (r.execution_id, r.id))
+
+
+def _pin_of(row: Any) -> tuple[str, str]:
+    """An instruction's plugin and the digest of its pinned version ('' if none)."""
+    configuration = row.plugin_configuration
+    sha = configuration.get("sha256") if isinstance(configuration, dict) else None
+    return (row.plugin_id, str(sha or ""))
 
 
 def _released(row: Any) -> bool:
@@ -124,6 +136,8 @@ class Engine:
         self._plans: dict[str, tuple[WorkflowDefinition, list[dict[str, Any]]]] = {}
         # PostgreSQL: how queued work reaches the long polls of the other replicas
         self.channel: WorkChannel | None = None
+        # plugin versions on agents: installs handed out, and who failed one
+        self.installs = Installs(db, settings)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -248,7 +262,7 @@ class Engine:
 
             def planned() -> tuple[WorkflowDefinition, list[dict[str, Any]]]:
                 definition = WorkflowDefinition.model_validate(workflow["definition"])
-                return definition, plan(definition)
+                return definition, plan(definition, workflow.get("plugins"))
 
             cached = await offload.run(planned)
             if len(self._plans) >= 256:
@@ -349,16 +363,24 @@ class Engine:
 
     # -- agents take work -------------------------------------------------------------------
 
-    async def claim(self, agent: AgentIdentity, slots: int) -> list[dict[str, Any]]:
+    async def claim(
+        self, agent: AgentIdentity, slots: int, official: bool = False
+    ) -> list[dict[str, Any]]:
+        """`official`: an agent that cannot install from the registry (queries._PLUGIN_READY)."""
         if agent.admin_state != "active":
             return []  # draining: it finishes what it has and takes nothing new
         async with self.db.single_statements() as conn:
-            payloads, left = await self._claim(conn, agent, slots, utcnow())
+            payloads, left = await self._claim(conn, agent, slots, utcnow(), official)
         self._claimed(payloads, left)
         return payloads
 
     async def _claim(
-        self, conn: AsyncConnection, agent: AgentIdentity, slots: int, now: datetime
+        self,
+        conn: AsyncConnection,
+        agent: AgentIdentity,
+        slots: int,
+        now: datetime,
+        official: bool = False,
     ) -> tuple[list[dict[str, Any]], Iterable[dict[str, Any]]]:
         """Lease up to `slots` instructions to the agent on `conn` (in the caller's
         transaction, or on PostgreSQL outside any): what it hands out, and what it saw
@@ -378,9 +400,8 @@ class Engine:
             # Candidates and lease in one statement, as long as no candidate's selector
             # needs Python to tell whether this agent may take it (queries.claim).
             limit = _page(free)
-            rows = (
-                await conn.execute(queries.claim(limit), self._lease_params(agent, free, now))
-            ).all()
+            params = self._lease_params(agent, free, now, official)
+            rows = (await conn.execute(queries.claim(limit), params)).all()
             taken = _oldest_first(r for r in rows if r.taken)
             page = [r for r in rows if not r.taken]
             free -= len(taken)
@@ -392,10 +413,15 @@ class Engine:
             # and what fits leased (the pages are read again only if none of a full one
             # fits this agent).
             more, left = await self._take(
-                conn, agent, free, now, fitting if fitting or len(rows) < limit else None
+                conn,
+                agent,
+                free,
+                now,
+                official,
+                fitting if fitting or len(rows) < limit else None,
             )
             return [instruction_payload(r, self.secret_policy) for r in (*taken, *more)], left
-        rows, left = await self._take(conn, agent, free, now)
+        rows, left = await self._take(conn, agent, free, now, official)
         return [instruction_payload(r, self.secret_policy) for r in rows], left
 
     async def _take(
@@ -404,27 +430,34 @@ class Engine:
         agent: AgentIdentity,
         free: int,
         now: datetime,
+        official: bool,
         fitting: list[Any] | None = None,
     ) -> tuple[list[Any], Iterable[dict[str, Any]]]:
         """Candidates (`fitting`, or read and matched here), then leased: the rows
         leased, and the eligible ones left to offer others (none if nothing was leased:
         others hold them)."""
         if fitting is None:
-            fitting = await self._fitting(conn, agent, free, now)
+            fitting = await self._fitting(conn, agent, free, now, official)
         if not fitting:
             return [], []
         if self.db.is_sqlite:
             rows = await self._lease(conn, agent, fitting[:free], now)
         else:
-            params = {**self._lease_params(agent, free, now), "ids": [c.id for c in fitting]}
+            params = {
+                **self._lease_params(agent, free, now, official),
+                "ids": [c.id for c in fitting],
+            }
             rows = _oldest_first((await conn.execute(queries.TAKE, params)).all())
         if not rows:  # no room, or others hold them all: they offer what they leave
             return [], []
         taken = {r.id for r in rows}
         return rows, _offers(c for c in fitting if c.id not in taken)
 
-    def _lease_params(self, agent: AgentIdentity, free: int, now: datetime) -> dict[str, Any]:
+    def _lease_params(
+        self, agent: AgentIdentity, free: int, now: datetime, official: bool
+    ) -> dict[str, Any]:
         return {
+            "official": official,
             "organization_id": agent.organization_id,
             "agent_type": agent.type,
             "agent_name": agent.name,
@@ -482,7 +515,12 @@ class Engine:
         return rows
 
     async def _fitting(
-        self, conn: AsyncConnection, agent: AgentIdentity, free: int, now: datetime
+        self,
+        conn: AsyncConnection,
+        agent: AgentIdentity,
+        free: int,
+        now: datetime,
+        official: bool,
     ) -> list[Any]:
         """The oldest queued instructions this agent may take, a few more than it has room
         for (the rest are offered to other waiting agents). Label selectors are matched
@@ -494,6 +532,7 @@ class Engine:
             "agent_name": agent.name,
             "agent_id": agent.id,
             "now": now,
+            "official": official,
         }
         limit = _page(free, self.db.is_sqlite)
         statement = queries.candidates(limit)
@@ -521,6 +560,7 @@ class Engine:
         wait: float,
         wanted: Callable[[], bool] = lambda: True,
         waiter: Waiter | None = None,
+        official: bool = False,
     ) -> list[dict[str, Any]]:
         """Claim now, or hold the poll open until work is queued or `wait` runs out.
 
@@ -528,11 +568,11 @@ class Engine:
         has since said it is going offline, must not lease work nobody will read.
         """
         if wait <= 0:
-            return await self.claim(agent, slots) if wanted() else []
+            return await self.claim(agent, slots, official) if wanted() else []
         loop_deadline = utcnow() + timedelta(seconds=wait)
         with self.waiters.register(waiter or Waiter(agent)) as registered:
             while wanted():
-                claimed = await self.claim(agent, slots)
+                claimed = await self.claim(agent, slots, official)
                 remaining = (loop_deadline - utcnow()).total_seconds()
                 if claimed or remaining <= 0 or not await registered.wait(remaining):
                     return claimed
@@ -909,6 +949,8 @@ class Engine:
                         instructions.c.organization_id,
                         instructions.c.agent_type,
                         instructions.c.selector,
+                        instructions.c.plugin_id,
+                        instructions.c.plugin_configuration,
                     )
                     .where(QUEUED, instructions.c.created_at < cutoff)
                     .limit(100)
@@ -924,25 +966,41 @@ class Engine:
                 )
             )
             identities = [identity_of(row) for row in fleet]
-        stranded = [
-            w.id
-            for w in waiting
-            if not any(
-                a.organization_id == w.organization_id
+            failed = await self.installs.failed_on(conn, [_pin_of(w) for w in waiting], now)
+        # Why each stranded one fails: no eligible agent, or the installs that failed on
+        # every eligible agent.
+        reasons: dict[str, list[str]] = {}
+        waited = int(self.settings.unroutable_after)
+        for w in waiting:
+            could = [
+                a
+                for a in identities
+                if a.organization_id == w.organization_id
                 and a.type == w.agent_type
                 and eligible(a, w.selector)
-                for a in identities
+            ]
+            refused = failed.get(_pin_of(w), {})
+            if any(a.id not in refused for a in could):
+                continue
+            if could:
+                errors = "; ".join(f"{a.name}: {refused[a.id]}" for a in could[:5])
+                pin = w.plugin_configuration
+                reason = (
+                    f"plugin {w.plugin_id} {pin.get('plugin_version')} could not be installed "
+                    f"on any eligible agent ({errors})"
+                )
+            else:
+                reason = f"no eligible agent for {waited}s"
+            reasons.setdefault(reason, []).append(w.id)
+        count = 0
+        for reason, ids in reasons.items():
+            count += await self._take_back(
+                sa.and_(instructions.c.id.in_(ids), instructions.c.status == "queued"),
+                reason,
+                now,
+                cause=UNROUTABLE,
             )
-        ]
-        if not stranded:
-            return 0
-        waited = int(self.settings.unroutable_after)
-        return await self._take_back(
-            sa.and_(instructions.c.id.in_(stranded), instructions.c.status == "queued"),
-            f"no eligible agent for {waited}s",
-            now,
-            cause=UNROUTABLE,
-        )
+        return count
 
     async def enforce_deadlines(self) -> int:
         """Fail executions that ran past their whole-execution timeout."""

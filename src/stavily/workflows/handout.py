@@ -9,6 +9,10 @@ from typing import Any
 from stavily.security import secrets
 from stavily.security.secrets import SecretPolicy
 
+# What an agent's result status may say: the step completed, or failed.
+COMPLETED = {"completed", "success", "succeeded"}
+FAILED = {"failed", "failure", "error", "timeout", "timed_out"}
+
 
 def step_output(report: dict[str, Any]) -> Any:
     """What a step produced: official agents wrap it in `execution_result.output_data`;
@@ -31,7 +35,8 @@ def timed_out(report: dict[str, Any]) -> bool:
     return report.get("status") in _TIMED_OUT or message.startswith("timed out")
 
 
-_UNSHOWN_CONTEXT = ("secrets", "secret_nonce")
+# where secrets come from, and a flags plugin's config (kept for its retries)
+_UNSHOWN_CONTEXT = ("secrets", "secret_nonce", "config")
 
 
 def instruction_payload(row: Any, policy: SecretPolicy) -> dict[str, Any]:
@@ -39,7 +44,7 @@ def instruction_payload(row: Any, policy: SecretPolicy) -> dict[str, Any]:
     revealed (security.secrets), and where they come from left out."""
     context = row.context or {}
     refs, nonce = context.get("secrets") or {}, context.get("secret_nonce")
-    if refs:
+    if refs or "config" in context:
         context = {k: v for k, v in context.items() if k not in _UNSHOWN_CONTEXT}
     return {
         "id": row.id,

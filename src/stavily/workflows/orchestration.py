@@ -30,6 +30,7 @@ from stavily import audit
 from stavily.errors import StavilyError
 from stavily.fleet.routing import Router
 from stavily.ids import new_id
+from stavily.plugins import instructions as plugin_instructions
 from stavily.security import secrets
 from stavily.security.secrets import SecretPolicy, SecretUnavailable
 from stavily.store.db import write_later
@@ -231,7 +232,7 @@ class Progression:
             context = previous.context or {}
             await self._queue_attempt(
                 step,
-                previous.input_data,
+                (previous.context or {}).get("config", previous.input_data),
                 context.get("secrets") or {},
                 context.get("secret_nonce") or "",
                 delay,
@@ -572,9 +573,7 @@ class Progression:
         spec = step["spec"]
         attempt = step["attempts"] + 1
         available_at = self.now + timedelta(seconds=delay) if delay > 0 else None
-        configuration = dict(config) if isinstance(config, dict) else {"config": config}
-        if spec.get("plugin_version"):
-            configuration.setdefault("plugin_version", spec["plugin_version"])
+        configuration, input_data = plugin_instructions.build(spec, config)
         instruction = {
             "id": new_id("ins"),
             "organization_id": self.execution["organization_id"],
@@ -588,8 +587,7 @@ class Progression:
             "plugin_id": spec["plugin_id"],
             "instruction_type": "execute",
             "plugin_configuration": configuration,
-            # Official agents hand the plugin only input_data, so the config goes there too.
-            "input_data": config if isinstance(config, dict) else {"config": config},
+            "input_data": input_data,
             "context": {
                 "execution_id": self.execution["id"],
                 "workflow": self.execution["workflow_name"],
@@ -597,6 +595,8 @@ class Progression:
                 "attempt": attempt,
                 "inputs": self.execution["inputs"],
                 **({"item": spec["item"]} if "item" in spec else {}),
+                # a flags plugin's config, for its retries (never shown to the agent)
+                **({"config": config} if input_data is not config else {}),
                 **(
                     {
                         "secrets": refs,

@@ -19,6 +19,7 @@ from stavily.store import notify
 from stavily.store.models import (
     ACTIVE_INSTRUCTION,
     QUEUED,
+    agent_plugins,
     agents,
     audit_records,
     executions,
@@ -65,6 +66,21 @@ AGENT_NOW = sa.select(
 ).where(agents.c.id == param(agents.c.id, "agent_id"))
 
 _now = param(instructions.c.created_at, "now")
+# An official agent (it cannot fetch from the registry) is offered a step of a pinned
+# plugin version only once it has installed that version (plugins.installs hands it
+# the install first); our agents install on demand, and take any.
+_pinned = instructions.c.plugin_configuration["sha256"].as_string()
+_PLUGIN_READY = sa.or_(
+    sa.not_(sa.bindparam("official", type_=sa.Boolean)),
+    instructions.c.instruction_type != "execute",
+    _pinned.is_(None),
+    sa.exists().where(
+        agent_plugins.c.agent_id == param(agents.c.id, "agent_id"),
+        agent_plugins.c.plugin_id == instructions.c.plugin_id,
+        agent_plugins.c.sha256 == _pinned,
+        agent_plugins.c.status == "installed",
+    ),
+)
 _CANDIDATES = (
     sa.select(*OFFER_COLUMNS)
     .where(
@@ -81,6 +97,7 @@ _CANDIDATES = (
             instructions.c.preferred_agent_id == param(agents.c.id, "agent_id"),
             instructions.c.prefer_until <= _now,
         ),
+        _PLUGIN_READY,
     )
     # The oldest execution first: steps of runs under way go before new runs.
     .order_by(instructions.c.execution_id, instructions.c.id)

@@ -46,10 +46,12 @@ async def apply(
     definition: WorkflowDefinition,
     source: str,
     actor: str,
+    pins: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A new version of the workflow, or, when the definition is the latest version's
     (compared parsed and normalized: not its spacing, comments, key order or defaults
-    written out), that version again with `unchanged: true`, and no audit record.
+    written out) and so are the plugin versions its steps are pinned to (`pins`,
+    plugins.pins), that version again with `unchanged: true`, and no audit record.
 
     The workflow's row is locked first (PostgreSQL; SQLite has one writer), so two
     applies at once are numbered one after the other: the second sees the first's
@@ -86,14 +88,16 @@ async def apply(
     if latest:
         current = (
             await conn.execute(
-                sa.select(workflow_versions.c.definition).where(
+                sa.select(workflow_versions.c.definition, workflow_versions.c.plugins).where(
                     workflow_versions.c.workflow_id == workflow_id,
                     workflow_versions.c.version == latest,
                 )
             )
-        ).scalar_one()
+        ).one()
         # Off the event loop: for a definition of thousands of steps, tens of ms.
-        if await offload.run(_same, current, dumped):
+        if await offload.run(
+            _same, [current.definition, current.plugins or {}], [dumped, pins or {}]
+        ):
             return {**await get(conn, organization_id, definition.name), "unchanged": True}
     version = latest + 1
     await conn.execute(
@@ -109,6 +113,7 @@ async def apply(
             workflow_id=workflow_id,
             version=version,
             definition=dumped,
+            plugins=pins or None,
             source=source,
             created_by=actor,
             created_at=now,
@@ -140,6 +145,7 @@ def _select_versions() -> sa.Select[Any]:
         workflow_versions.c.id.label("version_id"),
         workflow_versions.c.version,
         workflow_versions.c.definition,
+        workflow_versions.c.plugins,
     ).join(
         workflow_versions,
         sa.and_(
@@ -158,6 +164,7 @@ def _view(row: Any) -> dict[str, Any]:
         "version_id": row.version_id,
         "description": definition.get("description"),
         "definition": definition,
+        "plugins": row.plugins or {},
         "created_at": isoformat(row.created_at),
         "updated_at": isoformat(row.updated_at),
     }
@@ -226,6 +233,7 @@ async def get_version(
         "version": row["version"],
         "version_id": row["id"],
         "definition": row["definition"],
+        "plugins": row["plugins"] or {},
         "source": row["source"],
         "created_by": row["created_by"],
         "created_at": isoformat(row["created_at"]),

@@ -1,0 +1,1 @@
+"""The plugin registry: manifests, artifacts, signing, storage, versions and installs."""

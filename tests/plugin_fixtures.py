@@ -1,0 +1,92 @@
+"""Plugins made for tests: folders with a manifest, git repositories, archives, and their
+publication through the real API."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import tarfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ECHO = """import argparse, json, sys
+parser = argparse.ArgumentParser()
+parser.add_argument("--input")
+args = parser.parse_args()
+data = json.load(open(args.input)) if args.input else {}
+json.dump({"echo": data.get("input_data") or {}}, sys.stdout)
+"""
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def make_plugin(
+    folder: Path,
+    plugin_id: str,
+    version: str = "1.0.0",
+    entry: str = "main.py",
+    code: str = ECHO,
+    layout: str = "nested",
+    **manifest: Any,
+) -> Path:
+    """A plugin folder: plugin.yaml (under `plugin:`, or `flat`) and its entry point."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fields = {
+        "id": plugin_id,
+        "name": plugin_id,
+        "version": version,
+        "type": "action",
+        "runtime": {"type": "python", "entry_point": entry},
+        **manifest,
+    }
+    document = {"plugin": fields} if layout == "nested" else fields
+    (folder / "plugin.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    (folder / entry).write_text(code)
+    return folder
+
+
+def git(folder: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(folder), "-c", "user.email=t@example.com", "-c", "user.name=t", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout.strip()
+
+
+def git_repo(folder: Path, tag: str | None = None) -> str:
+    """Make `folder` a git repository with one commit (and `tag`); the commit's id."""
+    subprocess.run(["git", "init", "-q", "-b", "main", str(folder)], check=True)
+    git(folder, "add", "-A")
+    git(folder, "commit", "-qm", "plugin")
+    if tag:
+        git(folder, "tag", tag)
+    return git(folder, "rev-parse", "HEAD")
+
+
+def archive(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            if ".git" not in path.relative_to(folder).parts:
+                tar.add(path, path.relative_to(folder).as_posix(), recursive=False)
+    return buffer.getvalue()
+
+
+def publish(api: httpx.Client, folder: Path) -> httpx.Response:
+    return api.post(
+        "/api/v1/plugins", content=archive(folder), headers={"Content-Type": "application/gzip"}
+    )
+
+
+def published(api: httpx.Client, folder: Path) -> dict[str, Any]:
+    response = publish(api, folder)
+    assert response.status_code in (200, 201), response.text
+    return response.json()  # type: ignore[no-any-return]

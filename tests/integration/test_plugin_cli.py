@@ -479,3 +479,16 @@ def test_a_rollout_lists_the_agents_that_failed(
     assert out[-1].endswith(": 1 installed, 1 failed, 0 pending of 2")
     assert followed.stderr.startswith(f"error: {plugin_id} 1.0.0 failed to install on 1 of 2")
     assert _problems(followed)[0].startswith(f"{zone}-bad: sha256 mismatch")
+
+
+def test_rotate_key_makes_a_new_signer_and_retires_the_old_ones(
+    cli: Invoke, tmp_path: Path
+) -> None:
+    folder = tmp_path / "keys"
+    first = cli("plugin", "rotate-key", "--keys-dir", str(folder))
+    assert first.exit_code == 0, first.output
+    second = cli("plugin", "rotate-key", "--keys-dir", str(folder), "--retire")
+    assert second.exit_code == 0, second.output
+    assert "new signing key" in second.output
+    assert len(list(folder.glob("*.pub"))) == 3  # the first start's, then two rotations
+    assert len(list(folder.glob("*.key"))) == 1  # only the newest signs

@@ -442,6 +442,31 @@ def keys(
     print_table(rows)
 
 
+@app.command("rotate-key")
+@handles_errors
+def rotate_key(
+    keys_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--keys-dir",
+            help="The key folder [env: STAVILY_PLUGIN_KEYS_DIR; default: <data dir>/plugin-keys]",
+        ),
+    ] = None,
+    retire: Annotated[
+        bool, typer.Option("--retire", help="Remove the older private keys (they sign no more)")
+    ] = False,
+) -> None:
+    """Make a new signing key, on the server's machine (the keys never leave its folder).
+    New versions are signed with it; the older public keys stay, so versions they signed
+    still verify. Replicas sharing the folder use it at their next signature."""
+    from stavily.config import Settings
+    from stavily.plugins.signing import Keyring
+
+    folder = keys_dir or Settings().plugin_keys_path
+    key_id = Keyring(folder).rotate(retire=retire)
+    console().print(f"new signing key {key_id} in {folder}")
+
+
 # --- rollouts -----------------------------------------------------------------------------
 
 

@@ -148,6 +148,8 @@ class World:
             "execution_id": self.execution_id,
             "version": "1",
             "token_id": unknown("token_id"),
+            "plugin_id": "no-such-plugin",
+            "rollout_id": unknown("rollout_id"),
         }[param]
 
     def ids(self, op: Operation, which: str) -> dict[str, str]:

@@ -34,6 +34,7 @@ from stavily.api.agents_v1 import HEARTBEAT_STATUSES
 from stavily.app import create_app
 from stavily.config import Settings
 from tests.harness import ADMIN_TOKEN, Orchestrator, fresh_database, serve
+from tests.plugin_fixtures import make_plugin, published
 
 # 30 valid and invalid requests per operation: about 20 s here. STAVILY_FUZZ_EXAMPLES=500
 # searches longer (still derandomized: the same run each time for the same budget).
@@ -60,7 +61,11 @@ OPERATIONS = _operations()
 def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orchestrator]:
     tmp = tmp_path_factory.mktemp("fuzz")
     # long polls cut short: a generated ?wait=300 must not hold the run for minutes
-    with fresh_database("sqlite", tmp) as url, serve(url, tmp, max_poll_wait=1) as orch:
+    # and a generated git URL fetched for 2 s at most
+    with (
+        fresh_database("sqlite", tmp) as url,
+        serve(url, tmp, max_poll_wait=1, plugin_git_timeout=2) as orch,
+    ):
         yield orch
 
 
@@ -73,6 +78,7 @@ class World:
     enrollment_token: str
 
 
+ARTIFACT = "GET /agents/v1/{agent_id}/plugins/{plugin_id}/{version}/artifact"
 WORKFLOW_BODIES = ("/api/v1/workflows", "/api/v1/workflows/validate")
 WORKFLOW = """
 name: fuzz-flow
@@ -82,7 +88,7 @@ actions: {steps: [{name: only, plugin: echo, config: {message: hi}}]}
 
 
 @pytest.fixture(scope="module")
-def world(fuzzed: Orchestrator) -> World:
+def world(fuzzed: Orchestrator, tmp_path_factory: pytest.TempPathFactory) -> World:
     agent_id, key = fuzzed.create_agent("fuzz-agent", capacity=10)
     fuzzed.apply(WORKFLOW)
     executions = [fuzzed.run("fuzz-flow")["id"] for _ in range(6)]
@@ -99,11 +105,18 @@ def world(fuzzed: Orchestrator) -> World:
     assert beat.status_code == 200, beat.text
     token = fuzzed.api.post("/api/v1/enrollment-tokens", json={"name": "fuzz", "max_uses": None})
     assert token.status_code == 201, token.text
+    plugin = published(fuzzed.api, make_plugin(tmp_path_factory.mktemp("plugin"), "fuzz-echo"))
+    rollout = fuzzed.api.post(
+        "/api/v1/plugins/fuzz-echo/rollouts", json={"version": plugin["version"]}
+    )
+    assert rollout.status_code == 201, rollout.text
     ids = {
         "agent_id": [agent_id],
         "instruction_id": instructions,
         "name": ["fuzz-flow"],
-        "version": ["1"],
+        "version": ["1", plugin["version"]],  # a workflow's, a plugin's
+        "plugin_id": ["fuzz-echo"],
+        "rollout_id": [rollout.json()["id"]],
         "execution_id": executions,
         "token_id": [token.json()["id"]],
     }
@@ -231,11 +244,17 @@ def test_the_document_declares_auth_and_answers(fuzzed: Orchestrator) -> None:
             statuses = set(responses)
             # the success answer: JSON with a model, never "a string"
             ok = [s for s in statuses if s.startswith("2")]
-            # an apply answers 201 for a new version, 200 for an unchanged one
-            two = where == "POST /api/v1/workflows" and set(ok) == {"200", "201"}
-            assert len(ok) == 1 or two, where
-            schema = responses[ok[0]]["content"]["application/json"]["schema"]
-            assert "$ref" in schema or schema.get("type") == "object", (where, schema)
+            # an apply answers 201 for a new version, 200 for an unchanged one (a publish
+            # too); an artifact is bytes, whole or a range, or not modified
+            two = where in ("POST /api/v1/workflows", "POST /api/v1/plugins")
+            if where == ARTIFACT:
+                assert set(ok) == {"200", "206"} and "304" in statuses, where
+                assert "application/gzip" in responses["200"]["content"], where
+                statuses.discard("304")
+            else:
+                assert len(ok) == 1 or (two and set(ok) == {"200", "201"}), where
+                schema = responses[ok[0]]["content"]["application/json"]["schema"]
+                assert "$ref" in schema or schema.get("type") == "object", (where, schema)
             # every error in the one error shape (FastAPI's own 422 shape is not ours)
             for status in statuses - set(ok):
                 assert status.startswith("4"), (where, status)

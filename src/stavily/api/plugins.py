@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from stavily.api import schemas
 from stavily.api.deps import AppState, CurrentAgent, CurrentPrincipal, State
 from stavily.api.errors import error_response
 from stavily.api.json import JSONResponse
@@ -34,6 +35,7 @@ ARCHIVE_TYPES = (
     "application/x-tar",
     "application/octet-stream",
 )
+_BINARY = {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
@@ -100,9 +102,14 @@ async def _spooled(request: Request, state: State) -> Path:
 @private.post(
     "",
     status_code=201,
+    response_model=schemas.PublishedVersion,
     openapi_extra=_PUBLISH_BODY,
     responses={
-        200: {"description": "The same content was published already."},
+        200: {
+            "model": schemas.PublishedVersion,
+            "description": "The same content was "
+            "published already: that version, `created: false`.",
+        },
         **errors(401, 403, 409, 413, 415, 422),
     },
 )
@@ -144,13 +151,13 @@ async def publish(request: Request, principal: CurrentPrincipal, state: AppState
     return JSONResponse({**view, "created": created}, status_code=201 if created else 200)
 
 
-@private.get("", responses=errors(401))
+@private.get("", response_model=schemas.PluginList, responses=errors(401))
 async def list_plugins(principal: CurrentPrincipal, state: AppState) -> JSONResponse:
     principal.require("read")
     return JSONResponse({"plugins": await state.plugins.list(principal.organization_id)})
 
 
-@private.get("/keys", responses=errors(401))
+@private.get("/keys", response_model=schemas.SigningKeyList, responses=errors(401))
 async def plugin_keys(principal: CurrentPrincipal, state: AppState) -> JSONResponse:
     """The public keys versions are signed with: the newest signs, older ones verify."""
     principal.require("read")
@@ -158,13 +165,17 @@ async def plugin_keys(principal: CurrentPrincipal, state: AppState) -> JSONRespo
     return JSONResponse({"keys": [k.view() for k in keys]})
 
 
-@private.get("/{plugin_id}", responses=errors(401, 404, 422))
+@private.get("/{plugin_id}", response_model=schemas.Plugin, responses=errors(401, 404, 422))
 async def get_plugin(plugin_id: str, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
     principal.require("read")
     return JSONResponse(await state.plugins.get(principal.organization_id, plugin_id))
 
 
-@private.get("/{plugin_id}/versions/{version}", responses=errors(401, 404, 422))
+@private.get(
+    "/{plugin_id}/versions/{version}",
+    response_model=schemas.PluginVersion,
+    responses=errors(401, 404, 422),
+)
 async def get_version(
     plugin_id: str, version: str, principal: CurrentPrincipal, state: AppState
 ) -> JSONResponse:
@@ -177,7 +188,8 @@ def _status_route(action: Literal["deprecate", "yank", "restore"], status: str) 
     @private.post(
         f"/{{plugin_id}}/versions/{{version}}/{action}",
         name=f"{action}_version",
-        responses=errors(401, 403, 404, 422),
+        response_model=schemas.PluginVersion,
+        responses=errors(401, 403, 404, 413, 422),
         summary=f"{action.capitalize()} a version",
     )
     async def change(
@@ -211,7 +223,12 @@ class RolloutRequest(BaseModel):
     selector: RolloutSelector = Field(default_factory=lambda: RolloutSelector())
 
 
-@private.post("/{plugin_id}/rollouts", status_code=201, responses=errors(401, 403, 404, 409, 422))
+@private.post(
+    "/{plugin_id}/rollouts",
+    status_code=201,
+    response_model=schemas.Rollout,
+    responses=errors(401, 403, 404, 409, 413, 422),
+)
 async def start_rollout(
     plugin_id: str, body: RolloutRequest, principal: CurrentPrincipal, state: AppState
 ) -> JSONResponse:
@@ -225,7 +242,11 @@ async def start_rollout(
     return JSONResponse(view, status_code=201)
 
 
-@private.get("/{plugin_id}/rollouts/{rollout_id}", responses=errors(401, 404, 422))
+@private.get(
+    "/{plugin_id}/rollouts/{rollout_id}",
+    response_model=schemas.Rollout,
+    responses=errors(401, 404, 422),
+)
 async def get_rollout(
     plugin_id: str, rollout_id: str, principal: CurrentPrincipal, state: AppState
 ) -> JSONResponse:
@@ -238,7 +259,7 @@ async def get_rollout(
 # -- what agents fetch ---------------------------------------------------------------------
 
 
-@public.get("/keys", responses=errors(401, 403, 429))
+@public.get("/keys", response_model=schemas.SigningKeyList, responses=errors(401, 403, 422, 429))
 async def agent_plugin_keys(agent: CurrentAgent, request: Request) -> JSONResponse:
     state: State = request.app.state.stavily
     keys = await asyncio.to_thread(state.plugins.keys.public_keys)
@@ -255,7 +276,11 @@ async def _agent_version(request: Request, agent: Any, plugin_id: str, version: 
     return await state.plugins.version(agent.organization_id, plugin_id, version)
 
 
-@public.get("/{plugin_id}/{version}", responses=errors(401, 403, 404, 422, 429))
+@public.get(
+    "/{plugin_id}/{version}",
+    response_model=schemas.AgentPluginManifest,
+    responses=errors(401, 403, 404, 422, 429),
+)
 async def agent_manifest(
     plugin_id: str, version: str, agent: CurrentAgent, request: Request
 ) -> JSONResponse:
@@ -276,10 +301,11 @@ async def agent_manifest(
 
 @public.get(
     "/{plugin_id}/{version}/artifact",
+    response_class=Response,
     responses={
-        200: {"content": {"application/gzip": {}}},
-        206: {"description": "A range."},
-        304: {"description": "Not modified."},
+        200: {"description": "The artifact.", "content": _BINARY},
+        206: {"description": "The range asked for (`Range: bytes=a-b`).", "content": _BINARY},
+        304: {"description": "`If-None-Match` names this artifact's ETag: the copy is good."},
         **errors(401, 403, 404, 416, 422, 429),
     },
 )

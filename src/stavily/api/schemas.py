@@ -389,3 +389,103 @@ class HeartbeatAnswer(Answer):
     commands: list[Literal["drain"]] = Field(
         default=[], description="Only for a draining agent: stop polling."
     )
+
+
+# -- plugins -------------------------------------------------------------------------------
+
+
+class VersionState(Answer):
+    version: str
+    status: Literal["active", "deprecated", "yanked"]
+
+
+class Plugin(Answer):
+    id: str
+    name: str | None
+    description: str | None
+    type: str
+    latest: str | None = Field(description="The highest active version, if any.")
+    versions: list[VersionState]
+    created_at: datetime
+    updated_at: datetime
+
+
+class PluginList(Answer):
+    plugins: list[Plugin]
+
+
+class SignedManifest(Answer):
+    """What is signed (canonical JSON: sorted keys, no spaces)."""
+
+    id: str
+    version: str
+    sha256: str
+    size: int
+    created: str
+
+
+class PluginVersion(Answer):
+    plugin_id: str
+    version: str
+    sha256: str = Field(description="The artifact's digest: the same content, the same digest.")
+    size: int
+    status: Literal["active", "deprecated", "yanked"]
+    status_reason: str | None
+    protocol: Literal["input", "stdin", "flags"]
+    source: dict[str, Any] = Field(description="git (url, ref, commit), path or archive.")
+    signed: SignedManifest
+    signature: str = Field(description="Ed25519 over `signed`, base64.")
+    key_id: str
+    created_at: datetime
+    published_by: str
+    manifest: dict[str, Any] = Field(description="plugin.yaml as validated.")
+
+
+class PublishedVersion(PluginVersion):
+    created: bool = Field(description="False: the same content was published already.")
+
+
+class SigningKey(Answer):
+    key_id: str
+    algorithm: Literal["ed25519"]
+    public_key: str = Field(description="The raw 32-byte key, base64.")
+    created_at: datetime
+    signing: bool = Field(description="True for the key new versions are signed with.")
+
+
+class SigningKeyList(Answer):
+    keys: list[SigningKey]
+
+
+class RolloutAgent(Answer):
+    agent_id: str
+    name: str
+    status: Literal["pending", "installed", "failed"]
+    error: str | None
+
+
+class Rollout(Answer):
+    id: str
+    plugin_id: str
+    version: str
+    selector: dict[str, Any]
+    created_at: datetime
+    created_by: str
+    total: int
+    installed: int
+    failed: int
+    pending: int
+    done: bool
+    agents: list[RolloutAgent]
+
+
+class AgentPluginManifest(Answer):
+    """What an agent checks an artifact against before it installs it."""
+
+    manifest: SignedManifest
+    signature: str
+    key_id: str
+    algorithm: Literal["ed25519"]
+    protocol: Literal["input", "stdin", "flags"]
+    plugin: dict[str, Any] = Field(description="plugin.yaml as validated.")
+    status: Literal["active", "deprecated", "yanked"]

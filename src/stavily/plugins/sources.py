@@ -72,6 +72,8 @@ async def _git(args: list[str], cwd: Path, timeout: float) -> tuple[int, str]:
         "GIT_TERMINAL_PROMPT": "0",
         "GIT_ASKPASS": "/bin/false",
         "GIT_CONFIG_NOSYSTEM": "1",
+        # ssh: no prompt for a host key or a password, and no endless wait to connect
+        "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o ConnectTimeout=10",
         "LC_ALL": "C",
     }
     try:

@@ -369,3 +369,29 @@ def test_a_rollout_installs_a_version_on_the_selected_agents(orch: Orchestrator)
             orch.api.post(f"/api/v1/plugins/{plugin_id}/rollouts", json=body).status_code == status
         )
     assert orch.api.get(f"/api/v1/plugins/{plugin_id}/rollouts/rol_nope").status_code == 404
+
+
+def test_what_each_agent_has_is_known_from_installs_and_our_heartbeats(
+    orch: Orchestrator, tmp_path: Path
+) -> None:
+    plugin_id = unique("known")
+    version = published(orch.api, make_plugin(tmp_path / "p", plugin_id))
+    ours = SimAgent(orch)
+    said = {"id": plugin_id, "version": "1.0.0", "sha256": version["sha256"]}
+    for _ in range(2):  # the same list again changes nothing
+        beat = ours.client.post(
+            f"/agents/v1/{ours.id}/heartbeat", json={"status": "online", "plugins": [said]}
+        )
+        assert beat.status_code == 200, beat.text
+    has = orch.api.get(f"/api/v1/agents/{ours.id}/plugins").json()["plugins"]
+    assert [(p["plugin_id"], p["version"], p["status"]) for p in has] == [
+        (plugin_id, "1.0.0", "installed")
+    ]
+    ours.client.post(f"/agents/v1/{ours.id}/heartbeat", json={"status": "online", "plugins": []})
+    assert orch.api.get(f"/api/v1/agents/{ours.id}/plugins").json()["plugins"] == []
+    bad = ours.client.post(
+        f"/agents/v1/{ours.id}/heartbeat",
+        json={"status": "online", "plugins": [{**said, "sha256": "nope"}]},
+    )
+    assert bad.status_code == 422, bad.text
+    assert orch.api.get("/api/v1/agents/agt_nope/plugins").status_code == 404

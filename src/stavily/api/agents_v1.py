@@ -23,6 +23,7 @@ from stavily.errors import InvalidInput, RateLimited, StavilyError
 from stavily.fleet.agents import AgentIdentity
 from stavily.fleet.waiters import Waiter
 from stavily.plugins.installs import is_install
+from stavily.plugins.manifest import PLUGIN_ID
 
 router = APIRouter(prefix="/agents/v1", tags=["agents"])
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -73,6 +74,14 @@ class SystemFigures(BaseModel):
         return value
 
 
+class InstalledPlugin(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: str = Field(max_length=200, pattern=PLUGIN_ID)
+    version: str = Field(max_length=100, pattern=_PRINTABLE)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class Heartbeat(BaseModel):
     model_config = STRICT
 
@@ -93,6 +102,9 @@ class Heartbeat(BaseModel):
         default=None, ge=1, le=3600, description="Seconds until the agent's next heartbeat."
     )
     system: SystemFigures | None = None
+    plugins: list[InstalledPlugin] | None = Field(
+        default=None, max_length=1000, description="The registry versions the agent has."
+    )
 
     @field_validator("timestamp")
     @classmethod
@@ -243,6 +255,8 @@ async def do_heartbeat(
             **({"running": beat.running} if beat.running is not None else {}),
         },
     )
+    if beat.plugins is not None:
+        await state.installs.reported(agent, [p.model_dump() for p in beat.plugins])
     if beat.status == "offline":
         await state.engine.release_unstarted(agent)
     answer: dict[str, Any] = {

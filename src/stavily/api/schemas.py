@@ -489,3 +489,16 @@ class AgentPluginManifest(Answer):
     protocol: Literal["input", "stdin", "flags"]
     plugin: dict[str, Any] = Field(description="plugin.yaml as validated.")
     status: Literal["active", "deprecated", "yanked"]
+
+
+class AgentPlugin(Answer):
+    plugin_id: str
+    version: str
+    sha256: str | None
+    status: Literal["installing", "installed", "failed"]
+    error: str | None
+    updated_at: datetime
+
+
+class AgentPluginList(Answer):
+    plugins: list[AgentPlugin]

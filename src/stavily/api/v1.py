@@ -99,6 +99,21 @@ async def get_agent_route(
     return JSONResponse(agent_view(row, pending, held.get(agent_id, 0)))
 
 
+@router.get(
+    "/agents/{agent_id}/plugins",
+    tags=["agents"],
+    response_model=schemas.AgentPluginList,
+    responses=errors(401, 404, 422),
+)
+async def agent_plugins_route(
+    agent_id: str, principal: CurrentPrincipal, state: AppState
+) -> JSONResponse:
+    """The registry versions the agent has, installs under way and installs that failed."""
+    async with state.db.read() as conn:
+        await get_agent(conn, principal.organization_id, agent_id)
+    return JSONResponse({"plugins": await state.installs.of_agent(agent_id)})
+
+
 _DEFINITION_BODY = {
     "requestBody": {
         "required": True,

@@ -95,6 +95,8 @@ class Installs:
     def __init__(self, db: Database, settings: Settings) -> None:
         self.db = db
         self.settings = settings
+        # what each of our agents said it has, as last written by this process
+        self._reported: dict[str, frozenset[tuple[str, str, str]]] = {}
 
     def _retry_cutoff(self, now: datetime) -> datetime:
         return now - timedelta(seconds=self.settings.plugin_install_retry_seconds)
@@ -386,6 +388,66 @@ class Installs:
                 ],
             )
         log.info("plugin install ended", agent_id=agent.id, status=final, error=error, **install)
+
+    async def reported(self, agent: Any, plugins: list[dict[str, str]]) -> None:
+        """Our agent's heartbeat lists the registry versions it has: written when the list
+        changed (most heartbeats write nothing)."""
+        # one digest per version (the last said, if an agent said two)
+        latest = {(p["id"], p["version"]): p["sha256"] for p in plugins}
+        now_has = frozenset((i, v, sha) for (i, v), sha in latest.items())
+        if self._reported.get(agent.id) == now_has:
+            return
+        now = utcnow()
+        async with self.db.write() as conn:
+            await conn.execute(
+                agent_plugins.delete().where(
+                    agent_plugins.c.agent_id == agent.id, agent_plugins.c.status == "installed"
+                )
+            )
+            kept = (
+                await conn.execute(
+                    sa.select(agent_plugins.c.plugin_id, agent_plugins.c.version).where(
+                        agent_plugins.c.agent_id == agent.id
+                    )
+                )
+            ).all()
+            other = {(r.plugin_id, r.version) for r in kept}  # installing, or failed
+            rows = [
+                {
+                    "agent_id": agent.id,
+                    "plugin_id": plugin_id,
+                    "version": version,
+                    "sha256": sha256,
+                    "status": "installed",
+                    "error": None,
+                    "instruction_id": None,
+                    "updated_at": now,
+                }
+                for plugin_id, version, sha256 in sorted(now_has)
+                if (plugin_id, version) not in other
+            ]
+            if rows:
+                await conn.execute(agent_plugins.insert(), rows)
+        self._reported[agent.id] = now_has
+
+    async def of_agent(self, agent_id: str) -> list[dict[str, Any]]:
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                sa.select(agent_plugins)
+                .where(agent_plugins.c.agent_id == agent_id)
+                .order_by(agent_plugins.c.plugin_id, agent_plugins.c.version)
+            )
+            return [
+                {
+                    "plugin_id": r.plugin_id,
+                    "version": r.version,
+                    "sha256": r.sha256,
+                    "status": r.status,
+                    "error": r.error,
+                    "updated_at": isoformat(r.updated_at),
+                }
+                for r in rows
+            ]
 
     # -- routing: agents whose install of a step's version failed ------------------------
 

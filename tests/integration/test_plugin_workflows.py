@@ -7,6 +7,7 @@ step with the install's error; rollouts install a version on a set of agents."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -395,3 +396,37 @@ def test_what_each_agent_has_is_known_from_installs_and_our_heartbeats(
     )
     assert bad.status_code == 422, bad.text
     assert orch.api.get("/api/v1/agents/agt_nope/plugins").status_code == 404
+
+
+def test_a_waiting_agent_that_has_the_version_is_preferred(
+    orch: Orchestrator, tmp_path: Path
+) -> None:
+    plugin_id = unique("preferred")
+    version = published(orch.api, make_plugin(tmp_path / "p", plugin_id))
+    pool = unique("pool")
+    # by name, the least loaded strategy would choose `a-...` first: `b-...` has the plugin
+    lacking = SimAgent(orch, f"a-{pool}", labels={"pool": pool})
+    having = SimAgent(orch, f"b-{pool}", labels={"pool": pool})
+    said = {"id": plugin_id, "version": "1.0.0", "sha256": version["sha256"]}
+    beat = having.client.post(
+        f"/agents/v1/{having.id}/heartbeat", json={"status": "online", "plugins": [said]}
+    )
+    assert beat.status_code == 200, beat.text
+    name = unique("preferred-wf")
+    _apply(orch, _workflow(name, plugin_id, f"      agents: {{labels: {{pool: {pool}}}}}"))
+    for _ in range(2):
+        got: dict[str, Any] = {}
+
+        def wait(agent: SimAgent, got: dict[str, Any] = got) -> None:
+            got[agent.id] = agent.poll(wait=1.5)  # shorter than the preference (2 s)
+
+        threads = [threading.Thread(target=wait, args=(a,)) for a in (lacking, having)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.4)  # both are waiting in their long polls
+        orch.run(name)
+        for thread in threads:
+            thread.join()
+        assert got[lacking.id] is None
+        assert got[having.id] is not None
+        having.report(got[having.id], output={})

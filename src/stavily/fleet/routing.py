@@ -9,11 +9,14 @@ to choose and whoever polls first takes the work. Strategies:
 - `round_robin`: eligible waiting agents in turn, per selector (kept by each replica).
 - `sticky`: the agent that ran this execution's latest step, waiting or not, if it is still
   eligible and has room (held for longer); otherwise least loaded.
+Whatever the strategy, a step of a pinned plugin version goes to a waiting agent that has
+that version, when one does (`holders`): the others would download it first.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -33,9 +36,16 @@ class Preference:
 
 
 class Router:
-    def __init__(self, prefer_seconds: float, sticky_seconds: float) -> None:
+    def __init__(
+        self,
+        prefer_seconds: float,
+        sticky_seconds: float,
+        holders: Callable[[str, str], set[str]] | None = None,
+    ) -> None:
         self.prefer_seconds = prefer_seconds
         self.sticky_seconds = sticky_seconds
+        # the agents known to have (plugin id, sha256): plugins.installs.Installs.holders
+        self.holders = holders
         self._turns: dict[str, int] = {}
 
     async def choose(
@@ -47,7 +57,9 @@ class Router:
         execution_id: str,
         now: datetime,
         waiting: set[str],
+        pinned: tuple[str, str] | None = None,
     ) -> Preference | None:
+        """`pinned`: the step's plugin and the sha256 of its pinned version, if any."""
         strategy = selector.get("strategy") or "least_loaded"
         if strategy != "sticky" and len(waiting) < 2:
             return None  # no choice to make: spare the query
@@ -105,6 +117,9 @@ class Router:
         candidates = [c for c in candidates if c.id in waiting]
         if len(candidates) < 2:
             return None  # nothing to choose: whoever polls first takes it
+        if pinned is not None and self.holders is not None:
+            have = self.holders(*pinned)
+            candidates = [c for c in candidates if c.id in have] or candidates
         if strategy == "round_robin":
             ordered = sorted(candidates, key=lambda c: c.name)
             key = json.dumps(selector, sort_keys=True)

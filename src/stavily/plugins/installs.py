@@ -97,6 +97,8 @@ class Installs:
         self.settings = settings
         # what each of our agents said it has, as last written by this process
         self._reported: dict[str, frozenset[tuple[str, str, str]]] = {}
+        # and who has each (plugin id, sha256), from the same heartbeats (routing)
+        self._holders: dict[tuple[str, str], set[str]] = {}
 
     def _retry_cutoff(self, now: datetime) -> datetime:
         return now - timedelta(seconds=self.settings.plugin_install_retry_seconds)
@@ -428,7 +430,15 @@ class Installs:
             ]
             if rows:
                 await conn.execute(agent_plugins.insert(), rows)
+        for plugin_id, _, sha256 in self._reported.get(agent.id, ()):
+            self._holders.get((plugin_id, sha256), set()).discard(agent.id)
+        for plugin_id, _, sha256 in now_has:
+            self._holders.setdefault((plugin_id, sha256), set()).add(agent.id)
         self._reported[agent.id] = now_has
+
+    def holders(self, plugin_id: str, sha256: str) -> set[str]:
+        """Our agents that said in their last heartbeat to this process they have it."""
+        return self._holders.get((plugin_id, sha256), set())
 
     async def of_agent(self, agent_id: str) -> list[dict[str, Any]]:
         async with self.db.read() as conn:

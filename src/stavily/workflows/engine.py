@@ -138,6 +138,7 @@ class Engine:
         self.channel: WorkChannel | None = None
         # plugin versions on agents: installs handed out, and who failed one
         self.installs = Installs(db, settings)
+        self.router.holders = self.installs.holders
 
     # -- plumbing ---------------------------------------------------------------------------
 

@@ -622,6 +622,7 @@ class Progression:
                 self.execution["id"],
                 self.now,
                 self.waiting,
+                (spec["plugin_id"], spec["plugin"]["sha256"]) if spec.get("plugin") else None,
             )
             if preference is not None:
                 instruction.update(

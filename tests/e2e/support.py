@@ -353,10 +353,12 @@ def recent(timestamp: str | None, seconds: float = 60) -> bool:
 PRELUDE = """\
 import argparse, json, os, subprocess, sys, time
 parser = argparse.ArgumentParser()
-parser.add_argument("--input", required=True)
+parser.add_argument("--input")  # only when the step has input (PLUGINS.md)
 args, extra = parser.parse_known_args()
-with open(args.input) as handle:
-    data = json.load(handle)
+data = {}
+if args.input:
+    with open(args.input) as handle:
+        data = json.load(handle)
 config = data.get("input_data") or {}
 context = data.get("context") or {}
 """

@@ -1,4 +1,6 @@
-"""The quickstart's example workflow, run by a real agent process against a real server."""
+"""The quickstart's example workflow, run by a real agent process against a real server:
+its plugins published as the quickstart publishes them, and installed by the agent from
+the registry (its plugins folder starts empty)."""
 
 from __future__ import annotations
 
@@ -7,20 +9,24 @@ import platform
 import socket
 import uuid
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
-from stavily.cli.quickstart import EXAMPLES
+from stavily.cli.quickstart import EXAMPLES, publish_example
 from tests.e2e.support import Stack, recent, wait_until
 
 pytestmark = pytest.mark.e2e
 
 
-def test_hello_stavily_runs_end_to_end(stack: Stack) -> None:
+def test_hello_stavily_runs_end_to_end(stack: Stack, tmp_path: Path) -> None:
+    for manifest in sorted((EXAMPLES / "plugins").glob("*/plugin.yaml")):
+        publish_example(stack.api, manifest.parent)
     # The example workflow's pool takes agents named `local-.*`.
     agent_id, key = stack.create_agent(f"local-e2e-{uuid.uuid4().hex[:8]}")
-    agent = stack.start_agent(agent_id, key, EXAMPLES / "plugins")
-    stack.apply((EXAMPLES / "workflows" / "hello-stavily.yaml").read_text())
+    agent = stack.start_agent(agent_id, key, tmp_path / "plugins")
+    applied = stack.apply((EXAMPLES / "workflows" / "hello-stavily.yaml").read_text())
+    assert {pin["version"] for pin in applied["plugins"].values()} == {"1.0.0"}
 
     started = stack.run("hello-stavily", {"who": "e2e"})
     assert started["status"] == "running"
@@ -44,6 +50,9 @@ def test_hello_stavily_runs_end_to_end(stack: Stack) -> None:
     )  # the agent runs python plugins with its own
     assert facts["cpu_count"] == os.cpu_count()
     assert isinstance(facts["platform"], str) and facts["platform"]
+
+    installed = tmp_path / "plugins" / ".registry"
+    assert sorted(p.name for p in installed.iterdir()) == ["echo", "system-info"]
 
     greet = steps["greet"]["result"]
     assert greet == {

@@ -72,6 +72,7 @@ def test_a_git_tag_branch_or_commit_publishes_the_same_artifact_as_its_folder(
         "kind": "git",
         "repository_url": str(repo),
         "ref": "v1.0.0",
+        "ref_kind": "tag",
         "commit": commit,
     }
     # The same content from a branch, a commit, and as an archive: one sha256, no-ops.
@@ -334,7 +335,7 @@ def test_a_rotated_key_signs_new_versions_and_old_signatures_still_verify(
     orch: Orchestrator, tmp_path: Path
 ) -> None:
     old = published(orch.api, make_plugin(tmp_path / "a", unique("rot")))
-    new_key = Keyring(orch.settings.plugin_keys_path).rotate()  # as `stavily plugin rotate-key`
+    new_key = Keyring(orch.settings.plugin_keys_path).rotate()  # what `plugin rotate-key` does
     new = published(orch.api, make_plugin(tmp_path / "b", unique("rot")))
     assert (new["key_id"], old["key_id"] != new_key) == (new_key, True)
     keys = {k["key_id"]: k for k in orch.api.get("/api/v1/plugins/keys").json()["keys"]}

@@ -229,6 +229,7 @@ def test_a_flags_plugin_gets_arguments_and_no_input(orch: Orchestrator, tmp_path
     orch.run(name)
     instruction = _until(lambda: agent.poll(slots=1))
     assert instruction["input_data"] == {}  # so the official agent passes no --input
+    assert instruction["context"] == {}  # nor one that passes it for a context
     assert instruction["plugin_configuration"]["arguments"] == [
         "--cpu-trigger-percentage",
         "90.5",
@@ -281,10 +282,13 @@ def test_an_official_agent_installs_the_pinned_version_from_git_then_runs_the_st
     install = _until(agent.poll)
     assert install["instruction_type"] == "plugin_install"
     assert install["plugin_id"] == plugin_id
+    # the tag it was published from, and its commit; `version`, which official agents
+    # ignore, for ours (`plugin_version` would be cloned as a branch)
     assert install["plugin_configuration"] == {
         "repository_url": version["source"]["repository_url"],
+        "tag": "v1.0.0",
         "commit_hash": version["source"]["commit"],
-        "plugin_version": "1.0.0",
+        "version": "1.0.0",
         "sha256": version["sha256"],
     }
     assert install["input_data"] == {} and isinstance(install["timeout_seconds"], int)

@@ -1,4 +1,5 @@
-"""Running one plugin the way the official agents do: entry point, `--input <file>`, JSON out."""
+"""Running one plugin the way the official agents do: entry point, `--input <file>` when
+there is input, JSON out."""
 
 from __future__ import annotations
 
@@ -264,16 +265,38 @@ def parse_output(text: str) -> Any:
     return value if isinstance(value, dict) else {"raw_output": text}
 
 
+def _input_file(instruction: dict[str, Any]) -> str | None:
+    """The `--input` file, only when `input_data` is non-empty: that is the convention, and
+    a plugin that takes its own flags exits 2 on an unknown `--input`."""
+    input_data = instruction.get("input_data")
+    if not input_data:
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(
+            {
+                "input_data": input_data,
+                "context": instruction.get("context") or {},
+                "variables": {},
+            },
+            handle,
+        )
+    return handle.name
+
+
 async def run_plugin(
-    plugins_dir: Path, instruction: dict[str, Any], allow_env: Sequence[str] = ()
+    plugins_dir: Path,
+    instruction: dict[str, Any],
+    allow_env: Sequence[str] = (),
+    folder: Path | None = None,
 ) -> Outcome:
     """Run one `execute` instruction's plugin; `allow_env` is the agent's own allow list
-    (`--allow-env`), beside the manifest's `permissions.environment`."""
+    (`--allow-env`), beside the manifest's `permissions.environment`. It runs from
+    `folder` (a registry install) or else from the hand-installed `plugins_dir/<id>`."""
     started = time.monotonic()
     plugin_id = str(instruction.get("plugin_id") or "")
     if not _SAFE_ID.match(plugin_id):
         return Outcome(False, error_message=f"invalid plugin id '{plugin_id}'")
-    folder = (plugins_dir / plugin_id).resolve()
+    folder = (folder or plugins_dir / plugin_id).resolve()
     if not folder.is_dir():
         return Outcome(False, error_message=f"plugin '{plugin_id}' is not installed")
     manifest = load_manifest(folder)
@@ -294,22 +317,12 @@ async def run_plugin(
         return Outcome(False, error_message=str(refused), duration=time.monotonic() - started)
     timeout = _time_limit(instruction, manifest)
     setup = _child_setup(_memory_limit(manifest), watched=_PLUGIN_PROCESSES.watched())
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump(
-            {
-                "input_data": instruction.get("input_data") or {},
-                "context": instruction.get("context") or {},
-                "variables": {},
-            },
-            handle,
-        )
-        input_path = handle.name
+    input_path = _input_file(instruction)
     try:
         process = await asyncio.create_subprocess_exec(
             *_command(folder, entry, manifest),
             *arguments,
-            "--input",
-            input_path,
+            *(["--input", input_path] if input_path else []),
             cwd=folder,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
@@ -340,7 +353,8 @@ async def run_plugin(
     except OSError as exc:
         return Outcome(False, error_message=f"could not start the plugin: {exc}")
     finally:
-        os.unlink(input_path)
+        if input_path:
+            os.unlink(input_path)
     text = stdout.decode(errors="replace")
     err = stderr.decode(errors="replace")[-STDERR_KEPT:]
     duration = time.monotonic() - started

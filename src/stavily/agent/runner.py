@@ -21,11 +21,19 @@ import structlog
 
 from stavily import __version__
 from stavily.agent.plugins import kill_running_plugins, refusal, run_plugin
+from stavily.agent.registry import (
+    InstallFailed,
+    PluginInstaller,
+    PluginRefused,
+    pinned_keys,
+    registry_ref,
+)
 from stavily.agent.system import SystemFigures
 
 log = structlog.get_logger("stavily.agent")
 # Answers after which a report is final: retrying cannot change them.
 _FINAL_STATUSES = {200, 400, 401, 403, 404, 409, 413, 422}
+_INSTALLS = ("plugin_install", "plugin_update")
 
 
 @dataclass
@@ -40,6 +48,10 @@ class AgentConfig:
     capacity: int = 1
     # Step environment variables any plugin may receive (names or globs, `--allow-env`).
     allow_env: tuple[str, ...] = ()
+    # The only keys registry plugins may be signed with (base64, `--plugin-key`); none: the
+    # server's own (trust on first use, see stavily.agent.registry).
+    # trusted plugin signing keys (base64); none: the orchestrator's (registry module)
+    plugin_keys: tuple[str, ...] = ()
 
 
 def allow_env_patterns(options: Iterable[str] | None, variable: str | None) -> tuple[str, ...]:
@@ -58,6 +70,23 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+STDIN_UNSUPPORTED = (
+    "the plugin takes JSON lines on stdin (protocol: stdin), a conversation this agent "
+    "does not hold yet"
+)
+
+
+def _install_failure(failed: InstallFailed, execution_log: list[str]) -> dict[str, Any]:
+    """The failed result of an instruction whose plugin could not be installed."""
+    execution_log.append(f"[{_now()}] {failed.message}")
+    return {
+        "status": "failed",
+        "error_message": failed.message,
+        "error_details": {"error_type": failed.error_type, "timestamp": _now()},
+        "execution_log": execution_log,
+    }
+
+
 class Agent:
     """Runs up to `capacity` instructions at once, each in its own task.
 
@@ -69,7 +98,9 @@ class Agent:
     """
 
     def __init__(self, config: AgentConfig) -> None:
+        """ValueError for a `plugin_keys` entry that is no Ed25519 public key."""
         self.config = config
+        pinned = pinned_keys(config.plugin_keys)  # before the client: nothing to close
         self.capacity = max(1, config.capacity)
         token = config.token.removeprefix("Bearer ").strip()
         self.client = httpx.AsyncClient(
@@ -85,6 +116,7 @@ class Agent:
             limits=httpx.Limits(max_connections=max(100, self.capacity * 2 + 8)),
         )
         self.base = f"/agents/v1/{config.agent_id}"
+        self.installer = PluginInstaller(self.client, self.base, config.plugins_dir, pinned)
         self.system = SystemFigures(config.plugins_dir)
         # seconds between heartbeats: ours, or longer when the server's answer says so
         self.beat_every = float(config.heartbeat_interval)
@@ -159,6 +191,11 @@ class Agent:
             "os": platform.system().lower(),
             "capacity": min(self.capacity, 1000),
             "running": sorted(self.running)[:1000],
+            # the registry versions it has: routing prefers it for their steps
+            "plugins": [
+                {"id": plugin_id, "version": version, "sha256": sha256}
+                for (plugin_id, version), sha256 in sorted(self.installer.have.items())
+            ][:1000],
         }
         interval = self.config.heartbeat_interval
         if interval <= 3600:  # the server's range is 1..3600; beating faster is no harm
@@ -311,43 +348,94 @@ class Agent:
     async def _execute(self, instruction: dict[str, Any]) -> dict[str, Any] | None:
         instruction_id = instruction["id"]
         bound = log.bind(instruction_id=instruction_id, plugin_id=instruction.get("plugin_id"))
-        execution_log = [f"[{_now()}] Instruction received", f"[{_now()}] Started plugin execution"]
+        kind = instruction.get("instruction_type") or "execute"
+        started = "installation" if kind in _INSTALLS else "execution"
+        execution_log = [f"[{_now()}] Instruction received", f"[{_now()}] Started plugin {started}"]
         with contextlib.suppress(httpx.HTTPError):
             await self.client.put(
                 f"{self.base}/instructions/{instruction_id}",
                 json={"status": "executing", "execution_log": execution_log},
             )
-        kind = instruction.get("instruction_type") or "execute"
-        if kind != "execute":
-            report: dict[str, Any] = {
+        if kind == "execute":
+            report = await self._run(instruction, execution_log)
+        elif kind in _INSTALLS:
+            report = await self._install(instruction, execution_log)
+        else:
+            report = {
                 "status": "failed",
                 "error_message": f"unsupported instruction type '{kind}'",
                 "execution_log": execution_log,
             }
-        else:
-            outcome = await run_plugin(
-                self.config.plugins_dir, instruction, allow_env=self.config.allow_env
-            )
-            execution_log.append(
-                f"[{_now()}] Plugin finished in {outcome.duration:.3f}s: "
-                + ("success" if outcome.success else str(outcome.error_message))
-            )
-            if outcome.stderr:
-                execution_log.extend(outcome.stderr.rstrip().splitlines()[-200:])
-            report = {
-                "status": "completed" if outcome.success else "failed",
-                "result": outcome.output,
-                "execution_log": execution_log,
-            }
-            if not outcome.success:
-                report["error_message"] = outcome.error_message
-                report["error_details"] = {
-                    "error_type": "plugin_error",
-                    "exit_code": outcome.exit_code,
-                    "timestamp": _now(),
-                }
         bound.info("instruction finished", status=report["status"])
         return await self._report(instruction_id, report)
+
+    async def _run(self, instruction: dict[str, Any], execution_log: list[str]) -> dict[str, Any]:
+        """An `execute`: a registry version is installed first if it is not yet, and runs
+        from its own folder; any other plugin from the hand-installed one."""
+        folder = None
+        configuration = instruction.get("plugin_configuration")
+        if isinstance(configuration, dict) and configuration.get("protocol") == "stdin":
+            # It would read end-of-file, exit 0 with no output: a success that is not one.
+            return _install_failure(PluginRefused(STDIN_UNSUPPORTED), execution_log)
+        try:
+            ref = registry_ref(instruction)
+            if ref is not None:
+                installed = await self.installer.install(ref)
+                execution_log.extend(f"[{_now()}] {line}" for line in installed.logs)
+                folder = installed.path
+        except InstallFailed as failed:
+            return _install_failure(failed, execution_log)
+        outcome = await run_plugin(
+            self.config.plugins_dir, instruction, allow_env=self.config.allow_env, folder=folder
+        )
+        execution_log.append(
+            f"[{_now()}] Plugin finished in {outcome.duration:.3f}s: "
+            + ("success" if outcome.success else str(outcome.error_message))
+        )
+        if outcome.stderr:
+            execution_log.extend(outcome.stderr.rstrip().splitlines()[-200:])
+        report = {
+            "status": "completed" if outcome.success else "failed",
+            "result": outcome.output,
+            "execution_log": execution_log,
+        }
+        if not outcome.success:
+            report["error_message"] = outcome.error_message
+            report["error_details"] = {
+                "error_type": "plugin_error",
+                "exit_code": outcome.exit_code,
+                "timestamp": _now(),
+            }
+        return report
+
+    async def _install(
+        self, instruction: dict[str, Any], execution_log: list[str]
+    ) -> dict[str, Any]:
+        """A `plugin_install`/`plugin_update` (a rollout): only from the registry, verified;
+        a git source alone is for the official agents, which install without verifying."""
+        try:
+            ref = registry_ref(instruction)
+            if ref is None:
+                raise InstallFailed(
+                    "plugin_configuration must name the registry version (sha256 and "
+                    "plugin_version): this agent installs only verified registry versions, "
+                    "not from git"
+                )
+            installed = await self.installer.install(ref)
+        except InstallFailed as failed:
+            return _install_failure(failed, execution_log)
+        execution_log.extend(f"[{_now()}] {line}" for line in installed.logs)
+        return {
+            "status": "completed",
+            "result": {
+                "install_result": {
+                    "installed_path": str(installed.path),
+                    "logs": installed.logs,
+                    "duration": round(installed.duration, 3),
+                }
+            },
+            "execution_log": execution_log,
+        }
 
     async def _report(self, instruction_id: str, report: dict[str, Any]) -> dict[str, Any] | None:
         """Retry until the server gives a final answer: a result must not be lost.
@@ -569,7 +657,11 @@ async def resolve_credentials(
 
 
 async def run_agent(config: AgentConfig) -> int:
-    agent = Agent(config)
+    try:
+        agent = Agent(config)
+    except ValueError as exc:  # a --plugin-key that is no key: refuse to start, do not guess
+        log.error("cannot start the agent", error=str(exc))
+        return 2
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)
@@ -580,5 +672,11 @@ async def run_agent(config: AgentConfig) -> int:
                 pattern=pattern,
                 reason=refusal(pattern),
             )
-    log.info("agent started", agent_id=config.agent_id, url=config.url, allow_env=config.allow_env)
+    log.info(
+        "agent started",
+        agent_id=config.agent_id,
+        url=config.url,
+        allow_env=config.allow_env,
+        plugin_keys=sorted(agent.installer.pinned) or "the server's",
+    )
     return await agent.run()

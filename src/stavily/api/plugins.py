@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stavily.api import schemas
 from stavily.api.deps import AppState, CurrentAgent, CurrentPrincipal, State
@@ -107,8 +107,8 @@ async def _spooled(request: Request, state: State) -> Path:
     responses={
         200: {
             "model": schemas.PublishedVersion,
-            "description": "The same content was "
-            "published already: that version, `created: false`.",
+            "description": "The same content was published already: that version, "
+            "`created: false`.",
         },
         **errors(401, 403, 409, 413, 415, 422),
     },
@@ -123,13 +123,13 @@ async def publish(request: Request, principal: CurrentPrincipal, state: AppState
         raw = await request.body()
         try:
             body = PublishRequest.model_validate_json(raw)
-        except ValueError as exc:
+        except ValidationError as exc:
             raise InvalidInput(
                 "invalid publish request",
                 [
                     {"path": ".".join(map(str, e["loc"])) or "(root)", "message": e["msg"]}
                     for e in exc.errors(include_url=False)
-                ],  # type: ignore[attr-defined]
+                ],
             ) from None
         view, created = await state.plugins.publish_source(
             principal.organization_id, principal.actor, body.source, body.ref, body.sub_directory

@@ -223,12 +223,23 @@ def agent_run(
             "Loader and interpreter variables are never passed",
         ),
     ] = None,
+    plugin_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--plugin-key",
+            metavar="BASE64",
+            help="A public key registry plugins must be signed with (base64 of the raw "
+            "Ed25519 key, as `stavily plugin keys` lists it), repeatable; added to "
+            "STAVILY_AGENT_PLUGIN_KEYS's (comma-separated). None: trust the orchestrator's",
+        ),
+    ] = None,
 ) -> None:
     """Run the reference agent: poll, run plugins, report, heartbeat.
 
     Its credentials: --agent-id and --token; else the credentials file; else enrolling
     with --enroll, which writes that file (mode 0600) for later starts.
     """
+    from stavily.agent.registry import plugin_key_list
     from stavily.agent.runner import (
         AgentConfig,
         EnrollmentFailed,
@@ -272,6 +283,7 @@ def agent_run(
         poll_wait=poll_wait,
         capacity=capacity,
         allow_env=allow_env_patterns(allow_env, os.environ.get("STAVILY_AGENT_ALLOW_ENV")),
+        plugin_keys=plugin_key_list(plugin_key, os.environ.get("STAVILY_AGENT_PLUGIN_KEYS")),
     )
     raise typer.Exit(asyncio.run(run_agent(config)))
 

@@ -18,11 +18,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from stavily.cli.plugins import pack
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 AGENT_NAME = "local-agent-1"
@@ -258,6 +261,21 @@ def _checked(response: httpx.Response, what: str) -> httpx.Response:
 # -- the quickstart -------------------------------------------------------------------------
 
 
+def publish_example(api: httpx.Client, folder: Path) -> None:
+    """Publish an example plugin to the registry (the same content again is a no-op), so
+    the example workflow's steps are pinned to it and the agent installs it from there."""
+    with tempfile.TemporaryFile() as archive:
+        pack(folder, archive)
+        _checked(
+            api.post(
+                "/api/v1/plugins",
+                content=archive.read(),
+                headers={"Content-Type": "application/gzip"},
+            ),
+            f"publishing the example plugin {folder.name}",
+        )
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # stop as on Ctrl-C: the agent and the server too
 
@@ -328,8 +346,9 @@ def _run(port: int, data_dir: Path) -> int:
                         url,
                         "--agent-id",
                         state["agent_id"],
+                        # its own: it installs the published plugins there
                         "--plugins-dir",
-                        str(EXAMPLES / "plugins"),
+                        str(data_dir / "agent-plugins"),
                         "--heartbeat-interval",
                         "10",
                     ],
@@ -338,6 +357,8 @@ def _run(port: int, data_dir: Path) -> int:
                     stdout=log,
                     stderr=log,
                 )
+            for manifest in sorted((EXAMPLES / "plugins").glob("*/plugin.yaml")):
+                publish_example(api, manifest.parent)
             source = (EXAMPLES / "workflows" / "hello-stavily.yaml").read_text()
             applied = _checked(
                 api.post(

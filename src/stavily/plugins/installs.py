@@ -83,12 +83,18 @@ def git_configuration(version: Any) -> dict[str, Any] | str:
             f"{version.plugin_id} {version.version} lives in the repository's folder "
             f"'{source['sub_directory']}', and official agents install a repository's root"
         )
-    return {
+    # The official agent clones the tag or branch the version was published from, then
+    # checks out its commit (`plugin_version` would be taken for a branch name); `version`
+    # and `sha256`, which it ignores, tell the reference agent which registry version.
+    configuration = {
         "repository_url": source["repository_url"],
         "commit_hash": source["commit"],
-        "plugin_version": version.version,
+        "version": version.version,
         "sha256": version.sha256,
     }
+    if source.get("ref_kind") in ("tag", "branch"):
+        configuration[source["ref_kind"]] = source["ref"]
+    return configuration
 
 
 class Installs:
@@ -173,7 +179,7 @@ class Installs:
                 )
             )
             kind = "plugin_update" if others.first() is not None else "plugin_install"
-            row = self._install_row(agent, version, kind, git, now, step.id)
+            row = self._install_row(agent, version, kind, git, now, step.id, official=True)
             row.update(status="leased", agent_id=agent.id, leased_at=now)
             await conn.execute(instructions.insert().values(**row))
             await self._known(conn, agent.id, version, "installing", None, row["id"], now)
@@ -213,7 +219,9 @@ class Installs:
         now: datetime,
         for_step: str | None = None,
         rollout_id: str | None = None,
+        official: bool = False,
     ) -> dict[str, Any]:
+        """`official`: handed to an official agent (it keeps one version per plugin)."""
         timeout = self.settings.plugin_install_timeout
         context: dict[str, Any] = {
             "install": {
@@ -221,6 +229,7 @@ class Installs:
                 "version": version.version,
                 "sha256": version.sha256,
                 **({"for": for_step} if for_step else {}),
+                **({"official": True} if official else {}),
             }
         }
         if rollout_id:
@@ -365,8 +374,7 @@ class Installs:
             ).first()
             if version is not None:
                 if final == "completed" and row.instruction_type in INSTALL_TYPES:
-                    official = "repository_url" in (row.plugin_configuration or {})
-                    if official:  # one folder per plugin: the other versions are gone
+                    if install.get("official"):  # one folder per plugin: the others are gone
                         await conn.execute(
                             agent_plugins.delete().where(
                                 agent_plugins.c.agent_id == agent.id,
@@ -526,11 +534,11 @@ class Installs:
             chosen = [a for a in fleet if eligible(a, selector)]
             git = git_configuration(version)
             for agent in chosen:
-                configuration: dict[str, Any] = {
-                    "plugin_version": version.version,
-                    "sha256": version.sha256,
-                    **(git if isinstance(git, dict) else {}),
-                }
+                configuration: dict[str, Any] = (
+                    git
+                    if isinstance(git, dict)
+                    else {"version": version.version, "sha256": version.sha256}
+                )
                 row = self._install_row(
                     agent, version, "plugin_install", configuration, now, rollout_id=rollout_id
                 )

@@ -158,6 +158,7 @@ class Registry:
                     "kind": "git",
                     "repository_url": source,
                     "ref": ref,
+                    "ref_kind": fetched.ref_kind,
                     "commit": fetched.commit,
                 }
             if sub_directory:

@@ -20,12 +20,15 @@ _REMOTE_SCHEMES = ("https", "http", "ssh", "git")
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:")  # git@github.com:org/repo.git
 _REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 _COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
+_FETCHED_KIND = re.compile(r"\t(branch|tag) '")
 
 
 @dataclass(frozen=True)
 class Fetched:
     folder: Path
     commit: str
+    # what the ref named: tag | branch | commit (None: the default branch)
+    ref_kind: str | None
 
 
 def _problem(message: str, path: str = "source") -> InvalidInput:
@@ -120,4 +123,10 @@ async def fetch(url: str, ref: str | None, into: Path, timeout: float) -> Fetche
     code, commit = await _git(["rev-parse", "HEAD"], into, timeout)
     if code:
         raise _problem(f"cannot read the commit: {commit}")
-    return Fetched(into, commit)
+    kind = None
+    if ref is not None:
+        # git says in FETCH_HEAD whether the name was a branch or a tag
+        head = await asyncio.to_thread((into / ".git" / "FETCH_HEAD").read_text)
+        named = _FETCHED_KIND.search(head) if target == "FETCH_HEAD" else None
+        kind = named.group(1) if named else "commit"
+    return Fetched(into, commit, kind)

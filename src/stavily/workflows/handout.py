@@ -46,6 +46,11 @@ def instruction_payload(row: Any, policy: SecretPolicy) -> dict[str, Any]:
     refs, nonce = context.get("secrets") or {}, context.get("secret_nonce")
     if refs or "config" in context:
         context = {k: v for k, v in context.items() if k not in _UNSHOWN_CONTEXT}
+    configuration = row.plugin_configuration
+    if isinstance(configuration, dict) and configuration.get("protocol") == "flags":
+        # A flags plugin never reads it, and an agent that passes `--input` whenever
+        # there is a context would break it: only what the agent itself uses.
+        context = {k: v for k, v in context.items() if k == "secret_environment"}
     return {
         "id": row.id,
         "plugin_id": row.plugin_id,

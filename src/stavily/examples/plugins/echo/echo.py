@@ -5,10 +5,13 @@ import json
 import sys
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--input", required=True)
+# Agents pass `--input <file>` only when the step has input (its config).
+parser.add_argument("--input")
 args = parser.parse_args()
-with open(args.input) as handle:
-    data = json.load(handle)
+data = {}
+if args.input:
+    with open(args.input) as handle:
+        data = json.load(handle)
 context = data.get("context") or {}
 print(f"echo: step {context.get('step')}", file=sys.stderr)
 json.dump(

@@ -151,7 +151,7 @@ def test_a_claim_looks_up_and_locks_only_what_it_leases(pg_url: str) -> None:
             org = (await seed(db))["org"]
             agent = await add_agent(db, org, "agt-one", {})
             await queue(db, org, {f"i{n}": {} for n in range(8)})
-            params = Engine(db, Settings())._lease_params(agent, 1, utcnow())
+            params = Engine(db, Settings())._lease_params(agent, 1, utcnow(), False)
             compiled = queries.claim(8).compile(dialect=db.engine.dialect)
             async with db.engine.connect() as conn:
                 raw = (await conn.get_raw_connection()).dbapi_connection._connection

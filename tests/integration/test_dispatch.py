@@ -93,9 +93,11 @@ def test_a_queued_step_wakes_one_waiting_agent_not_all(world: World) -> None:
         claims: list[str] = []
         claim = world.engine.claim
 
-        async def counted(agent: AgentIdentity, slots: int) -> list[dict[str, Any]]:
+        async def counted(
+            agent: AgentIdentity, slots: int, official: bool = False
+        ) -> list[dict[str, Any]]:
             claims.append(agent.id)
-            return await claim(agent, slots)
+            return await claim(agent, slots, official)
 
         world.engine.claim = counted  # type: ignore[method-assign]
         polls = [asyncio.create_task(world.engine.poll(a, 1, wait=3)) for a in world.agents]

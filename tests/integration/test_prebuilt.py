@@ -287,6 +287,7 @@ def test_parameters_are_put_in_place_as_sqlalchemy_puts_them(dialect_name: str) 
         **{"limit": 4, "v_open_steps": 2, "v_failed_step": None, "ids": ["a", "b"]},
         **{"v_status": "completed", "v_result": {"ok": [1, 2]}},
         **{"slots": 2, "grace": 30, "actor": "agent:a", "seen_agent_id": "a", "seen_status": "x"},
+        "official": True,
     }
     statements = [
         queries.AGENT_NOW,

@@ -201,6 +201,7 @@ def test_publish_a_git_url_at_a_tag(cli: Invoke, sources: Path) -> None:
         "kind": "git",
         "repository_url": url,
         "ref": "v1.0.0",
+        "ref_kind": "tag",
         "commit": tagged,
         "sub_directory": "plugin",
     }

@@ -18,9 +18,19 @@ from typing import Any
 import pytest
 
 from tests.e2e.support import Process, Processes, Stack, base_env, wait_until, workflow
+from tests.harness import fresh_database
 from tests.plugin_fixtures import git, git_repo, make_plugin
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    """SQLite only: what is under test is the agent; the server's side of installs runs
+    on both databases in tests/integration/test_plugin_workflows.py."""
+    with fresh_database("sqlite", tmp_path) as url:
+        yield url
+
 
 OFFICIAL_AGENT = Path(__file__).resolve().parents[1] / "official_agent.py"
 

@@ -10,6 +10,7 @@ import json
 import tarfile
 import textwrap
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.e2e.support import Process, Stack, wait_until, workflow
+from tests.harness import fresh_database
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    """SQLite only: what is under test is the agent; the server's side of installs runs
+    on both databases in tests/integration/test_plugin_workflows.py."""
+    with fresh_database("sqlite", tmp_path) as url:
+        yield url
+
 
 # Takes `--input <file>` only when it is given (the convention: none for empty input).
 HELLO = """\

@@ -319,14 +319,14 @@ def test_the_database_store_serves_the_same_artifact(backend: str, tmp_path: Pat
         serve(url, tmp_path / "data", plugin_store="database") as orch,
     ):
         folder = make_plugin(tmp_path / "p", "stored")
-        (folder / "data.bin").write_bytes(os.urandom(2_500_000))  # three chunks
+        (folder / "data.bin").write_bytes(os.urandom(700_000))  # three rows of 256 KiB
         version = published(orch.api, folder)
         assert not (tmp_path / "data" / "plugins").exists()
         agent = SimAgent(orch)
         base = f"/agents/v1/{agent.id}/plugins/stored/1.0.0/artifact"
         whole = agent.client.get(base).content
         assert hashlib.sha256(whole).hexdigest() == version["sha256"]
-        span = (1024 * 1024 - 5, 2 * 1024 * 1024 + 5)
+        span = (256 * 1024 - 5, 512 * 1024 + 5)  # across rows
         part = agent.client.get(base, headers={"Range": f"bytes={span[0]}-{span[1]}"})
         assert part.content == whole[span[0] : span[1] + 1]
 

@@ -161,7 +161,7 @@ async def list_plugins(principal: CurrentPrincipal, state: AppState) -> JSONResp
 async def plugin_keys(principal: CurrentPrincipal, state: AppState) -> JSONResponse:
     """The public keys versions are signed with: the newest signs, older ones verify."""
     principal.require("read")
-    keys = await asyncio.to_thread(state.plugins.keys.public_keys)
+    keys = await state.plugins.public_keys(fresh=True)
     return JSONResponse({"keys": [k.view() for k in keys]})
 
 
@@ -262,8 +262,7 @@ async def get_rollout(
 @public.get("/keys", response_model=schemas.SigningKeyList, responses=errors(401, 403, 422, 429))
 async def agent_plugin_keys(agent: CurrentAgent, request: Request) -> JSONResponse:
     state: State = request.app.state.stavily
-    keys = await asyncio.to_thread(state.plugins.keys.public_keys)
-    return JSONResponse({"keys": [k.view() for k in keys]})
+    return JSONResponse({"keys": [k.view() for k in await state.plugins.public_keys()]})
 
 
 async def _agent_version(request: Request, agent: Any, plugin_id: str, version: str) -> Any:

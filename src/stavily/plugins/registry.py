@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,7 @@ from stavily.timeutil import isoformat, utcnow
 log = structlog.get_logger("stavily.plugins")
 
 STATUSES = ("active", "deprecated", "yanked")
+KEYS_FRESH_SECONDS = 5.0
 
 
 def policy_findings(manifest: manifests.Manifest, settings: Settings) -> list[dict[str, str]]:
@@ -100,6 +102,15 @@ class Registry:
             max_files=settings.plugin_max_files,
         )
         self.work = settings.data_dir / "tmp"
+        self._keys: tuple[float, list[Any]] | None = None  # (read at, keys)
+
+    async def public_keys(self, fresh: bool = False) -> list[Any]:
+        """The public keys, read from the key folder at most every few seconds unless
+        `fresh` (agents ask for them as they install; a rotation shows within that time)."""
+        now = time.monotonic()
+        if fresh or self._keys is None or now - self._keys[0] > KEYS_FRESH_SECONDS:
+            self._keys = (now, await asyncio.to_thread(self.keys.public_keys))
+        return self._keys[1]
 
     async def start(self) -> None:
         await asyncio.to_thread(self.keys.ensure)
@@ -230,6 +241,8 @@ class Registry:
             "created": isoformat(now),
         }
         key_id, signature = await asyncio.to_thread(self.keys.sign, signed)
+        if self._keys is not None and key_id not in {k.key_id for k in self._keys[1]}:
+            self._keys = None  # a rotated key: agents must find it at once
         row = {
             "organization_id": organization_id,
             "plugin_id": manifest.id,

@@ -22,7 +22,6 @@ from stavily.store.db import Database
 from stavily.store.models import plugin_blob_chunks
 
 PIECE = 64 * 1024  # what a read yields
-READ = 4 * PIECE  # what one trip to a worker thread reads
 DB_CHUNK = 256 * 1024  # a row of plugin_blob_chunks
 
 
@@ -64,12 +63,12 @@ class FolderStore:
             await asyncio.to_thread(handle.seek, start)
             left = end - start
             while left > 0:
-                chunk = await asyncio.to_thread(handle.read, min(READ, left))
-                if not chunk:
+                # a new piece each time: the transport may keep it queued until it is sent
+                piece = await asyncio.to_thread(handle.read, min(PIECE, left))
+                if not piece:
                     break
-                left -= len(chunk)
-                for piece in _pieces(chunk):
-                    yield piece
+                left -= len(piece)
+                yield piece
         finally:
             handle.close()
 
@@ -126,13 +125,9 @@ class DatabaseStore:
                 ).scalar()
             if data is None:
                 break
-            chunk = bytes(data[offset : offset + left])
+            row = memoryview(data)[offset : offset + left]
             offset = 0
             seq += 1
-            left -= len(chunk)
-            for piece in _pieces(chunk):
-                yield piece
-
-
-def _pieces(chunk: bytes) -> list[bytes]:
-    return [chunk[i : i + PIECE] for i in range(0, len(chunk), PIECE)]
+            left -= len(row)
+            for at in range(0, len(row), PIECE):
+                yield bytes(row[at : at + PIECE])

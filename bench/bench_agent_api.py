@@ -248,6 +248,9 @@ class Server:
             "STAVILY_AGENT_RATE_LIMIT": os.environ.get(
                 "STAVILY_AGENT_RATE_LIMIT", "1000000/second"
             ),
+            # the simulated agents run a `noop` nobody publishes (the agent API is measured,
+            # not installs: bench_plugins.py measures distribution)
+            "STAVILY_UNREGISTERED_PLUGINS": "allow",
         }
         serve = ["-m", "stavily.cli.main", "serve", "--port", str(self.port)]
         if self.profile_out is not None:

@@ -175,7 +175,7 @@ def apply_workflow(url: str, source: str) -> None:
         applied = api.post(
             "/api/v1/workflows", content=source, headers={"Content-Type": "application/yaml"}
         )
-    if applied.status_code != 201:
+    if applied.status_code not in (200, 201):  # 200: applied already, unchanged
         raise RuntimeError(f"applying a workflow: {applied.status_code} {applied.text[:500]}")
 
 

@@ -28,6 +28,7 @@ from stavily.config import Settings
 from stavily.errors import Conflict, Forbidden, InvalidInput, NotFound
 from stavily.fleet.agents import eligible
 from stavily.ids import new_id
+from stavily.plugins.registry import version_row
 from stavily.store.db import Database
 from stavily.store.models import (
     ACTIVE_INSTRUCTION,
@@ -36,7 +37,6 @@ from stavily.store.models import (
     agents,
     instructions,
     plugin_rollouts,
-    plugin_versions,
 )
 from stavily.timeutil import isoformat, utcnow
 from stavily.workflows.handout import COMPLETED, FAILED
@@ -154,15 +154,9 @@ class Installs:
             if step is None:
                 return None
             configuration = step.plugin_configuration
-            version = (
-                await conn.execute(
-                    sa.select(plugin_versions).where(
-                        plugin_versions.c.organization_id == agent.organization_id,
-                        plugin_versions.c.plugin_id == step.plugin_id,
-                        plugin_versions.c.version == configuration.get("plugin_version"),
-                    )
-                )
-            ).first()
+            version = await version_row(
+                conn, agent.organization_id, step.plugin_id, configuration.get("plugin_version")
+            )
             if version is None or version.sha256 != configuration.get("sha256"):
                 return None  # not ours to install (deleted, or another registry's digest)
             git = git_configuration(version)
@@ -363,15 +357,9 @@ class Installs:
                 )
             )
             install = (row.context or {}).get("install") or {}
-            version = (
-                await conn.execute(
-                    sa.select(plugin_versions).where(
-                        plugin_versions.c.organization_id == agent.organization_id,
-                        plugin_versions.c.plugin_id == install.get("plugin_id"),
-                        plugin_versions.c.version == install.get("version"),
-                    )
-                )
-            ).first()
+            version = await version_row(
+                conn, agent.organization_id, install.get("plugin_id"), install.get("version")
+            )
             if version is not None:
                 if final == "completed" and row.instruction_type in INSTALL_TYPES:
                     if install.get("official"):  # one folder per plugin: the others are gone
@@ -509,15 +497,7 @@ class Installs:
         now = utcnow()
         rollout_id = new_id("rol")
         async with self.db.write() as conn:
-            version = (
-                await conn.execute(
-                    sa.select(plugin_versions).where(
-                        plugin_versions.c.organization_id == organization_id,
-                        plugin_versions.c.plugin_id == plugin_id,
-                        plugin_versions.c.version == version_text,
-                    )
-                )
-            ).first()
+            version = await version_row(conn, organization_id, plugin_id, version_text)
             if version is None:
                 raise NotFound(f"no version {version_text} of plugin '{plugin_id}'")
             if version.status == "yanked":

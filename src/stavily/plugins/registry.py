@@ -67,6 +67,20 @@ def policy_findings(manifest: manifests.Manifest, settings: Settings) -> list[di
     return found
 
 
+async def version_row(
+    conn: AsyncConnection, organization_id: str, plugin_id: Any, version: Any
+) -> Any:
+    """A version's row, or None."""
+    found = await conn.execute(
+        sa.select(plugin_versions).where(
+            plugin_versions.c.organization_id == organization_id,
+            plugin_versions.c.plugin_id == plugin_id,
+            plugin_versions.c.version == version,
+        )
+    )
+    return found.first()
+
+
 def version_view(row: Any) -> dict[str, Any]:
     return {
         "plugin_id": row.plugin_id,
@@ -303,15 +317,7 @@ class Registry:
 
     async def _existing(self, organization_id: str, plugin_id: str, version: str) -> Any:
         async with self.db.read() as conn:
-            return (
-                await conn.execute(
-                    sa.select(plugin_versions).where(
-                        plugin_versions.c.organization_id == organization_id,
-                        plugin_versions.c.plugin_id == plugin_id,
-                        plugin_versions.c.version == version,
-                    )
-                )
-            ).first()
+            return await version_row(conn, organization_id, plugin_id, version)
 
     async def _upsert_plugin(
         self, conn: AsyncConnection, organization_id: str, manifest: manifests.Manifest, now: Any
@@ -444,19 +450,3 @@ class Registry:
         return version_view(await self.version(organization_id, plugin_id, version))
 
     # -- resolving ------------------------------------------------------------------------
-
-    async def versions_of(
-        self, conn: AsyncConnection, organization_id: str, plugin_ids: set[str]
-    ) -> dict[str, list[Any]]:
-        rows = (
-            await conn.execute(
-                sa.select(plugin_versions).where(
-                    plugin_versions.c.organization_id == organization_id,
-                    plugin_versions.c.plugin_id.in_(sorted(plugin_ids)),
-                )
-            )
-        ).all()
-        found: dict[str, list[Any]] = {}
-        for row in rows:
-            found.setdefault(row.plugin_id, []).append(row)
-        return {k: ordered(v) for k, v in found.items()}

@@ -45,6 +45,7 @@ log = structlog.get_logger("stavily.plugins")
 
 PREFIX = "inp"
 INSTALL_TYPES = ("plugin_install", "plugin_update")
+PINNED_CHECK_SECONDS = 1.0
 _PINNED = instructions.c.plugin_configuration["sha256"].as_string()
 
 
@@ -105,6 +106,32 @@ class Installs:
         self._reported: dict[str, frozenset[tuple[str, str, str]]] = {}
         # and who has each (plugin id, sha256), from the same heartbeats (routing)
         self._holders: dict[tuple[str, str], set[str]] = {}
+        # (organization, agent type) -> (when asked, whether a pinned step was queued)
+        self._pinned_seen: dict[tuple[str, str], tuple[datetime, bool]] = {}
+
+    async def _pinned_queued(self, agent: Any, now: datetime) -> bool:
+        """Whether any step of a pinned version is queued for agents of this kind: asked
+        of the database at most once a second, so that the idle polls of a large fleet
+        of official agents cost nothing more while there is none."""
+        key = (agent.organization_id, agent.type)
+        checked = self._pinned_seen.get(key)
+        if checked is not None and (now - checked[0]).total_seconds() < PINNED_CHECK_SECONDS:
+            return checked[1]
+        any_pinned = (
+            sa.select(instructions.c.id)
+            .where(
+                QUEUED,
+                instructions.c.organization_id == agent.organization_id,
+                instructions.c.agent_type == agent.type,
+                instructions.c.instruction_type == "execute",
+                _PINNED.is_not(None),
+            )
+            .limit(1)
+        )
+        async with self.db.read() as conn:
+            found = (await conn.execute(any_pinned)).first() is not None
+        self._pinned_seen[key] = (now, found)
+        return found
 
     def _retry_cutoff(self, now: datetime) -> datetime:
         return now - timedelta(seconds=self.settings.plugin_install_retry_seconds)
@@ -148,11 +175,14 @@ class Installs:
             .order_by(instructions.c.execution_id, instructions.c.id)
             .limit(32)
         )
-        async with self.db.write() as conn:
+        if not await self._pinned_queued(agent, now):
+            return None
+        async with self.db.read() as conn:
             waiting = (await conn.execute(query)).all()
-            step = next((w for w in waiting if eligible(agent, w.selector)), None)
-            if step is None:
-                return None
+        step = next((w for w in waiting if eligible(agent, w.selector)), None)
+        if step is None:
+            return None
+        async with self.db.write() as conn:
             configuration = step.plugin_configuration
             version = await version_row(
                 conn, agent.organization_id, step.plugin_id, configuration.get("plugin_version")

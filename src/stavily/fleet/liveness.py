@@ -560,16 +560,25 @@ class Liveness:
         worse (the same guard as Kubernetes' unhealthy-zone threshold). Those silent for
         longer than `mass_death_hold` are dead whatever their number."""
         held_until = now - timedelta(seconds=self.settings.mass_death_hold)
-        recent = [a for a in dead if a.dead_at > held_until]
-        if len(recent) < self.settings.mass_death_min_agents:
+        if not any(a.dead_at > held_until for a in dead):
+            return dead
+        # Silent together: every agent past its deadline lately, including those still in
+        # their settle time (acted on at a later sweep). Counting only the settled ones let
+        # the first agent of a crowd that fell silent within one sweep go alone.
+        together = sa.select(agents.c.id).where(
+            agents.c.status.in_(LIVE), agents.c.dead_at < now, agents.c.dead_at > held_until
+        )
+        alive_here = self.buffer.unwritten()  # heard here, not yet written: not silent
+        recent = sum(1 for i in (await conn.execute(together)).scalars() if i not in alive_here)
+        if recent < self.settings.mass_death_min_agents:
             return dead
         alive = await _live(conn, now)
-        if len(recent) <= self.settings.mass_death_fraction * (len(recent) + alive):
+        if recent <= self.settings.mass_death_fraction * (recent + alive):
             return dead
         log.warning(
             "many agents fell silent at once: suspecting this server or the network, "
             "not the agents; their work stays for now",
-            silent=len(recent),
+            silent=recent,
         )
         return [a for a in dead if a.dead_at <= held_until]
 

@@ -255,6 +255,25 @@ def test_sources_that_do_not_exist_or_are_not_allowed(orch: Orchestrator, tmp_pa
     assert _versions(orch, plugin_id).status_code == 404
 
 
+def test_a_sub_directory_that_links_out_of_the_repository_is_refused(
+    orch: Orchestrator,
+) -> None:
+    root = Path(orch.settings.plugin_source_roots[0])
+    plugin_id = unique("linked")
+    outside = make_plugin(root / f"{plugin_id}-outside", plugin_id)  # not in the repository
+    repo = root / f"{plugin_id}-repo"
+    repo.mkdir()
+    (repo / "README").write_text("a repository whose plugin folder is a link\n")
+    (repo / "plugin").symlink_to(outside)
+    git_repo(repo, tag="v1.0.0")
+    body = {"source": str(repo), "ref": "v1.0.0", "sub_directory": "plugin"}
+    problems = _problems(orch.api.post("/api/v1/plugins", json=body))
+    assert problems == [
+        {"path": "sub_directory", "message": "'plugin' leads out of the repository (a link)"}
+    ]
+    assert _versions(orch, plugin_id).status_code == 404
+
+
 def test_the_protocol_is_read_from_the_manifest_or_the_folder(
     orch: Orchestrator, tmp_path: Path
 ) -> None:

@@ -7,8 +7,8 @@ import asyncio
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -100,6 +100,17 @@ def version_view(row: Any) -> dict[str, Any]:
     }
 
 
+def _sub_folder_problem(root: Path, sub_directory: str) -> str | None:
+    """Why `sub_directory` of `root` is not a plugin folder to package: missing, or (by a
+    link in the repository) somewhere else than inside it."""
+    folder = (root / sub_directory).resolve()
+    if not folder.is_dir():
+        return f"'{sub_directory}' is not a folder"
+    if root.resolve() not in folder.parents:
+        return f"'{sub_directory}' leads out of the repository (a link)"
+    return None
+
+
 class Registry:
     def __init__(self, db: Database, settings: Settings) -> None:
         self.db = db
@@ -130,14 +141,20 @@ class Registry:
         await asyncio.to_thread(self.keys.ensure)
         await asyncio.to_thread(self.work.mkdir, parents=True, exist_ok=True)
 
-    @contextmanager
-    def _scratch(self) -> Iterator[Path]:
-        self.work.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix="publish-", dir=self.work))
+    @asynccontextmanager
+    async def _scratch(self) -> AsyncIterator[Path]:
+        """A folder of this publish's own, removed afterwards (off the event loop: an
+        unpacked plugin may hold thousands of files)."""
+
+        def make() -> Path:
+            self.work.mkdir(parents=True, exist_ok=True)
+            return Path(tempfile.mkdtemp(prefix="publish-", dir=self.work))
+
+        folder = await asyncio.to_thread(make)
         try:
             yield folder
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
 
     # -- publishing ---------------------------------------------------------------------
 
@@ -156,10 +173,12 @@ class Registry:
                 "the plugin's source was refused",
                 [{"path": "sub_directory", "message": "must be a folder inside the repository"}],
             )
-        local = sources.local_folder(source, self.settings.plugin_source_roots)
-        with self._scratch() as scratch:
+        local = await asyncio.to_thread(
+            sources.local_folder, source, self.settings.plugin_source_roots
+        )
+        async with self._scratch() as scratch:
             info: dict[str, Any]
-            if local is not None and not (local / ".git").exists():
+            if local is not None and not await asyncio.to_thread((local / ".git").exists):
                 if ref:
                     raise InvalidInput(
                         "the plugin's source was refused",
@@ -187,27 +206,23 @@ class Registry:
                     "commit": fetched.commit,
                 }
             if sub_directory:
-                folder = folder / sub_directory
-                info["sub_directory"] = sub_directory
-                if not folder.is_dir():
+                problem = await asyncio.to_thread(_sub_folder_problem, folder, sub_directory)
+                if problem:
                     raise InvalidInput(
                         "the plugin's source was refused",
-                        [
-                            {
-                                "path": "sub_directory",
-                                "message": f"'{sub_directory}' is not a folder",
-                            }
-                        ],
+                        [{"path": "sub_directory", "message": problem}],
                     )
+                folder = folder / sub_directory
+                info["sub_directory"] = sub_directory
             return await self._publish(organization_id, actor, folder, info, scratch)
 
     async def publish_archive(
         self, organization_id: str, actor: str, archive: Path
     ) -> tuple[dict[str, Any], bool]:
         """From an uploaded tar or tar.gz of the plugin's folder."""
-        with self._scratch() as scratch:
+        async with self._scratch() as scratch:
             unpacked = scratch / "archive"
-            unpacked.mkdir()
+            await asyncio.to_thread(unpacked.mkdir)
             await asyncio.to_thread(package.extract, archive, unpacked, self.limits)
             folder = await asyncio.to_thread(package.plugin_root, unpacked)
             return await self._publish(organization_id, actor, folder, {"kind": "archive"}, scratch)

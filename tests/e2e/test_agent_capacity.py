@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,18 @@ from tests.e2e.support import (
     workflow,
     write_plugin,
 )
+from tests.harness import fresh_database
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    """SQLite only: what is under test is the agent's slots and its drain; the server's side of it runs on
+    both databases in the integration tests."""
+    with fresh_database("sqlite", tmp_path) as url:
+        yield url
+
 
 # Sleeps `seconds` and writes when it started and ended to `<folder>/<step>.json`.
 TIMED_PLUGIN = """

@@ -18,8 +18,18 @@ from tests.e2e.support import (
     workflow,
     write_plugin,
 )
+from tests.harness import fresh_database
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    """SQLite only: what is under test is what the agent gives its plugins; the server's side of it runs on
+    both databases in the integration tests."""
+    with fresh_database("sqlite", tmp_path) as url:
+        yield url
+
 
 SECRET_VARIABLE = "STAVILY_SECRET_E2E_API"
 SECRET_VALUE = "e2e-secret-value-0123456789"

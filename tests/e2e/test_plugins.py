@@ -5,13 +5,24 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.support import Stack, process_alive, wait_until, workflow, write_plugin
+from tests.harness import fresh_database
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    """SQLite only: what is under test is how the agent runs plugins; the server's side of it runs on
+    both databases in the integration tests."""
+    with fresh_database("sqlite", tmp_path) as url:
+        yield url
+
 
 # Starts a `sleep 30` child, writes both pids to `pidfile`, then sleeps 30 s itself.
 HANGING_PLUGIN = """

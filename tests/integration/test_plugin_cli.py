@@ -33,6 +33,13 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def backend() -> str:
+    """SQLite only: what is under test is the CLI (its words, exit codes, packing); the
+    routes it calls run on both databases in test_plugin_registry and test_plugin_workflows."""
+    return "sqlite"
+
+
+@pytest.fixture(scope="module")
 def orchestrator(
     backend: str, sources: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Orchestrator]:

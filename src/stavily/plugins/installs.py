@@ -40,13 +40,20 @@ from stavily.store.models import (
 )
 from stavily.timeutil import isoformat, utcnow
 from stavily.workflows.handout import COMPLETED, FAILED
+from stavily.workflows.queries import PINNED as _PINNED
 
 log = structlog.get_logger("stavily.plugins")
 
 PREFIX = "inp"
 INSTALL_TYPES = ("plugin_install", "plugin_update")
 PINNED_CHECK_SECONDS = 1.0
-_PINNED = instructions.c.plugin_configuration["sha256"].as_string()
+
+
+def _pin_of(row: Any) -> tuple[str, str]:
+    """An instruction's plugin and the digest of its pinned version ('' if none)."""
+    configuration = row.plugin_configuration
+    sha = configuration.get("sha256") if isinstance(configuration, dict) else None
+    return (row.plugin_id, str(sha or ""))
 
 
 def is_install(instruction_id: str) -> bool:
@@ -486,6 +493,42 @@ class Installs:
             ]
 
     # -- routing: agents whose install of a step's version failed ------------------------
+
+    async def stranded(
+        self,
+        conn: AsyncConnection,
+        waiting: list[Any],
+        fleet: list[Any],
+        now: datetime,
+        no_agent: str,
+    ) -> dict[str, list[str]]:
+        """Of queued instructions `waiting` (engine.fail_unroutable), those no agent of
+        `fleet` can take, by why: `no_agent` when none is eligible, or the installs of the
+        step's pinned version that failed on every eligible one."""
+        failed = await self.failed_on(conn, [_pin_of(w) for w in waiting], now)
+        reasons: dict[str, list[str]] = {}
+        for w in waiting:
+            could = [
+                a
+                for a in fleet
+                if a.organization_id == w.organization_id
+                and a.type == w.agent_type
+                and eligible(a, w.selector)
+            ]
+            refused = failed.get(_pin_of(w), {})
+            if any(a.id not in refused for a in could):
+                continue
+            if could:
+                errors = "; ".join(f"{a.name}: {refused[a.id]}" for a in could[:5])
+                version = w.plugin_configuration.get("plugin_version")
+                reason = (
+                    f"plugin {w.plugin_id} {version} could not be installed on any eligible "
+                    f"agent ({errors})"
+                )
+            else:
+                reason = no_agent
+            reasons.setdefault(reason, []).append(w.id)
+        return reasons
 
     async def failed_on(
         self, conn: AsyncConnection, pinned: list[tuple[str, str]], now: datetime

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import semantic_version
+from pydantic import AfterValidator, Field
 
 LATEST = "latest"
 
@@ -45,3 +46,19 @@ def choose(versions: list[Any], wanted: str | None) -> Any | None:
     active = [v for v in fitting if v.status == "active"]
     chosen = active or fitting
     return chosen[-1] if chosen else None
+
+
+def _version_range(value: str | None) -> str | None:
+    if value is not None:
+        parse_range(value)
+    return value
+
+
+# A step's `version` (and a plugin reference's): a version, a range, or latest.
+VersionRange = Annotated[
+    str | None,
+    Field(
+        default=None, max_length=200, description="A version, a range (^1.2, ~1.2.3), or latest."
+    ),
+    AfterValidator(_version_range),
+]

@@ -12,7 +12,6 @@ from typing import Annotated, Any, Literal
 import re2  # type: ignore[import-untyped]
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -23,7 +22,7 @@ from pydantic import (
 )
 
 from stavily.errors import InvalidInput
-from stavily.plugins.versions import parse_range
+from stavily.plugins.versions import VersionRange
 from stavily.security.environment import refusal
 from stavily.security.secrets import SecretPolicy, reference_problems
 from stavily.workflows import messages
@@ -153,21 +152,6 @@ class ErrorHandling(_Strict):
             "jitter": self.jitter,
             "retry_on": list(self.retry_on),
         }
-
-
-def _version_range(value: str | None) -> str | None:
-    if value is not None:
-        parse_range(value)
-    return value
-
-
-VersionRange = Annotated[
-    str | None,
-    Field(
-        default=None, max_length=200, description="A version, a range (^1.2, ~1.2.3), or latest."
-    ),
-    AfterValidator(_version_range),
-]
 
 
 class PluginRef(_Strict):

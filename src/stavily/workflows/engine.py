@@ -88,13 +88,6 @@ def _oldest_first(rows: Iterable[Any]) -> list[Any]:
     return sorted(rows, key=lambda r: (r.execution_id, r.id))
 
 
-def _pin_of(row: Any) -> tuple[str, str]:
-    """An instruction's plugin and the digest of its pinned version ('' if none)."""
-    configuration = row.plugin_configuration
-    sha = configuration.get("sha256") if isinstance(configuration, dict) else None
-    return (row.plugin_id, str(sha or ""))
-
-
 def _released(row: Any) -> bool:
     """A dependent in REPORTED_RELEASING's rows, not the reported row."""
     return bool(getattr(row, "released", False))
@@ -967,32 +960,13 @@ class Engine:
                 )
             )
             identities = [identity_of(row) for row in fleet]
-            failed = await self.installs.failed_on(conn, [_pin_of(w) for w in waiting], now)
-        # Why each stranded one fails: no eligible agent, or the installs that failed on
-        # every eligible agent.
-        reasons: dict[str, list[str]] = {}
-        waited = int(self.settings.unroutable_after)
-        for w in waiting:
-            could = [
-                a
-                for a in identities
-                if a.organization_id == w.organization_id
-                and a.type == w.agent_type
-                and eligible(a, w.selector)
-            ]
-            refused = failed.get(_pin_of(w), {})
-            if any(a.id not in refused for a in could):
-                continue
-            if could:
-                errors = "; ".join(f"{a.name}: {refused[a.id]}" for a in could[:5])
-                pin = w.plugin_configuration
-                reason = (
-                    f"plugin {w.plugin_id} {pin.get('plugin_version')} could not be installed "
-                    f"on any eligible agent ({errors})"
-                )
-            else:
-                reason = f"no eligible agent for {waited}s"
-            reasons.setdefault(reason, []).append(w.id)
+            reasons = await self.installs.stranded(
+                conn,
+                waiting,
+                identities,
+                now,
+                f"no eligible agent for {int(self.settings.unroutable_after)}s",
+            )
         count = 0
         for reason, ids in reasons.items():
             count += await self._take_back(

@@ -69,15 +69,16 @@ _now = param(instructions.c.created_at, "now")
 # An official agent (it cannot fetch from the registry) is offered a step of a pinned
 # plugin version only once it has installed that version (plugins.installs hands it
 # the install first); our agents install on demand, and take any.
-_pinned = instructions.c.plugin_configuration["sha256"].as_string()
+# the sha256 of the pinned version an instruction runs (null: no registry plugin)
+PINNED = instructions.c.plugin_configuration["sha256"].as_string()
 _PLUGIN_READY = sa.or_(
     sa.not_(sa.bindparam("official", type_=sa.Boolean)),
     instructions.c.instruction_type != "execute",
-    _pinned.is_(None),
+    PINNED.is_(None),
     sa.exists().where(
         agent_plugins.c.agent_id == param(agents.c.id, "agent_id"),
         agent_plugins.c.plugin_id == instructions.c.plugin_id,
-        agent_plugins.c.sha256 == _pinned,
+        agent_plugins.c.sha256 == PINNED,
         agent_plugins.c.status == "installed",
     ),
 )

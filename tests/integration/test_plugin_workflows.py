@@ -240,6 +240,14 @@ def test_a_flags_plugin_gets_arguments_and_no_input(orch: Orchestrator, tmp_path
         "--op",
         "copy",
     ]
+    # the config itself, for our agent's socket (get_config); the plugin never reads it
+    assert instruction["plugin_configuration"]["config"] == {
+        "cpu_trigger_percentage": 90.5,
+        "paths": ["/a", "/b"],
+        "dry_run": True,
+        "quiet": False,
+        "operation": "copy",
+    }
     assert instruction["timeout_seconds"] == 20  # the step's own timeout wins
     # a retry keeps the config: its arguments are the same
     agent.report(instruction, "failed", error="exit status 1")
@@ -343,6 +351,34 @@ def test_an_archive_published_version_is_never_sent_to_official_agents(
     execution = orch.wait_for(run["id"], timeout=15)
     assert execution["status"] == "failed"
     assert "official agents install only from git" in execution["steps"][0]["error"]
+
+
+@pytest.mark.parametrize("protocol", ["stdin", "flags"])
+def test_a_plugin_official_agents_cannot_run_is_never_sent_to_them(
+    orch: Orchestrator, protocol: str
+) -> None:
+    """They hold no stdin conversation and serve no socket: neither the install nor the
+    step goes to them, and with no reference agent eligible the step fails saying why."""
+    plugin_id = unique(protocol)
+    _git_plugin(orch, plugin_id, protocol=protocol)
+    name = unique(f"{protocol}-wf")
+    official = _official(orch, labels={"pool": name})
+    _apply(orch, _workflow(name, plugin_id, f"      agents: {{labels: {{pool: {name}}}}}"))
+    run = orch.run(name)
+    assert official.poll() is None
+    execution = orch.wait_for(run["id"], timeout=15)
+    assert execution["status"] == "failed"
+    assert (
+        f"plugin {plugin_id} speaks {protocol}, which the official agents cannot run"
+        in execution["steps"][0]["error"]
+    )
+    assert official.poll() is None
+    # one of ours takes it
+    ours = SimAgent(orch, unique("ours"), labels={"pool": name})
+    orch.run(name)
+    step = _until(lambda: ours.poll(slots=1))
+    assert step["plugin_configuration"]["protocol"] == protocol
+    ours.report(step, output={"ok": True})
 
 
 def test_a_rollout_installs_a_version_on_the_selected_agents(orch: Orchestrator) -> None:

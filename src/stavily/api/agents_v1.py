@@ -154,6 +154,7 @@ async def do_poll(
     # nothing: anything still leased to it was lost on the way (its poll answer, or its
     # never-retried result) and goes back (see HeartbeatBuffer).
     state.heartbeats.touch(agent.id, running=[] if official else None)
+    state.installs.polled(agent.id, official)
     if official:
         await state.engine.release_unreported(state.heartbeats.overdue(agent.id))
     wait = min(wait, state.settings.max_poll_wait)

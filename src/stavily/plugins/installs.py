@@ -40,6 +40,7 @@ from stavily.store.models import (
 )
 from stavily.timeutil import isoformat, utcnow
 from stavily.workflows.handout import COMPLETED, FAILED
+from stavily.workflows.queries import OFFICIAL_PROTOCOL as _OFFICIAL_PROTOCOL
 from stavily.workflows.queries import PINNED as _PINNED
 
 log = structlog.get_logger("stavily.plugins")
@@ -115,6 +116,11 @@ class Installs:
         self._holders: dict[tuple[str, str], set[str]] = {}
         # (organization, agent type) -> (when asked, whether a pinned step was queued)
         self._pinned_seen: dict[tuple[str, str], tuple[datetime, bool]] = {}
+        # agents whose last poll here was an official agent's (no query string)
+        self.official: set[str] = set()
+
+    def polled(self, agent_id: str, official: bool) -> None:
+        (self.official.add if official else self.official.discard)(agent_id)
 
     async def _pinned_queued(self, agent: Any, now: datetime) -> bool:
         """Whether any step of a pinned version is queued for agents of this kind: asked
@@ -172,6 +178,7 @@ class Installs:
                 instructions.c.agent_type == agent.type,
                 instructions.c.instruction_type == "execute",
                 _PINNED.is_not(None),
+                _OFFICIAL_PROTOCOL,
                 sa.or_(
                     instructions.c.target_agent_name.is_(None),
                     instructions.c.target_agent_name == agent.name,
@@ -515,6 +522,17 @@ class Installs:
                 and a.type == w.agent_type
                 and eligible(a, w.selector)
             ]
+            protocol = (w.plugin_configuration or {}).get("protocol") or "input"
+            if protocol != "input" and _pin_of(w)[1]:
+                official = [a for a in could if a.id in self.official]
+                could = [a for a in could if a.id not in self.official]
+                if official and not could:
+                    reason = (
+                        f"plugin {w.plugin_id} speaks {protocol}, which the official agents "
+                        f"cannot run ({official[0].name}): no eligible reference agent"
+                    )
+                    reasons.setdefault(reason, []).append(w.id)
+                    continue
             refused = failed.get(_pin_of(w), {})
             if any(a.id not in refused for a in could):
                 continue

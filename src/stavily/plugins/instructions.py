@@ -1,7 +1,8 @@
 """A step's instruction built from its pinned plugin version (plugins.pins), so that an
 official agent needs nothing written by hand: the entry point from the manifest's
 `runtime.entry_point`, flags for a plugin that parses its own, and `input_data` holding
-only the plugin's input — empty for a flags plugin, so the agent passes no `--input`.
+only the plugin's input — empty for a flags plugin, so the agent passes no `--input`
+(its config goes in `plugin_configuration.config`, for our agent's socket).
 
 Nothing the user did not write reaches the plugin: the step's config is its input (or
 its flags), and what the agent needs besides (entry point, version, digest, protocol)
@@ -61,5 +62,7 @@ def build(spec: dict[str, Any], config: Any) -> tuple[dict[str, Any], dict[str, 
     }
     if pin["protocol"] == "flags":
         configuration["arguments"] = flag_arguments(as_mapping, pin.get("flags") or {})
+        # for the agent's socket (`get_config`): the plugin reads its flags, not this
+        configuration["config"] = as_mapping
         return configuration, {}
     return configuration, as_mapping

@@ -68,18 +68,27 @@ AGENT_NOW = sa.select(
 _now = param(instructions.c.created_at, "now")
 # An official agent (it cannot fetch from the registry) is offered a step of a pinned
 # plugin version only once it has installed that version (plugins.installs hands it
-# the install first); our agents install on demand, and take any.
+# the install first), and only if the plugin takes `--input` (it holds no stdin
+# conversation and serves no socket); our agents install on demand, and take any.
 # the sha256 of the pinned version an instruction runs (null: no registry plugin)
 PINNED = instructions.c.plugin_configuration["sha256"].as_string()
+# how the pinned version speaks (plugins.manifest.PROTOCOLS): official agents, `input` only
+OFFICIAL_PROTOCOL = (
+    sa.func.coalesce(instructions.c.plugin_configuration["protocol"].as_string(), "input")
+    == "input"
+)
 _PLUGIN_READY = sa.or_(
     sa.not_(sa.bindparam("official", type_=sa.Boolean)),
     instructions.c.instruction_type != "execute",
     PINNED.is_(None),
-    sa.exists().where(
-        agent_plugins.c.agent_id == param(agents.c.id, "agent_id"),
-        agent_plugins.c.plugin_id == instructions.c.plugin_id,
-        agent_plugins.c.sha256 == PINNED,
-        agent_plugins.c.status == "installed",
+    sa.and_(
+        OFFICIAL_PROTOCOL,
+        sa.exists().where(
+            agent_plugins.c.agent_id == param(agents.c.id, "agent_id"),
+            agent_plugins.c.plugin_id == instructions.c.plugin_id,
+            agent_plugins.c.sha256 == PINNED,
+            agent_plugins.c.status == "installed",
+        ),
     ),
 )
 _CANDIDATES = (

@@ -3,10 +3,13 @@ publication through the real API."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import subprocess
 import tarfile
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +93,28 @@ def published(api: httpx.Client, folder: Path) -> dict[str, Any]:
     response = publish(api, folder)
     assert response.status_code in (200, 201), response.text
     return response.json()  # type: ignore[no-any-return]
+
+
+def build_wheel(folder: Path, name: str, version: str) -> Path:
+    """A pure-Python wheel with one module and one console script, written by hand."""
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}.py": f"VERSION = {version!r}\n\ndef main():\n    print('{name}', VERSION)\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist}/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: stavily-tests\nRoot-Is-Purelib: true\n"
+            "Tag: py3-none-any\n"
+        ),
+        f"{dist}/entry_points.txt": f"[console_scripts]\n{name} = {name}:main\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
+    record.append(f"{dist}/RECORD,,")
+    files[f"{dist}/RECORD"] = "\n".join(record) + "\n"
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, text in files.items():
+            archive.writestr(member, text)
+    return path

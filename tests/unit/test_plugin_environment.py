@@ -296,7 +296,13 @@ async def test_only_the_base_reaches_a_plugin_by_default(
     env = seen(await run_plugin(tmp_path, instruction()))["env"]
     assert env["STAVILY_INSTRUCTION_ID"] == "ins_test"
     assert "AGENT_OWN_SECRET" not in env and "PYTHONWARNINGS" not in env
-    allowed = {"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT", "STAVILY_INSTRUCTION_ID"}
+    allowed = {
+        *("PATH", "HOME", "LANG", "LC_ALL", "SYSTEMROOT"),
+        # the agent's own: the run's private temporary folder, its socket, its word on
+        # demo mode, unbuffered output
+        *("TMPDIR", "TMP", "TEMP", "STAVILY_AGENT_SOCKET", "STAVILY_DEMO_MODE"),
+        *("STAVILY_INSTRUCTION_ID", "PYTHONUNBUFFERED"),
+    }
     # The interpreter may add a few of its own (LC_CTYPE on some platforms).
     assert set(env) - allowed <= {"LC_CTYPE"}, env
 

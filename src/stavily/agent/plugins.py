@@ -1,13 +1,17 @@
-"""Running one plugin the way the official agents do: entry point, `--input <file>` when
-there is input, JSON out."""
+"""Running one plugin: what the step may ask of it (entry point, arguments, environment),
+checked; how it speaks (PLUGINS.md), read; its interpreter and dependencies, its private
+run folder and socket, its limits; and the processes, killed at the timeout and when the
+agent goes (protocols.py holds the conversations)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +26,23 @@ from typing import Any
 import structlog
 import yaml
 
+from stavily import __version__
+from stavily.agent.protocols import (
+    EXIT_GRACE,
+    MAX_OUTPUT,
+    Conversation,
+    PluginGone,
+    RunLog,
+    Said,
+    StderrPump,
+    TooLarge,
+    now,
+    oneshot_result,
+    read_capped,
+)
+from stavily.agent.rpc import RunChannel, RunSocket
+from stavily.agent.venvs import DependencyFailed, Environments
+from stavily.plugins.manifest import PROTOCOLS, protocol_sign
 from stavily.security.environment import PASSED_ENV as _PASSED_ENV
 from stavily.security.environment import refusal
 from stavily.workflows.definition import parse_duration
@@ -45,7 +66,6 @@ _RUNTIMES = {
     "shell": ["sh"],
     "bash": ["bash"],
 }
-STDERR_KEPT = 64 * 1024
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 STOPPED_MESSAGE = "killed: the agent was told to stop now"
@@ -65,7 +85,8 @@ class Outcome:
     exit_code: int | None = None
     stderr: str = ""
     duration: float = 0.0
-    logs: list[str] = field(default_factory=list)
+    # triggers the plugin reported (socket) or detected (stdin), deduplicated
+    events: list[Any] = field(default_factory=list)
 
 
 def load_manifest(folder: Path) -> dict[str, Any]:
@@ -98,7 +119,16 @@ def _time_limit(instruction: dict[str, Any], manifest: dict[str, Any]) -> float:
     return limit
 
 
-def _command(folder: Path, entry: Path, manifest: dict[str, Any]) -> list[str]:
+def _is_python(entry: Path, manifest: dict[str, Any]) -> bool:
+    runtime = str((manifest.get("runtime") or {}).get("type") or "").lower()
+    return runtime == "python" or (runtime not in _RUNTIMES and entry.suffix == ".py")
+
+
+def _command(entry: Path, manifest: dict[str, Any], python: Path | None) -> list[str]:
+    """The runtime and the entry point: Python plugins with their own environment's
+    interpreter when they have one."""
+    if python is not None:
+        return [str(python), str(entry)]
     runtime = str((manifest.get("runtime") or {}).get("type") or "").lower()
     if runtime in _RUNTIMES:
         return [*_RUNTIMES[runtime], str(entry)]
@@ -255,23 +285,77 @@ def plugin_entry(folder: Path, configuration: dict[str, Any], manifest: dict[str
     return entry
 
 
-def parse_output(text: str) -> Any:
-    """One JSON object becomes the result; anything else comes back as raw output."""
-    stripped = text.strip()
-    try:
-        value = json.loads(stripped)
-    except ValueError:
-        return {"raw_output": text}
-    return value if isinstance(value, dict) else {"raw_output": text}
+def plugin_protocol(
+    configuration: dict[str, Any], manifest: dict[str, Any], entry: Path
+) -> tuple[str, str]:
+    """How the plugin takes its input, and where that was read: the registry's record
+    (a pinned version's `plugin_configuration.protocol`), the manifest's `protocol`, or
+    the documented signs in its entry point. A hand-installed plugin none of them tells
+    about gets the official agents' convention, `--input` (the registry refuses to
+    publish such a plugin)."""
+    if configuration.get("sha256") and configuration.get("protocol") is not None:
+        given, where = configuration["protocol"], "as the registry recorded it"
+    elif manifest.get("protocol") is not None:
+        given, where = manifest["protocol"], "as its manifest says"
+    else:
+        try:
+            text = entry.read_bytes()[: 1024 * 1024]
+        except OSError:
+            text = b""
+        given, where = protocol_sign(text), "read from signs in its entry point"
+        if given is None:
+            given = "input"
+            where = "the official agents' convention: neither its manifest nor its code tells"
+    if given not in PROTOCOLS:
+        raise Refused(f"unknown plugin protocol {str(given)!r}: one of {', '.join(PROTOCOLS)}")
+    return given, where
 
 
-def _input_file(instruction: dict[str, Any]) -> str | None:
+@dataclass
+class RunOptions:
+    """What the agent, not the step, decides about each run."""
+
+    # step environment variables any plugin may receive (names or globs, `--allow-env`)
+    allow_env: Sequence[str] = ()
+    agent_id: str = ""
+    environment: str = "production"
+    # STAVILY_DEMO_MODE for the plugins: the published ones only simulate when it is not
+    # "false", so the agent says it outright (`--demo-mode`; default: act for real)
+    demo_mode: bool = False
+    # Python plugins' virtual environments; None runs them with the agent's interpreter
+    environments: Environments | None = None
+    # stdin plugins: each answer but the action's (initialize, start, stop)
+    answer_timeout: float = 30.0
+
+
+def _stdin_kind(manifest: dict[str, Any]) -> str:
+    kind = str(manifest.get("type") or "action").lower()
+    return "detect_triggers" if kind in ("trigger", "monitor") else "execute_action"
+
+
+def _step_config(instruction: dict[str, Any], configuration: dict[str, Any]) -> Any:
+    """The step's rendered config: a flags plugin's rides in `plugin_configuration`."""
+    if configuration.get("protocol") == "flags" and "config" in configuration:
+        return configuration["config"]
+    input_data = instruction.get("input_data")
+    return input_data if input_data is not None else {}
+
+
+def _run_folder() -> Path:
+    """A private folder for one run (0700): the socket, the input file, the plugin's TMPDIR."""
+    root = Path(tempfile.mkdtemp(prefix="stavily-run-"))
+    (root / "tmp").mkdir(mode=0o700)
+    return root
+
+
+def _input_file(run: Path, instruction: dict[str, Any]) -> str | None:
     """The `--input` file, only when `input_data` is non-empty: that is the convention, and
     a plugin that takes its own flags exits 2 on an unknown `--input`."""
     input_data = instruction.get("input_data")
     if not input_data:
         return None
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+    path = run / "input.json"
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
         json.dump(
             {
                 "input_data": input_data,
@@ -280,7 +364,7 @@ def _input_file(instruction: dict[str, Any]) -> str | None:
             },
             handle,
         )
-    return handle.name
+    return str(path)
 
 
 async def run_plugin(
@@ -288,94 +372,261 @@ async def run_plugin(
     instruction: dict[str, Any],
     allow_env: Sequence[str] = (),
     folder: Path | None = None,
+    *,
+    options: RunOptions | None = None,
+    log: RunLog | None = None,
 ) -> Outcome:
-    """Run one `execute` instruction's plugin; `allow_env` is the agent's own allow list
-    (`--allow-env`), beside the manifest's `permissions.environment`. It runs from
-    `folder` (a registry install) or else from the hand-installed `plugins_dir/<id>`."""
+    """Run one `execute` instruction's plugin, the way its protocol says, from `folder` (a
+    registry install) or else from the hand-installed `plugins_dir/<id>`. `log` gets the
+    run's lines as they come (the protocol used, the plugin's stderr and uploaded logs)."""
+    options = options or RunOptions(allow_env=allow_env)
+    allow = tuple(allow_env) or tuple(options.allow_env)
+    log = log if log is not None else RunLog()
     started = time.monotonic()
+
+    def refused(message: str) -> Outcome:
+        return Outcome(False, error_message=message, duration=time.monotonic() - started)
+
     plugin_id = str(instruction.get("plugin_id") or "")
     if not _SAFE_ID.match(plugin_id):
-        return Outcome(False, error_message=f"invalid plugin id '{plugin_id}'")
+        return refused(f"invalid plugin id '{plugin_id}'")
     folder = (folder or plugins_dir / plugin_id).resolve()
     if not folder.is_dir():
-        return Outcome(False, error_message=f"plugin '{plugin_id}' is not installed")
+        return refused(f"plugin '{plugin_id}' is not installed")
     manifest = load_manifest(folder)
     configuration = instruction.get("plugin_configuration")
     if configuration is None:
         configuration = {}
     if not isinstance(configuration, dict):
-        return Outcome(
-            False,
-            error_message=f"plugin_configuration must be a mapping, not {_kind(configuration)}",
-        )
+        return refused(f"plugin_configuration must be a mapping, not {_kind(configuration)}")
     try:
         entry = plugin_entry(folder, configuration, manifest)
+        protocol, where = plugin_protocol(configuration, manifest, entry)
         # After the entry point only: they reach the plugin, never its interpreter.
         arguments = plugin_arguments(configuration)
-        env = plugin_environment(instruction, configuration, manifest, allow_env)
-    except Refused as refused:
-        return Outcome(False, error_message=str(refused), duration=time.monotonic() - started)
-    timeout = _time_limit(instruction, manifest)
-    setup = _child_setup(_memory_limit(manifest), watched=_PLUGIN_PROCESSES.watched())
-    input_path = _input_file(instruction)
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *_command(folder, entry, manifest),
-            *arguments,
-            *(["--input", input_path] if input_path else []),
-            cwd=folder,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            # Its own session and process group: the agent's terminal signals do not reach
-            # it, and one killpg reaches everything it started.
-            start_new_session=True,
-            preexec_fn=setup,
-        )
-        _PLUGIN_PROCESSES.add(process.pid)
+        env = plugin_environment(instruction, configuration, manifest, allow)
+    except Refused as exc:
+        return refused(str(exc))
+    log.note(f"The plugin speaks {_SPOKEN[protocol]} ({where})")
+    interpreter = None
+    if options.environments is not None and _is_python(entry, manifest):
         try:
-            stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
-        except TimeoutError:
-            # The whole process group: a plugin's children die with it.
-            kill_group(process.pid)
-            await process.wait()
-            return Outcome(
-                False,
-                error_message=f"timed out after {timeout:g}s",
-                duration=time.monotonic() - started,
+            interpreter, lines = await options.environments.python_for(folder, manifest)
+        except DependencyFailed as exc:
+            return refused(str(exc))
+        for line in lines:
+            log.note(line)
+    run = await asyncio.to_thread(_run_folder)
+    try:
+        return await _run(
+            instruction,
+            configuration,
+            manifest,
+            protocol,
+            options,
+            log,
+            started,
+            command=[*_command(entry, manifest, interpreter), *arguments],
+            env=env,
+            folder=folder,
+            run=run,
+        )
+    finally:
+        await asyncio.to_thread(shutil.rmtree, run, True)
+        log.close()
+
+
+_SPOKEN = {
+    "input": "--input <file> (protocol: input)",
+    "stdin": "JSON lines on stdin (protocol: stdin)",
+    "flags": "its own flags and the agent's socket (protocol: flags)",
+}
+
+
+async def _run(
+    instruction: dict[str, Any],
+    configuration: dict[str, Any],
+    manifest: dict[str, Any],
+    protocol: str,
+    options: RunOptions,
+    log: RunLog,
+    started: float,
+    *,
+    command: list[str],
+    env: dict[str, str],
+    folder: Path,
+    run: Path,
+) -> Outcome:
+    instruction_id = str(instruction.get("id", ""))
+    config = _step_config(instruction, configuration)
+    events: list[Any] = []
+    seen: set[str] = set()
+
+    def uploaded(entries: list[dict[str, Any]]) -> None:
+        for entry in entries:
+            stamp = entry.get("timestamp") or now()
+            log.add(f"[{stamp}] {str(entry.get('level', 'INFO')).upper()} {entry['message']}")
+
+    def reported(name: str, payload: dict[str, Any]) -> dict[str, Any]:
+        key = str(payload.get("id") or json.dumps([name, payload], sort_keys=True, default=str))
+        duplicate = key in seen
+        if not duplicate:
+            seen.add(key)
+            events.append({"trigger_name": name, "payload": payload})
+            text = json.dumps(payload, ensure_ascii=False, default=str)
+            log.note(f"trigger reported: {name} {text}")
+        return {"accepted": True, "duplicate": duplicate}
+
+    channel = RunChannel(
+        instruction_id=instruction_id,
+        agent_id=options.agent_id,
+        agent_version=__version__,
+        environment=options.environment,
+        config=config,
+        on_logs=uploaded,
+        on_trigger=reported,
+    )
+    socket_path = run / "agent.sock"
+    env.update(
+        STAVILY_AGENT_SOCKET=str(socket_path),
+        STAVILY_DEMO_MODE="true" if options.demo_mode else "false",
+        PYTHONUNBUFFERED="1",  # answers and logs as they come, not at exit
+        TMPDIR=str(run / "tmp"),
+        TMP=str(run / "tmp"),
+        TEMP=str(run / "tmp"),
+    )
+    timeout = _time_limit(instruction, manifest)
+    input_path = _input_file(run, instruction) if protocol == "input" else None
+    if input_path:
+        command = [*command, "--input", input_path]
+    setup = _child_setup(_memory_limit(manifest), watched=_PLUGIN_PROCESSES.watched())
+    loop = asyncio.get_running_loop()
+    async with RunSocket(socket_path, channel):
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                cwd=folder,
+                env=env,
+                stdin=asyncio.subprocess.PIPE
+                if protocol == "stdin"
+                else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                # Its own session and process group: the agent's terminal signals do not
+                # reach it, and one killpg reaches everything it started.
+                start_new_session=True,
+                preexec_fn=setup,
+                limit=MAX_OUTPUT,
             )
+        except OSError as exc:
+            return Outcome(False, error_message=f"could not start the plugin: {exc}")
+        _PLUGIN_PROCESSES.add(process.pid)
+        _no_core_dumps(process.pid)
+        assert process.stdout is not None and process.stderr is not None
+        stderr = StderrPump(process.stderr, log)
+        deadline = loop.time() + timeout
+        try:
+            if protocol == "stdin":
+                said = await _converse(
+                    process, manifest, instruction_id, config, options, log, deadline
+                )
+            else:
+                said = await _oneshot(process, protocol, deadline)
         except asyncio.CancelledError:
             kill_group(process.pid)  # a cancelled run leaves nothing running
             raise
         finally:
+            if process.returncode is None:
+                kill_group(process.pid)
+            await _drain(process)
+            await process.wait()
             stopped = _PLUGIN_PROCESSES.discard(process.pid)
-    except OSError as exc:
-        return Outcome(False, error_message=f"could not start the plugin: {exc}")
-    finally:
-        if input_path:
-            os.unlink(input_path)
-    text = stdout.decode(errors="replace")
-    err = stderr.decode(errors="replace")[-STDERR_KEPT:]
-    duration = time.monotonic() - started
+        err = await stderr.finish()
+    outcome = Outcome(
+        said.success,
+        output=said.output,
+        error_message=said.error_message,
+        exit_code=process.returncode,
+        stderr=err,
+        duration=time.monotonic() - started,
+        events=[*events, *({"trigger_name": "detect_triggers", "payload": e} for e in said.events)],
+    )
+    if said.timed_out:
+        outcome.error_message = f"timed out after {timeout:g}s"
+        outcome.output = None
     if stopped:
-        return Outcome(
-            False,
-            error_message=STOPPED_MESSAGE,
-            exit_code=process.returncode,
-            stderr=err,
-            duration=duration,
-        )
-    if process.returncode != 0:
-        return Outcome(
-            False,
-            output=parse_output(text) if text.strip() else None,
-            error_message=f"exit status {process.returncode}",
-            exit_code=process.returncode,
-            stderr=err,
-            duration=duration,
-        )
-    return Outcome(True, output=parse_output(text), exit_code=0, stderr=err, duration=duration)
+        outcome.success, outcome.error_message = False, STOPPED_MESSAGE
+    return outcome
+
+
+async def _oneshot(process: asyncio.subprocess.Process, protocol: str, deadline: float) -> Said:
+    """`--input` and flags: wait for the exit, the printed JSON is the result."""
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout_at(deadline):
+            stdout = await read_capped(process.stdout, MAX_OUTPUT)
+            await process.wait()
+    except TimeoutError:
+        return Said(False, timed_out=True)
+    except TooLarge:
+        return Said(False, None, f"the plugin printed more than {MAX_OUTPUT} bytes")
+    assert process.returncode is not None
+    return oneshot_result(protocol, stdout.decode(errors="replace"), process.returncode)
+
+
+async def _converse(
+    process: asyncio.subprocess.Process,
+    manifest: dict[str, Any],
+    instruction_id: str,
+    config: Any,
+    options: RunOptions,
+    log: RunLog,
+    deadline: float,
+) -> Said:
+    """The stdin conversation; a plugin that closes its output first failed, whatever its
+    exit status."""
+    conversation = Conversation(process, log, options.answer_timeout, deadline)
+    try:
+        said = await conversation.run(_stdin_kind(manifest), instruction_id, config)
+    except PluginGone:
+        await conversation.close()
+        code = await process.wait()
+        return Said(False, None, f"the plugin exited (status {code}) before it answered")
+    except TooLarge:
+        return Said(False, None, f"the plugin's answer is larger than {MAX_OUTPUT} bytes")
+    if said.timed_out:
+        return said  # killed by the caller: no grace
+    await conversation.close()
+    try:
+        await asyncio.wait_for(process.wait(), EXIT_GRACE)
+    except TimeoutError:
+        log.note(f"the plugin did not exit within {EXIT_GRACE:g}s of `stop`: killed")
+    return said
+
+
+async def _drain(process: asyncio.subprocess.Process) -> None:
+    """Read what is left of the plugin's stdout: a pipe left paused unread (a result too
+    large, a run cut short) would keep `wait()` waiting for its end forever. A second at
+    most (something outside the plugin's group holding it open), then it is closed."""
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(1.0):
+            while await process.stdout.read(65536):
+                pass
+    except TimeoutError:
+        transport = getattr(process, "_transport", None)
+        pipe = transport.get_pipe_transport(1) if transport is not None else None
+        if pipe is not None:
+            pipe.close()
+
+
+def _no_core_dumps(pid: int) -> None:
+    """No core file of a plugin that crashes: its memory holds the step's secrets."""
+    if sys.platform == "linux":
+        import resource
+
+        with contextlib.suppress(OSError):
+            resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
 
 
 # -- plugin processes: what runs, and what kills it when the agent goes away ----------------

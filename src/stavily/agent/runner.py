@@ -20,15 +20,16 @@ import httpx
 import structlog
 
 from stavily import __version__
-from stavily.agent.plugins import kill_running_plugins, refusal, run_plugin
+from stavily.agent.plugins import RunOptions, kill_running_plugins, refusal, run_plugin
+from stavily.agent.protocols import RunLog
 from stavily.agent.registry import (
     InstallFailed,
     PluginInstaller,
-    PluginRefused,
     pinned_keys,
     registry_ref,
 )
 from stavily.agent.system import SystemFigures
+from stavily.agent.venvs import Environments
 
 log = structlog.get_logger("stavily.agent")
 # Answers after which a report is final: retrying cannot change them.
@@ -50,8 +51,14 @@ class AgentConfig:
     allow_env: tuple[str, ...] = ()
     # The only keys registry plugins may be signed with (base64, `--plugin-key`); none: the
     # server's own (trust on first use, see stavily.agent.registry).
-    # trusted plugin signing keys (base64); none: the orchestrator's (registry module)
     plugin_keys: tuple[str, ...] = ()
+    # what plugins are told on the socket (get_agent_info) and in STAVILY_DEMO_MODE
+    environment: str = "production"
+    demo_mode: bool = False
+    # seconds a plugin's requirements may take to install (stavily.agent.venvs)
+    install_timeout: float = 600
+    # how often a running step's log is sent on (PUT .../instructions/{id})
+    log_interval: float = 0.5
 
 
 def allow_env_patterns(options: Iterable[str] | None, variable: str | None) -> tuple[str, ...]:
@@ -68,12 +75,6 @@ def allow_env_patterns(options: Iterable[str] | None, variable: str | None) -> t
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-STDIN_UNSUPPORTED = (
-    "the plugin takes JSON lines on stdin (protocol: stdin), a conversation this agent "
-    "does not hold yet"
-)
 
 
 def _install_failure(failed: InstallFailed, execution_log: list[str]) -> dict[str, Any]:
@@ -118,6 +119,13 @@ class Agent:
         self.base = f"/agents/v1/{config.agent_id}"
         self.installer = PluginInstaller(self.client, self.base, config.plugins_dir, pinned)
         self.system = SystemFigures(config.plugins_dir)
+        self.run_options = RunOptions(
+            allow_env=config.allow_env,
+            agent_id=config.agent_id,
+            environment=config.environment,
+            demo_mode=config.demo_mode,
+            environments=Environments(config.plugins_dir / ".venvs", config.install_timeout),
+        )
         # seconds between heartbeats: ours, or longer when the server's answer says so
         self.beat_every = float(config.heartbeat_interval)
         self.stopping = asyncio.Event()
@@ -373,10 +381,6 @@ class Agent:
         """An `execute`: a registry version is installed first if it is not yet, and runs
         from its own folder; any other plugin from the hand-installed one."""
         folder = None
-        configuration = instruction.get("plugin_configuration")
-        if isinstance(configuration, dict) and configuration.get("protocol") == "stdin":
-            # It would read end-of-file, exit 0 with no output: a success that is not one.
-            return _install_failure(PluginRefused(STDIN_UNSUPPORTED), execution_log)
         try:
             ref = registry_ref(instruction)
             if ref is not None:
@@ -385,15 +389,21 @@ class Agent:
                 folder = installed.path
         except InstallFailed as failed:
             return _install_failure(failed, execution_log)
-        outcome = await run_plugin(
-            self.config.plugins_dir, instruction, allow_env=self.config.allow_env, folder=folder
-        )
+        live = LiveLog(self, instruction["id"], execution_log)
+        try:
+            outcome = await run_plugin(
+                self.config.plugins_dir,
+                instruction,
+                folder=folder,
+                options=self.run_options,
+                log=RunLog(execution_log, live.changed),
+            )
+        finally:
+            await live.close()
         execution_log.append(
             f"[{_now()}] Plugin finished in {outcome.duration:.3f}s: "
             + ("success" if outcome.success else str(outcome.error_message))
         )
-        if outcome.stderr:
-            execution_log.extend(outcome.stderr.rstrip().splitlines()[-200:])
         report = {
             "status": "completed" if outcome.success else "failed",
             "result": outcome.output,
@@ -407,6 +417,17 @@ class Agent:
                 "timestamp": _now(),
             }
         return report
+
+    async def send_log(self, instruction_id: str, lines: list[str]) -> None:
+        """A running step's log so far, whole (the server keeps the last one sent)."""
+        with contextlib.suppress(httpx.HTTPError):
+            response = await self.client.put(
+                f"{self.base}/instructions/{instruction_id}",
+                json={"execution_log": lines},
+                timeout=10,
+            )
+            if response.status_code != 200:
+                log.warning("log update refused", status=response.status_code)
 
     async def _install(
         self, instruction: dict[str, Any], execution_log: list[str]
@@ -488,6 +509,38 @@ class Agent:
             plugin_id=following.get("plugin_id"),
         )
         return following  # type: ignore[no-any-return]
+
+
+class LiveLog:
+    """Sends a running step's log on while its plugin writes it (stderr, uploaded logs): at
+    most one update in flight and one every `log_interval` seconds, none after the run."""
+
+    def __init__(self, agent: Agent, instruction_id: str, lines: list[str]) -> None:
+        self.agent = agent
+        self.instruction_id = instruction_id
+        self.lines = lines
+        self.task: asyncio.Task[None] | None = None
+        self.sending = asyncio.Lock()  # in order: a later log never overtaken by an older
+
+    def changed(self) -> None:
+        if self.task is None:
+            self.task = asyncio.create_task(self._send())
+
+    async def _send(self) -> None:
+        await asyncio.sleep(self.agent.config.log_interval)
+        self.task = None  # a change from now on schedules the next update
+        lines = list(self.lines)
+        async with self.sending:
+            await self.agent.send_log(self.instruction_id, lines)
+
+    async def close(self) -> None:
+        """Before the result: an update still waiting is dropped, one in flight finished
+        (the result carries the whole log)."""
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 # -- credentials: given, kept in a file, or obtained by enrolling ---------------------------

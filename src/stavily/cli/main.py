@@ -233,6 +233,30 @@ def agent_run(
             "STAVILY_AGENT_PLUGIN_KEYS's (comma-separated). None: trust the orchestrator's",
         ),
     ] = None,
+    environment: Annotated[
+        str,
+        typer.Option(
+            help="The environment this agent serves, as plugins ask for it on the agent's "
+            "socket (get_agent_info)",
+            envvar="STAVILY_AGENT_ENVIRONMENT",
+        ),
+    ] = "production",
+    demo_mode: Annotated[
+        bool,
+        typer.Option(
+            "--demo-mode/--no-demo-mode",
+            help="Tell plugins to only simulate their actions (STAVILY_DEMO_MODE=true). "
+            "Default: they act for real (STAVILY_DEMO_MODE=false)",
+            envvar="STAVILY_AGENT_DEMO_MODE",
+        ),
+    ] = False,
+    install_timeout: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            help="Seconds a plugin's requirements may take to install into its environment",
+        ),
+    ] = 600,
 ) -> None:
     """Run the reference agent: poll, run plugins, report, heartbeat.
 
@@ -284,6 +308,9 @@ def agent_run(
         capacity=capacity,
         allow_env=allow_env_patterns(allow_env, os.environ.get("STAVILY_AGENT_ALLOW_ENV")),
         plugin_keys=plugin_key_list(plugin_key, os.environ.get("STAVILY_AGENT_PLUGIN_KEYS")),
+        environment=environment,
+        demo_mode=demo_mode,
+        install_timeout=install_timeout,
     )
     raise typer.Exit(asyncio.run(run_agent(config)))
 

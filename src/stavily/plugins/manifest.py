@@ -182,6 +182,14 @@ _SIGNS: tuple[tuple[str, re.Pattern[bytes]], ...] = (
 )
 
 
+def protocol_sign(text: bytes) -> str | None:
+    """The protocol the first sign found in an entry point's text points to, or None."""
+    for protocol, sign in _SIGNS:
+        if sign.search(text):
+            return protocol
+    return None
+
+
 def protocol_of(manifest: Manifest, folder: Path) -> str:
     """The manifest's `protocol`, else the first sign in the entry point's text: it
     reads `--input` (the official convention), a loop on stdin (the older plugins), or
@@ -193,9 +201,9 @@ def protocol_of(manifest: Manifest, folder: Path) -> str:
         text = entry.read_bytes()[: 1024 * 1024]
     except OSError:
         text = b""
-    for protocol, sign in _SIGNS:
-        if sign.search(text):
-            return protocol
+    protocol = protocol_sign(text)
+    if protocol is not None:
+        return protocol
     raise InvalidInput(
         "cannot tell how the plugin takes its input",
         [

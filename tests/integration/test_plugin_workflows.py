@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.harness import Orchestrator, SimAgent, fresh_database, serve
-from tests.plugin_fixtures import git_repo, make_plugin, published, unique
+from tests.plugin_fixtures import ECHO, git_repo, make_plugin, published, unique
 
 SETTINGS = {
     "string_setting": {"type": "string", "required": True},
@@ -353,14 +353,26 @@ def test_an_archive_published_version_is_never_sent_to_official_agents(
     assert "official agents install only from git" in execution["steps"][0]["error"]
 
 
-@pytest.mark.parametrize("protocol", ["stdin", "flags"])
+SOCKET_PLUGIN = """import argparse, json, os, socket
+parser = argparse.ArgumentParser()
+parser.add_argument("--name")
+path = os.environ["STAVILY_AGENT_SOCKET"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("protocol", "code", "speaks"),
+    [("stdin", ECHO, "stdin"), ("flags", SOCKET_PLUGIN, "flags and the agent's socket")],
+)
 def test_a_plugin_official_agents_cannot_run_is_never_sent_to_them(
-    orch: Orchestrator, protocol: str
+    orch: Orchestrator, protocol: str, code: str, speaks: str
 ) -> None:
     """They hold no stdin conversation and serve no socket: neither the install nor the
-    step goes to them, and with no reference agent eligible the step fails saying why."""
+    step goes to them, and with no reference agent eligible the step fails saying why.
+    (A flags plugin without the socket runs on them: tests/e2e/test_official_agent_plugins.)"""
     plugin_id = unique(protocol)
-    _git_plugin(orch, plugin_id, protocol=protocol)
+    version = _git_plugin(orch, plugin_id, protocol=protocol, code=code)
+    assert version["socket"] is (code is SOCKET_PLUGIN)
     name = unique(f"{protocol}-wf")
     official = _official(orch, labels={"pool": name})
     _apply(orch, _workflow(name, plugin_id, f"      agents: {{labels: {{pool: {name}}}}}"))
@@ -369,7 +381,7 @@ def test_a_plugin_official_agents_cannot_run_is_never_sent_to_them(
     execution = orch.wait_for(run["id"], timeout=15)
     assert execution["status"] == "failed"
     assert (
-        f"plugin {plugin_id} speaks {protocol}, which the official agents cannot run"
+        f"plugin {plugin_id} speaks {speaks}, which the official agents cannot"
         in execution["steps"][0]["error"]
     )
     assert official.poll() is None

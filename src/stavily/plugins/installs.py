@@ -28,6 +28,7 @@ from stavily.config import Settings
 from stavily.errors import Conflict, Forbidden, InvalidInput, NotFound
 from stavily.fleet.agents import eligible
 from stavily.ids import new_id
+from stavily.plugins.instructions import official_can_run
 from stavily.plugins.registry import version_row
 from stavily.store.db import Database
 from stavily.store.models import (
@@ -40,7 +41,7 @@ from stavily.store.models import (
 )
 from stavily.timeutil import isoformat, utcnow
 from stavily.workflows.handout import COMPLETED, FAILED
-from stavily.workflows.queries import OFFICIAL_PROTOCOL as _OFFICIAL_PROTOCOL
+from stavily.workflows.queries import OFFICIAL_RUNNABLE as _OFFICIAL_RUNNABLE
 from stavily.workflows.queries import PINNED as _PINNED
 
 log = structlog.get_logger("stavily.plugins")
@@ -178,7 +179,7 @@ class Installs:
                 instructions.c.agent_type == agent.type,
                 instructions.c.instruction_type == "execute",
                 _PINNED.is_not(None),
-                _OFFICIAL_PROTOCOL,
+                _OFFICIAL_RUNNABLE,
                 sa.or_(
                     instructions.c.target_agent_name.is_(None),
                     instructions.c.target_agent_name == agent.name,
@@ -522,14 +523,16 @@ class Installs:
                 and a.type == w.agent_type
                 and eligible(a, w.selector)
             ]
-            protocol = (w.plugin_configuration or {}).get("protocol") or "input"
-            if protocol != "input" and _pin_of(w)[1]:
+            if _pin_of(w)[1] and not official_can_run(w.plugin_configuration):
                 official = [a for a in could if a.id in self.official]
                 could = [a for a in could if a.id not in self.official]
                 if official and not could:
+                    speaks = w.plugin_configuration.get("protocol")
+                    if w.plugin_configuration.get("socket"):
+                        speaks += " and the agent's socket"
                     reason = (
-                        f"plugin {w.plugin_id} speaks {protocol}, which the official agents "
-                        f"cannot run ({official[0].name}): no eligible reference agent"
+                        f"plugin {w.plugin_id} speaks {speaks}, which the official agents "
+                        f"cannot ({official[0].name}): no eligible reference agent"
                     )
                     reasons.setdefault(reason, []).append(w.id)
                     continue

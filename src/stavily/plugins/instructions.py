@@ -60,9 +60,21 @@ def build(spec: dict[str, Any], config: Any) -> tuple[dict[str, Any], dict[str, 
         "sha256": pin["sha256"],
         "protocol": pin["protocol"],
     }
+    if pin.get("socket"):
+        configuration["socket"] = True  # it talks to its agent: not for official agents
     if pin["protocol"] == "flags":
         configuration["arguments"] = flag_arguments(as_mapping, pin.get("flags") or {})
         # for the agent's socket (`get_config`): the plugin reads its flags, not this
         configuration["config"] = as_mapping
         return configuration, {}
     return configuration, as_mapping
+
+
+def official_can_run(configuration: Any) -> bool:
+    """Whether an official agent can run an instruction: a plugin taking `--input`, or
+    its own flags without the agent's socket; never the stdin conversation. The same
+    test in SQL: queries.OFFICIAL_RUNNABLE."""
+    if not isinstance(configuration, dict):
+        return True
+    protocol = configuration.get("protocol") or "input"
+    return protocol == "input" or (protocol == "flags" and not configuration.get("socket"))

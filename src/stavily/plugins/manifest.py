@@ -182,6 +182,20 @@ _SIGNS: tuple[tuple[str, re.Pattern[bytes]], ...] = (
 )
 
 
+_SOCKET_SIGN = b"STAVILY_AGENT_SOCKET"
+
+
+def uses_socket(folder: Path, limit: int = 1024 * 1024) -> bool:
+    """Whether any file of the plugin names STAVILY_AGENT_SOCKET (the published client,
+    `stavily_agent_client.py`, reads it): it talks to its agent while it runs."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            with path.open("rb") as handle:
+                if _SOCKET_SIGN in handle.read(limit):
+                    return True
+    return False
+
+
 def protocol_sign(text: bytes) -> str | None:
     """The protocol the first sign found in an entry point's text points to, or None."""
     for protocol, sign in _SIGNS:

@@ -31,6 +31,7 @@ def pin_of(row: Any) -> dict[str, Any]:
         "sha256": row.sha256,
         "entry_point": manifest["runtime"]["entry_point"],
         "protocol": row.protocol,
+        "socket": bool(row.socket),
         "execution_time": max(1, round(parse_duration(limit))) if limit is not None else None,
         "source": row.source,
     }

@@ -90,6 +90,7 @@ def version_view(row: Any) -> dict[str, Any]:
         "status": row.status,
         "status_reason": row.status_reason,
         "protocol": row.protocol,
+        "socket": bool(row.socket),
         "source": row.source,
         "signed": row.signed,
         "signature": row.signature,
@@ -253,9 +254,9 @@ class Registry:
                 problems.extend(findings.details)
             if problems:
                 raise InvalidInput("the plugin was refused", problems)
-            return manifest, manifests.protocol_of(manifest, folder)
+            return manifest, manifests.protocol_of(manifest, folder), manifests.uses_socket(folder)
 
-        manifest, protocol = await asyncio.to_thread(read)
+        manifest, protocol, socket = await asyncio.to_thread(read)
         artifact = await asyncio.to_thread(package.package, folder, scratch, self.limits)
         existing = await self._existing(organization_id, manifest.id, manifest.version)
         if existing is not None:
@@ -280,6 +281,7 @@ class Registry:
             "size": artifact.size,
             "manifest": manifest.model_dump(mode="json", exclude_none=True),
             "protocol": protocol,
+            "socket": socket,
             "signed": signed,
             "signature": signature,
             "key_id": key_id,

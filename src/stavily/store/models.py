@@ -360,6 +360,8 @@ plugin_versions = sa.Table(
     # the manifest as validated, and how the plugin takes its input (plugins.manifest)
     sa.Column("manifest", sa.JSON, nullable=False),
     sa.Column("protocol", sa.String(20), nullable=False),
+    # whether it talks to its agent's socket (official agents serve none)
+    sa.Column("socket", sa.Boolean, nullable=False, server_default=sa.false()),
     # what was signed ({id, version, sha256, size, created}), the signature and its key
     sa.Column("signed", sa.JSON, nullable=False),
     sa.Column("signature", sa.String(200), nullable=False),

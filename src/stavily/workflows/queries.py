@@ -68,21 +68,25 @@ AGENT_NOW = sa.select(
 _now = param(instructions.c.created_at, "now")
 # An official agent (it cannot fetch from the registry) is offered a step of a pinned
 # plugin version only once it has installed that version (plugins.installs hands it
-# the install first), and only if the plugin takes `--input` (it holds no stdin
-# conversation and serves no socket); our agents install on demand, and take any.
+# the install first), and only one it can run (no stdin conversation, no socket); our
+# agents install on demand, and take any.
 # the sha256 of the pinned version an instruction runs (null: no registry plugin)
 PINNED = instructions.c.plugin_configuration["sha256"].as_string()
-# how the pinned version speaks (plugins.manifest.PROTOCOLS): official agents, `input` only
-OFFICIAL_PROTOCOL = (
-    sa.func.coalesce(instructions.c.plugin_configuration["protocol"].as_string(), "input")
-    == "input"
+# what an official agent can run (plugins.instructions.official_can_run): `--input`, or
+# flags without the socket
+_PROTOCOL = sa.func.coalesce(instructions.c.plugin_configuration["protocol"].as_string(), "input")
+OFFICIAL_RUNNABLE = sa.or_(
+    _PROTOCOL == "input",
+    sa.and_(
+        _PROTOCOL == "flags", instructions.c.plugin_configuration["socket"].as_string().is_(None)
+    ),
 )
 _PLUGIN_READY = sa.or_(
     sa.not_(sa.bindparam("official", type_=sa.Boolean)),
     instructions.c.instruction_type != "execute",
     PINNED.is_(None),
     sa.and_(
-        OFFICIAL_PROTOCOL,
+        OFFICIAL_RUNNABLE,
         sa.exists().where(
             agent_plugins.c.agent_id == param(agents.c.id, "agent_id"),
             agent_plugins.c.plugin_id == instructions.c.plugin_id,

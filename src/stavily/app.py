@@ -37,6 +37,7 @@ from stavily.store import migrate
 from stavily.store.db import Database
 from stavily.store.notify import WorkChannel
 from stavily.workflows.engine import Engine
+from stavily.workflows.watches import Events, Watches
 
 log = structlog.get_logger("stavily")
 
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = Registry(db, settings)
         await registry.start()
         engine = Engine(db, settings, heartbeats)
+        watches = Watches(db)
         # In memory: per replica. Redis storage would share them (limits supports it).
         limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
         app.state.stavily = State(
@@ -136,6 +138,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
             plugins=registry,
             installs=engine.installs,
+            watches=watches,
+            events=Events(db, engine, watches),
         )
         flusher = LoopService(
             "heartbeat-flusher", settings.heartbeat_flush_interval, engine.flush_heartbeats

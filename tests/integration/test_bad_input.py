@@ -150,6 +150,7 @@ class World:
             "token_id": unknown("token_id"),
             "plugin_id": "no-such-plugin",
             "rollout_id": unknown("rollout_id"),
+            "event_id": unknown("event_id"),
         }[param]
 
     def ids(self, op: Operation, which: str) -> dict[str, str]:

@@ -110,7 +110,10 @@ def world(fuzzed: Orchestrator, tmp_path_factory: pytest.TempPathFactory) -> Wor
         "/api/v1/plugins/fuzz-echo/rollouts", json={"version": plugin["version"]}
     )
     assert rollout.status_code == 201, rollout.text
+    sent = agent.post(f"/agents/v1/{agent_id}/events", json={"type": "fuzz", "payload": {}})
+    assert sent.status_code == 201, sent.text
     ids = {
+        "event_id": [sent.json()["event_id"]],
         "agent_id": [agent_id],
         "instruction_id": instructions,
         "name": ["fuzz-flow"],
@@ -245,8 +248,13 @@ def test_the_document_declares_auth_and_answers(fuzzed: Orchestrator) -> None:
             # the success answer: JSON with a model, never "a string"
             ok = [s for s in statuses if s.startswith("2")]
             # an apply answers 201 for a new version, 200 for an unchanged one (a publish
-            # too); an artifact is bytes, whole or a range, or not modified
-            two = where in ("POST /api/v1/workflows", "POST /api/v1/plugins")
+            # too, and an event: 200 for a repeated one); an artifact is bytes, whole or a
+            # range, or not modified
+            two = where in (
+                "POST /api/v1/workflows",
+                "POST /api/v1/plugins",
+                "POST /agents/v1/{agent_id}/events",
+            )
             if where == ARTIFACT:
                 assert set(ok) == {"200", "206"} and "304" in statuses, where
                 assert "application/gzip" in responses["200"]["content"], where

@@ -266,7 +266,46 @@ async def do_heartbeat(
     }
     if agent.admin_state == "draining":
         answer["commands"] = ["drain"]  # our agent stops polling; old agents ignore it
+    if agent.type == "sensor" and beat.status != "offline":
+        answer["watch"] = await state.watches.for_agent(agent)
     return answer
+
+
+class AgentEvent(BaseModel):
+    """A trigger a sensor agent's watch reported (our extension, AGENT_API.md)."""
+
+    model_config = STRICT
+
+    type: str = Field(min_length=1, max_length=200, pattern=_PRINTABLE)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    # the watch it came from (the heartbeat answer's `watch[].id`)
+    watch_id: str | None = Field(default=None, max_length=40, pattern=r"^wat_[0-9a-f]{1,36}$")
+    # default: the payload's `id`
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=300)
+
+
+async def do_event(
+    state: State, agent: AgentIdentity, event: AgentEvent
+) -> tuple[dict[str, Any], bool]:
+    state.heartbeats.touch(agent.id)
+    key = event.idempotency_key
+    if key is None and "id" in event.payload:
+        given = event.payload["id"]
+        key = str(given) if isinstance(given, str | int) and not isinstance(given, bool) else ""
+        if not 1 <= len(key) <= 300:
+            raise InvalidInput(
+                "the payload's id is the event's idempotency key: a string of 1 to 300 "
+                "characters (or an integer)",
+                [{"path": "payload.id", "message": "expected a string of 1 to 300 characters"}],
+            )
+    row, new = await state.events.from_agent(agent, event.type, event.payload, event.watch_id, key)
+    answer = {
+        "event_id": row["id"],
+        "duplicate": not new,
+        "outcome": row["outcome"],
+        "started": row["started"],
+    }
+    return answer, new
 
 
 # -- the routes: what the OpenAPI document shows, and where every request goes that the
@@ -317,6 +356,22 @@ async def result(
         state_of(request), agent, instruction_id, report, await request.body(), next
     )
     return JSONResponse(answer)
+
+
+@router.post(
+    "/{agent_id}/events",
+    status_code=201,
+    response_model=schemas.AgentEventAnswer,
+    responses={
+        200: {"model": schemas.AgentEventAnswer, "description": "A repeated event: the first's."},
+        **errors(401, 403, 413, 422, 429),
+    },
+)
+async def event(request: Request, body: AgentEvent, agent: CurrentAgent) -> JSONResponse:
+    """A trigger from one of the agent's watches: stored once per idempotency key (the
+    payload's `id` unless given), starting the watch's workflow."""
+    answer, new = await do_event(state_of(request), agent, body)
+    return JSONResponse(answer, status_code=201 if new else 200)
 
 
 @router.post(

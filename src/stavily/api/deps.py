@@ -22,6 +22,7 @@ from stavily.plugins.registry import Registry
 from stavily.security import CredentialCache, Principal, authenticate_token
 from stavily.store.db import Database
 from stavily.workflows.engine import Engine
+from stavily.workflows.watches import Events, Watches
 
 
 class BurstLimit:
@@ -68,6 +69,8 @@ class State:
     heartbeat_limit: BurstLimit
     plugins: Registry
     installs: Installs
+    watches: Watches
+    events: Events
 
 
 def state_of(request: Request) -> State:

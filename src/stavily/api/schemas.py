@@ -389,6 +389,11 @@ class HeartbeatAnswer(Answer):
     commands: list[Literal["drain"]] = Field(
         default=[], description="Only for a draining agent: stop polling."
     )
+    watch: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Only for a sensor agent: every watch it keeps running (workflows' "
+        "trigger steps that select it), the whole set each time; a watch not listed stops.",
+    )
 
 
 # -- plugins -------------------------------------------------------------------------------
@@ -432,6 +437,10 @@ class PluginVersion(Answer):
     status: Literal["active", "deprecated", "yanked"]
     status_reason: str | None
     protocol: Literal["input", "stdin", "flags"]
+    socket: bool = Field(
+        description="It talks to its agent's socket (STAVILY_AGENT_SOCKET): reference "
+        "agents only."
+    )
     source: dict[str, Any] = Field(description="git (url, ref, commit), path or archive.")
     signed: SignedManifest
     signature: str = Field(description="Ed25519 over `signed`, base64.")
@@ -502,3 +511,33 @@ class AgentPlugin(Answer):
 
 class AgentPluginList(Answer):
     plugins: list[AgentPlugin]
+
+
+class Event(Answer):
+    """Something that may start workflows, and what it started (or why not)."""
+
+    id: str
+    source: Literal["agent", "api", "manual", "webhook", "schedule"]
+    type: str
+    payload: dict[str, Any]
+    idempotency_key: str | None
+    agent_id: str | None
+    sent_by: str
+    watch_id: str | None = Field(description="The watch (a workflow's trigger step) it came from")
+    workflow: str | None
+    step: str | None
+    outcome: Literal["started", "unmatched", "refused"]
+    reason: str | None
+    started: list[str] = Field(description="The executions it started")
+    created_at: datetime
+
+
+class EventList(Answer):
+    events: list[Event]
+
+
+class AgentEventAnswer(Answer):
+    event_id: str
+    duplicate: bool = Field(description="The same idempotency key came before: nothing new")
+    outcome: Literal["started", "unmatched", "refused"]
+    started: list[str]

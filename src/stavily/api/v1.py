@@ -208,6 +208,7 @@ async def apply_workflow(
         workflow = await workflows.apply(
             conn, principal.organization_id, definition, source, principal.actor, pins
         )
+    state.watches.forget(principal.organization_id)  # its trigger steps may have changed
     return JSONResponse(workflow, status_code=200 if workflow["unchanged"] else 201)
 
 
@@ -303,6 +304,31 @@ async def list_executions(
             conn, principal.organization_id, workflow=workflow, status=status, limit=limit
         )
     return JSONResponse({"executions": items})
+
+
+@router.get(
+    "/events", tags=["events"], response_model=schemas.EventList, responses=errors(401, 422)
+)
+async def list_events(
+    principal: CurrentPrincipal,
+    state: AppState,
+    source: Literal["agent", "api", "manual", "webhook", "schedule"] | None = None,
+    type: str | None = Query(default=None, max_length=200),
+    limit: int = Query(default=100, ge=1, le=1000),
+) -> JSONResponse:
+    """The newest events first: what came, from whom, and what it started or why not."""
+    items = await state.events.list(principal.organization_id, source, type, limit)
+    return JSONResponse({"events": items})
+
+
+@router.get(
+    "/events/{event_id}",
+    tags=["events"],
+    response_model=schemas.Event,
+    responses=errors(401, 404, 422),
+)
+async def get_event(event_id: str, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
+    return JSONResponse(await state.events.get(principal.organization_id, event_id))
 
 
 @router.get(

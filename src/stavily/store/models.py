@@ -413,3 +413,30 @@ plugin_rollouts = sa.Table(
     _created(),
     sa.Column("created_by", sa.String(100), nullable=False),
 )
+
+# Every event that may start workflows, whatever its source (agent, api, manual, webhook,
+# schedule): what came, from whom, and what it started or why it started nothing.
+events = sa.Table(
+    "events",
+    metadata,
+    _id(),
+    _org(),
+    sa.Column("source", sa.String(20), nullable=False),
+    sa.Column("type", sa.String(200), nullable=False),
+    sa.Column("payload", sa.JSON, nullable=False),
+    # a repeated event (the same key from the same source) starts nothing new
+    sa.Column("idempotency_key", sa.String(400)),
+    sa.Column("agent_id", sa.String(40)),
+    sa.Column("sent_by", sa.String(100), nullable=False),
+    # the watch (a workflow's trigger step) it came from
+    sa.Column("watch_id", sa.String(40)),
+    sa.Column("workflow_name", sa.String(200)),
+    sa.Column("step", sa.String(200)),
+    # started | unmatched | refused
+    sa.Column("outcome", sa.String(20), nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("started", sa.JSON, nullable=False),  # execution ids
+    _created(),
+    sa.UniqueConstraint("organization_id", "source", "idempotency_key"),
+    sa.Index("ix_events_org_created", "organization_id", "created_at"),
+)

@@ -868,6 +868,29 @@ def plan(
     return steps
 
 
+def watches(
+    definition: WorkflowDefinition, pins: dict[str, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """The triggers stage's steps, resolved: each a plugin the sensor agents its agent
+    selection picks keep running as a watcher (workflows.watches), not a step of a run."""
+    stage = definition.triggers
+    found = []
+    for step in stage.steps if stage else []:
+        pin = (pins or {}).get(step.name)
+        found.append(
+            {
+                "name": step.name,
+                "plugin_id": step.plugin.id,
+                "plugin_version": pin["version"] if pin else step.plugin.version,
+                "plugin": pin,
+                "config": step.config,
+                "agent_type": "sensor",
+                "selector": _selector(step.agents, stage.agents, definition.agents),
+            }
+        )
+    return found
+
+
 def _reads(step: Step) -> list[str] | None:
     """The steps whose results the step's templates read; None when that cannot be told."""
     from stavily.workflows.templating import references

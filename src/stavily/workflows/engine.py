@@ -168,6 +168,10 @@ class Engine:
                 done += await self._promote(conn, execution, progression.actor, progression.now)
         await audit.append(conn, [e for p in done for e in p.entries])
 
+    def started(self, done: list[Progression]) -> None:
+        """After the commit of a `start_in`: its first steps offered to the agents."""
+        self._wake(done)
+
     def _wake(self, done: list[Progression], taken: set[str] | None = None) -> None:
         """After a commit: what the transaction queued (and did not hand out itself,
         `taken`) is offered to the agents waiting here, and published to the other
@@ -272,88 +276,109 @@ class Engine:
         actor: str,
         trigger: dict[str, Any],
     ) -> str:
-        now = utcnow()
         async with self.db.write() as conn:
-            workflow = await service.get(conn, organization_id, workflow_name)
-            definition, planned = await self._plan(workflow)
-            inputs = definition.resolve_inputs(inputs)
-            status = "running"
-            if definition.concurrency is not None:
-                # Serialize starts of this workflow so two cannot both take the last slot.
-                await conn.execute(
-                    self.db.for_update(
-                        sa.select(workflows.c.id).where(workflows.c.id == workflow["id"])
-                    )
-                )
-                running = await conn.scalar(
-                    sa.select(sa.func.count())
-                    .select_from(executions)
-                    .where(
-                        executions.c.workflow_id == workflow["id"],
-                        executions.c.status.in_(("running", "queued")),
-                    )
-                )
-                if int(running or 0) >= definition.concurrency.limit:
-                    if definition.concurrency.policy == "reject":
-                        raise Conflict(
-                            f"workflow '{workflow_name}' already runs "
-                            f"{definition.concurrency.limit} executions (its concurrency limit)"
-                        )
-                    status = "queued"
-            execution = {
-                "id": new_id("exe"),
-                "organization_id": organization_id,
-                "workflow_id": workflow["id"],
-                "workflow_version_id": workflow["version_id"],
-                "workflow_name": workflow["name"],
-                "workflow_version": workflow["version"],
-                "status": status,
-                "inputs": inputs,
-                "trigger": trigger,
-                "created_by": actor,
-                "created_at": now,
-                "variables": definition.variables or {},
-                "deadline_at": (
-                    now + timedelta(seconds=parse_duration(definition.timeout))
-                    if definition.timeout is not None
-                    else None
-                ),
-                "concurrency_limit": (
-                    definition.concurrency.limit if definition.concurrency else None
-                ),
-                "reruns": 0,
-                "failed_step": None,
-            }
-            execution["open_steps"] = len(planned)
-            await conn.execute(queries.INSERT_EXECUTION, execution)
-            steps = [
-                {
-                    "id": new_id("stp"),
-                    "organization_id": organization_id,
-                    "execution_id": execution["id"],
-                    "status": "pending",
-                    "attempts": 0,
-                    "parent_id": None,
-                    "item_index": None,
-                    **step,
-                }
-                for step in planned
-            ]
-            await conn.execute(queries.INSERT_STEPS, steps)
-            progression = self._progression(conn, execution, actor, now)
-            progression._audit(
-                "execution.started" if status == "running" else "execution.queued",
-                "execution",
-                execution["id"],
-                workflow=workflow["name"],
-                version=workflow["version"],
-                trigger=trigger.get("type"),
+            execution_id, done = await self.start_in(
+                conn, organization_id, workflow_name, inputs, actor, trigger
             )
-            await progression.begin(steps)
-            done = [progression]
-            await self._settle(conn, done)
         self._wake(done)
-        return str(execution["id"])
+        return execution_id
+
+    async def start_in(
+        self,
+        conn: AsyncConnection,
+        organization_id: str,
+        workflow_name: str,
+        inputs: dict[str, Any],
+        actor: str,
+        trigger: dict[str, Any],
+        version_id: str | None = None,
+    ) -> tuple[str, list[Progression]]:
+        """A run started within the caller's transaction (an event's, say); the caller
+        wakes the returned progressions once it commits. `version_id`: only if the
+        workflow is still at that version (NotFound otherwise)."""
+        now = utcnow()
+        workflow = await service.get(conn, organization_id, workflow_name)
+        if version_id is not None and workflow["version_id"] != version_id:
+            raise NotFound(
+                f"workflow '{workflow_name}' was applied again since (version "
+                f"{workflow['version']} now)"
+            )
+        definition, planned = await self._plan(workflow)
+        inputs = definition.resolve_inputs(inputs)
+        status = "running"
+        if definition.concurrency is not None:
+            # Serialize starts of this workflow so two cannot both take the last slot.
+            await conn.execute(
+                self.db.for_update(
+                    sa.select(workflows.c.id).where(workflows.c.id == workflow["id"])
+                )
+            )
+            running = await conn.scalar(
+                sa.select(sa.func.count())
+                .select_from(executions)
+                .where(
+                    executions.c.workflow_id == workflow["id"],
+                    executions.c.status.in_(("running", "queued")),
+                )
+            )
+            if int(running or 0) >= definition.concurrency.limit:
+                if definition.concurrency.policy == "reject":
+                    raise Conflict(
+                        f"workflow '{workflow_name}' already runs "
+                        f"{definition.concurrency.limit} executions (its concurrency limit)"
+                    )
+                status = "queued"
+        execution = {
+            "id": new_id("exe"),
+            "organization_id": organization_id,
+            "workflow_id": workflow["id"],
+            "workflow_version_id": workflow["version_id"],
+            "workflow_name": workflow["name"],
+            "workflow_version": workflow["version"],
+            "status": status,
+            "inputs": inputs,
+            "trigger": trigger,
+            "created_by": actor,
+            "created_at": now,
+            "variables": definition.variables or {},
+            "deadline_at": (
+                now + timedelta(seconds=parse_duration(definition.timeout))
+                if definition.timeout is not None
+                else None
+            ),
+            "concurrency_limit": (definition.concurrency.limit if definition.concurrency else None),
+            "reruns": 0,
+            "failed_step": None,
+        }
+        execution["open_steps"] = len(planned)
+        await conn.execute(queries.INSERT_EXECUTION, execution)
+        steps = [
+            {
+                "id": new_id("stp"),
+                "organization_id": organization_id,
+                "execution_id": execution["id"],
+                "status": "pending",
+                "attempts": 0,
+                "parent_id": None,
+                "item_index": None,
+                **step,
+            }
+            for step in planned
+        ]
+        await conn.execute(queries.INSERT_STEPS, steps)
+        progression = self._progression(conn, execution, actor, now)
+        progression._audit(
+            "execution.started" if status == "running" else "execution.queued",
+            "execution",
+            execution["id"],
+            workflow=workflow["name"],
+            version=workflow["version"],
+            trigger=trigger.get("type"),
+        )
+        await progression.begin(steps)
+        done = [progression]
+        await self._settle(conn, done)
+        return str(execution["id"]), done
 
     # -- agents take work -------------------------------------------------------------------
 

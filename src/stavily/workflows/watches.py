@@ -1,0 +1,294 @@
+"""The triggers stage, run. A workflow's trigger steps are watches: plugins the sensor
+agents its agent selection picks keep running (handed out in their heartbeat answers,
+`watch`), and each event a watch reports is stored once (its idempotency key) and starts
+the workflow, the event readable in its templates as `trigger.*` (docs/triggers.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.exc import IntegrityError
+
+from stavily import offload
+from stavily.errors import Conflict, InvalidInput, NotFound
+from stavily.fleet.agents import AgentIdentity, eligible
+from stavily.ids import new_id
+from stavily.plugins import instructions as plugin_instructions
+from stavily.store.db import Database
+from stavily.store.models import events
+from stavily.timeutil import isoformat, utcnow
+from stavily.workflows import service
+from stavily.workflows.definition import WorkflowDefinition, watches
+from stavily.workflows.templating import TemplateProblem, has_templates, render_limited
+
+log = structlog.get_logger("stavily.watches")
+
+# how long an organization's watches are reused before they are read again (an apply on
+# this server forgets them at once; on another replica they are this stale at most)
+WATCHES_TTL = 2.0
+DEFAULT_INTERVAL = 60
+
+
+def _interval(config: Any) -> int:
+    """How often a watch looks: its config's `interval` (seconds), as the published
+    trigger plugins name it, else a minute."""
+    value = config.get("interval") if isinstance(config, dict) else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and 1 <= value <= 86400:
+        return int(value)
+    return DEFAULT_INTERVAL
+
+
+def watch_id(workflow_id: str, step: str, handout: dict[str, Any]) -> str:
+    """Stable while the trigger step is: applying a workflow again with the same step
+    changes nothing on the agents, a changed one is a new watch."""
+    text = json.dumps([workflow_id, step, handout], sort_keys=True, default=str)
+    return "wat_" + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class Watches:
+    """Each organization's watches, read from its workflows' latest versions."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._cache: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+        self._definitions: dict[str, WorkflowDefinition] = {}
+
+    def forget(self, organization_id: str) -> None:
+        """A workflow was applied: read the watches again."""
+        self._cache.pop(organization_id, None)
+
+    async def of_organization(self, organization_id: str) -> list[dict[str, Any]]:
+        cached = self._cache.get(organization_id)
+        if cached is not None and time.monotonic() - cached[0] < WATCHES_TTL:
+            return cached[1]
+        async with self.db.read() as conn:
+            rows = await service.list_all(conn, organization_id)
+        found: list[dict[str, Any]] = []
+        for workflow in rows:
+            if not workflow["definition"].get("triggers"):
+                continue
+            definition = self._definitions.get(workflow["version_id"])
+            if definition is None:
+                definition = await offload.run(
+                    WorkflowDefinition.model_validate, workflow["definition"]
+                )
+                if len(self._definitions) >= 512:
+                    del self._definitions[next(iter(self._definitions))]
+                self._definitions[workflow["version_id"]] = definition
+            for spec in watches(definition, workflow["plugins"]):
+                watch = await self._watch(workflow, definition, spec)
+                if watch is not None:
+                    found.append(watch)
+        self._cache[organization_id] = (time.monotonic(), found)
+        return found
+
+    async def _watch(
+        self, workflow: dict[str, Any], definition: WorkflowDefinition, spec: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        config = spec["config"]
+        if has_templates(config):
+            try:  # a trigger runs before any run: only the workflow's variables exist
+                config = await render_limited(config, {"variables": definition.variables or {}})
+            except TemplateProblem as problem:
+                log.warning(
+                    "trigger step not watched",
+                    workflow=workflow["name"],
+                    step=spec["name"],
+                    error=str(problem),
+                )
+                return None
+        configuration, input_data = plugin_instructions.build(spec, config)
+        handout = {
+            "plugin_id": spec["plugin_id"],
+            "instruction_type": "watch",
+            "plugin_configuration": configuration,
+            "input_data": input_data,
+            "interval": _interval(config),
+            "context": {"workflow": workflow["name"], "step": spec["name"]},
+        }
+        identifier = watch_id(workflow["id"], spec["name"], handout)
+        return {
+            "id": identifier,
+            "workflow": workflow["name"],
+            "version_id": workflow["version_id"],
+            "step": spec["name"],
+            "selector": spec["selector"],
+            "handout": {"id": identifier, **handout},
+        }
+
+    async def for_agent(self, agent: AgentIdentity) -> list[dict[str, Any]]:
+        """What a sensor agent keeps running: the watches whose selection picks it."""
+        if agent.type != "sensor":
+            return []
+        return [
+            w["handout"]
+            for w in await self.of_organization(agent.organization_id)
+            if eligible(agent, w["selector"])
+        ]
+
+
+def _event_view(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "source": row.source,
+        "type": row.type,
+        "payload": row.payload,
+        "idempotency_key": row.idempotency_key,
+        "agent_id": row.agent_id,
+        "sent_by": row.sent_by,
+        "watch_id": row.watch_id,
+        "workflow": row.workflow_name,
+        "step": row.step,
+        "outcome": row.outcome,
+        "reason": row.reason,
+        "started": row.started,
+        "created_at": isoformat(row.created_at),
+    }
+
+
+class Events:
+    """Events in: stored once per (source, idempotency key), each starting what it
+    matches in the same transaction, so a repeated event never starts a second run."""
+
+    def __init__(self, db: Database, engine: Any, watches: Watches) -> None:
+        self.db = db
+        self.engine = engine
+        self.watches = watches
+
+    async def from_agent(
+        self,
+        agent: AgentIdentity,
+        event_type: str,
+        payload: dict[str, Any],
+        watch: str | None,
+        key: str | None,
+    ) -> tuple[dict[str, Any], bool]:
+        """A sensor agent's event; (the event, whether it is new). Its idempotency key is
+        scoped to the agent: two hosts' "cpu-high-<time>" are two events."""
+        scoped = f"{agent.id}:{key}" if key is not None else None
+        matched = None
+        if watch is not None:
+            mine = await self.watches.of_organization(agent.organization_id)
+            matched = next((w for w in mine if w["id"] == watch), None)
+            if matched is not None and not (
+                agent.type == "sensor" and eligible(agent, matched["selector"])
+            ):
+                matched = None
+        row: dict[str, Any] = {
+            "id": new_id("evt"),
+            "organization_id": agent.organization_id,
+            "source": "agent",
+            "type": event_type,
+            "payload": payload,
+            "idempotency_key": scoped,
+            "agent_id": agent.id,
+            "sent_by": agent.actor,
+            "watch_id": watch,
+            "workflow_name": matched["workflow"] if matched else None,
+            "step": matched["step"] if matched else None,
+            "outcome": "unmatched",
+            "reason": None if matched else self._unmatched(watch),
+            "started": [],
+            "created_at": utcnow(),
+        }
+        trigger = {
+            "type": event_type,
+            "source": "agent",
+            "agent_id": agent.id,
+            "event_id": row["id"],
+            "step": row["step"],
+            "payload": payload,
+        }
+        done: list[Any] = []
+        try:
+            async with self.db.write() as conn:
+                await conn.execute(events.insert().values(**row))
+                if matched is not None:
+                    try:
+                        execution_id, done = await self.engine.start_in(
+                            conn,
+                            agent.organization_id,
+                            matched["workflow"],
+                            {},
+                            agent.actor,
+                            trigger,
+                            version_id=matched["version_id"],
+                        )
+                    except (InvalidInput, Conflict, NotFound) as refused:
+                        outcome = {"outcome": "refused", "reason": str(refused)}
+                    else:
+                        outcome = {"outcome": "started", "started": [execution_id]}
+                    row.update(outcome)
+                    await conn.execute(
+                        events.update().where(events.c.id == row["id"]).values(**outcome)
+                    )
+        except IntegrityError:  # the same key again: the first one's
+            return await self._existing(agent.organization_id, "agent", scoped), False
+        self.engine.started(done)
+        log.info(
+            "event",
+            event_id=row["id"],
+            type=event_type,
+            agent_id=agent.id,
+            outcome=row["outcome"],
+            started=row["started"],
+        )
+        return {**row, "created_at": isoformat(row["created_at"])}, True
+
+    @staticmethod
+    def _unmatched(watch: str | None) -> str:
+        if watch is None:
+            return "no watch named: the event was recorded and started nothing"
+        return (
+            f"no current watch '{watch}' for this agent (its workflow was applied again, "
+            "or its trigger step no longer selects this agent)"
+        )
+
+    async def _existing(self, organization_id: str, source: str, key: str | None) -> dict[str, Any]:
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(events).where(
+                        events.c.organization_id == organization_id,
+                        events.c.source == source,
+                        events.c.idempotency_key == key,
+                    )
+                )
+            ).first()
+        if row is None:  # cannot happen: the key conflicted with it
+            raise Conflict("the event conflicted with one that is gone")
+        return _event_view(row)
+
+    async def list(
+        self,
+        organization_id: str,
+        source: str | None = None,
+        event_type: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        query = sa.select(events).where(events.c.organization_id == organization_id)
+        if source is not None:
+            query = query.where(events.c.source == source)
+        if event_type is not None:
+            query = query.where(events.c.type == event_type)
+        query = query.order_by(events.c.created_at.desc(), events.c.id.desc()).limit(limit)
+        async with self.db.read() as conn:
+            return [_event_view(row) for row in await conn.execute(query)]
+
+    async def get(self, organization_id: str, event_id: str) -> dict[str, Any]:
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(events).where(
+                        events.c.organization_id == organization_id, events.c.id == event_id
+                    )
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"no event '{event_id}'")
+        return _event_view(row)

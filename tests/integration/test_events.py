@@ -1,0 +1,220 @@
+"""The triggers stage runs: a workflow's trigger steps are handed to the sensor agents they
+select as watches (the heartbeat answer's `watch`), and each event a watch reports
+(`POST /agents/v1/{id}/events`) is stored once per idempotency key and starts the
+workflow, the event readable as `trigger.*`. Real HTTP, both databases."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import uuid
+from typing import Any
+
+import yaml
+
+from tests.harness import Orchestrator, SimAgent
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def apply(orch: Orchestrator, name: str, pool: str, threshold: int = 90) -> None:
+    definition = {
+        "name": name,
+        "triggers": {
+            "agents": {"labels": {"pool": pool}},
+            "steps": [
+                {
+                    "name": "cpu",
+                    "plugin": "cpu-trigger",
+                    "config": {"threshold": threshold, "interval": 5},
+                }
+            ],
+        },
+        "actions": {
+            "steps": [
+                {
+                    "name": "react",
+                    "plugin": "echo",
+                    "config": {
+                        "value": "{{ trigger.payload.data.value }}",
+                        "type": "{{ trigger.type }}",
+                    },
+                }
+            ]
+        },
+    }
+    response = orch.api.post(
+        "/api/v1/workflows",
+        content=yaml.safe_dump(definition),
+        headers={"Content-Type": "application/yaml"},
+    )
+    assert response.status_code in (200, 201), response.text
+
+
+def beat(agent: SimAgent) -> dict[str, Any]:
+    response = agent.client.post(
+        f"/agents/v1/{agent.id}/heartbeat", json={"status": "online", "timestamp": None}
+    )
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def watches_of(agent: SimAgent, workflow: str) -> list[dict[str, Any]]:
+    return [w for w in beat(agent).get("watch", []) if w["context"]["workflow"] == workflow]
+
+
+def send(agent: SimAgent, **body: Any) -> Any:
+    return agent.client.post(f"/agents/v1/{agent.id}/events", json=body)
+
+
+def event(watch: dict[str, Any], event_id: str, value: int = 97) -> dict[str, Any]:
+    return {
+        "type": "cpu.high",
+        "watch_id": watch["id"],
+        "payload": {"id": event_id, "data": {"value": value}, "severity": "high"},
+    }
+
+
+def test_a_sensor_agent_is_handed_the_watches_that_select_it(orchestrator: Orchestrator) -> None:
+    name, pool = unique("watched"), unique("pool")
+    apply(orchestrator, name, pool)
+    sensor = SimAgent(orchestrator, unique("sensor"), type="sensor", labels={"pool": pool})
+    other = SimAgent(orchestrator, unique("sensor"), type="sensor", labels={"pool": "elsewhere"})
+    action = SimAgent(orchestrator, unique("action"), labels={"pool": pool})
+    [watch] = watches_of(sensor, name)
+    assert watch["id"].startswith("wat_")
+    assert watch["plugin_id"] == "cpu-trigger"
+    assert watch["instruction_type"] == "watch"
+    assert watch["input_data"] == {"threshold": 90, "interval": 5}
+    assert watch["interval"] == 5
+    assert watch["context"] == {"workflow": name, "step": "cpu"}
+    assert watches_of(other, name) == []
+    assert "watch" not in beat(action)  # only sensor agents keep watches
+
+    # Applying the same trigger again changes nothing; a changed one is a new watch.
+    apply(orchestrator, name, pool)
+    assert watches_of(sensor, name)[0]["id"] == watch["id"]
+    apply(orchestrator, name, pool, threshold=80)
+    assert watches_of(sensor, name)[0]["id"] != watch["id"]
+
+
+def test_an_event_starts_the_workflow_once_with_the_trigger_in_its_templates(
+    orchestrator: Orchestrator,
+) -> None:
+    name, pool = unique("started"), unique("pool")
+    apply(orchestrator, name, pool)
+    sensor = SimAgent(orchestrator, unique("sensor"), type="sensor", labels={"pool": pool})
+    [watch] = watches_of(sensor, name)
+    key = unique("cpu-high")
+
+    first = send(sensor, **event(watch, key))
+    assert first.status_code == 201, first.text
+    answer = first.json()
+    assert answer["duplicate"] is False and answer["outcome"] == "started"
+    [execution_id] = answer["started"]
+    execution = orchestrator.api.get(f"/api/v1/executions/{execution_id}").json()
+    assert execution["workflow"] == name
+    assert execution["trigger"]["type"] == "cpu.high"
+    assert execution["trigger"]["payload"]["data"] == {"value": 97}
+    assert execution["trigger"]["agent_id"] == sensor.id
+
+    # the step reads the event in its templates
+    action = SimAgent(orchestrator, unique("action"))
+    instruction = action.poll()
+    assert instruction is not None
+    assert instruction["input_data"] == {"value": 97, "type": "cpu.high"}
+
+    again = send(sensor, **event(watch, key, value=1))
+    assert again.status_code == 200, again.text
+    assert again.json() == {**answer, "duplicate": True}
+
+    shown = orchestrator.api.get(f"/api/v1/events/{answer['event_id']}").json()
+    assert shown["outcome"] == "started" and shown["started"] == [execution_id]
+    assert shown["workflow"] == name and shown["step"] == "cpu"
+    assert shown["source"] == "agent" and shown["sent_by"] == f"agent:{sensor.id}"
+    listed = orchestrator.api.get("/api/v1/events", params={"type": "cpu.high"}).json()
+    assert answer["event_id"] in [e["id"] for e in listed["events"]]
+
+
+def test_concurrent_duplicates_start_one_run(orchestrator: Orchestrator) -> None:
+    name, pool = unique("raced"), unique("pool")
+    apply(orchestrator, name, pool)
+    sensor = SimAgent(orchestrator, unique("sensor"), type="sensor", labels={"pool": pool})
+    [watch] = watches_of(sensor, name)
+    body = event(watch, unique("burst"))
+    clients = [orchestrator.agent_client(sensor.key) for _ in range(8)]
+
+    def post(client: Any) -> Any:
+        return client.post(f"/agents/v1/{sensor.id}/events", json=body)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool_:
+        answers = list(pool_.map(post, clients))
+    assert sorted(a.status_code for a in answers) == [200] * 7 + [201]
+    assert len({a.json()["event_id"] for a in answers}) == 1
+    assert len({tuple(a.json()["started"]) for a in answers}) == 1
+    runs = orchestrator.api.get("/api/v1/executions", params={"workflow": name}).json()
+    assert len(runs["executions"]) == 1
+
+
+def test_the_same_key_from_two_agents_is_two_events(orchestrator: Orchestrator) -> None:
+    name, pool = unique("hosts"), unique("pool")
+    apply(orchestrator, name, pool)
+    sensors = [
+        SimAgent(orchestrator, unique("sensor"), type="sensor", labels={"pool": pool})
+        for _ in range(2)
+    ]
+    started = []
+    for sensor in sensors:
+        [watch] = watches_of(sensor, name)
+        answer = send(sensor, **event(watch, "cpu-high-1721030400"))
+        assert answer.status_code == 201, answer.text
+        started += answer.json()["started"]
+    assert len(set(started)) == 2
+
+
+def test_an_event_no_watch_matches_is_recorded_and_starts_nothing(
+    orchestrator: Orchestrator,
+) -> None:
+    name, pool = unique("stale"), unique("pool")
+    apply(orchestrator, name, pool)
+    sensor = SimAgent(orchestrator, unique("sensor"), type="sensor", labels={"pool": pool})
+    outsider = SimAgent(orchestrator, unique("sensor"), type="sensor", labels={"pool": "x"})
+    [watch] = watches_of(sensor, name)
+    apply(orchestrator, name, pool, threshold=50)  # the watch it had is gone
+    stale = send(sensor, **event(watch, unique("old")))
+    assert stale.status_code == 201, stale.text
+    assert stale.json()["outcome"] == "unmatched" and stale.json()["started"] == []
+    shown = orchestrator.api.get(f"/api/v1/events/{stale.json()['event_id']}").json()
+    assert "no current watch" in shown["reason"]
+    # a watch that does not select the agent starts nothing either
+    [current] = watches_of(sensor, name)
+    refused = send(outsider, **event(current, unique("outsider")))
+    assert refused.json()["outcome"] == "unmatched"
+    # no watch named at all: recorded
+    bare = send(sensor, type="disk.full", payload={"id": unique("bare")})
+    assert bare.status_code == 201 and bare.json()["outcome"] == "unmatched"
+
+
+def test_bad_events_are_refused(orchestrator: Orchestrator) -> None:
+    sensor = SimAgent(orchestrator, unique("sensor"), type="sensor")
+    cases = [
+        {"payload": {}},  # no type
+        {"type": "", "payload": {}},
+        {"type": "x\n", "payload": {}},
+        {"type": "x", "payload": []},
+        {"type": "x", "payload": {"id": {"nested": 1}}},
+        {"type": "x", "payload": {"id": "k" * 301}},
+        {"type": "x", "watch_id": "nope"},
+        {"type": "x", "idempotency_key": ""},
+    ]
+    for body in cases:
+        answer = send(sensor, **body)
+        assert answer.status_code == 422, (body, answer.text)
+        assert answer.json()["error"]["code"] == "invalid_input", answer.text
+    assert send(sensor, type="x", payload={"id": 7}).status_code == 201  # integers are keys
+    other = SimAgent(orchestrator, unique("sensor"), type="sensor")
+    # another agent's path: refused
+    answer = other.client.post(f"/agents/v1/{sensor.id}/events", json={"type": "x"})
+    assert answer.status_code in (401, 403), answer.text
+    assert orchestrator.api.get("/api/v1/events/evt_nope").status_code == 404

@@ -328,6 +328,35 @@ class RunOptions:
     answer_timeout: float = 30.0
 
 
+@dataclass
+class Watching:
+    """A run kept going as a watch (stavily.agent.watchers): no timeout; each trigger the
+    plugin detects (stdin), reports on the socket or prints (one-shot) goes to `report`
+    as (type, payload)."""
+
+    interval: float
+    report: Callable[[str, dict[str, Any]], None]
+
+
+# a watch's run has no deadline of its own: it ends when the plugin dies or is stopped
+_WATCH_SECONDS = 10.0**9
+
+
+def _event_type(event: Any, default: str = "trigger") -> str:
+    kind = event.get("type") if isinstance(event, dict) else None
+    return kind if isinstance(kind, str) and kind else default
+
+
+def printed_events(output: Any) -> list[Any]:
+    """What a one-shot trigger printed: its `events`, or one event (a mapping with an
+    `id` or a `type`); nothing else counts."""
+    if not isinstance(output, dict):
+        return []
+    if isinstance(output.get("events"), list):
+        return [e for e in output["events"] if isinstance(e, dict)]
+    return [output] if output.get("id") or output.get("type") else []
+
+
 def _stdin_kind(manifest: dict[str, Any]) -> str:
     kind = str(manifest.get("type") or "action").lower()
     return "detect_triggers" if kind in ("trigger", "monitor") else "execute_action"
@@ -375,10 +404,12 @@ async def run_plugin(
     *,
     options: RunOptions | None = None,
     log: RunLog | None = None,
+    watch: Watching | None = None,
 ) -> Outcome:
     """Run one `execute` instruction's plugin, the way its protocol says, from `folder` (a
     registry install) or else from the hand-installed `plugins_dir/<id>`. `log` gets the
-    run's lines as they come (the protocol used, the plugin's stderr and uploaded logs)."""
+    run's lines as they come (the protocol used, the plugin's stderr and uploaded logs).
+    With `watch`, the run is a watch's: see Watching."""
     options = options or RunOptions(allow_env=allow_env)
     allow = tuple(allow_env) or tuple(options.allow_env)
     log = log if log is not None else RunLog()
@@ -430,6 +461,7 @@ async def run_plugin(
             env=env,
             folder=folder,
             run=run,
+            watch=watch,
         )
     finally:
         await asyncio.to_thread(shutil.rmtree, run, True)
@@ -456,6 +488,7 @@ async def _run(
     env: dict[str, str],
     folder: Path,
     run: Path,
+    watch: Watching | None,
 ) -> Outcome:
     instruction_id = str(instruction.get("id", ""))
     config = _step_config(instruction, configuration)
@@ -475,6 +508,8 @@ async def _run(
             events.append({"trigger_name": name, "payload": payload})
             text = json.dumps(payload, ensure_ascii=False, default=str)
             log.note(f"trigger reported: {name} {text}")
+            if watch is not None:
+                watch.report(name, payload)
         return {"accepted": True, "duplicate": duplicate}
 
     channel = RunChannel(
@@ -495,7 +530,7 @@ async def _run(
         TMP=str(run / "tmp"),
         TEMP=str(run / "tmp"),
     )
-    timeout = _time_limit(instruction, manifest)
+    timeout = _WATCH_SECONDS if watch else _time_limit(instruction, manifest)
     input_path = _input_file(run, instruction) if protocol == "input" else None
     if input_path:
         command = [*command, "--input", input_path]
@@ -528,10 +563,13 @@ async def _run(
         try:
             if protocol == "stdin":
                 said = await _converse(
-                    process, manifest, instruction_id, config, options, log, deadline
+                    process, manifest, instruction_id, config, options, log, deadline, watch
                 )
             else:
                 said = await _oneshot(process, protocol, deadline)
+                if watch is not None and said.success:
+                    for event in printed_events(said.output):
+                        watch.report(_event_type(event), event)
         except asyncio.CancelledError:
             kill_group(process.pid)  # a cancelled run leaves nothing running
             raise
@@ -582,12 +620,18 @@ async def _converse(
     options: RunOptions,
     log: RunLog,
     deadline: float,
+    watch: Watching | None,
 ) -> Said:
     """The stdin conversation; a plugin that closes its output first failed, whatever its
     exit status."""
     conversation = Conversation(process, log, options.answer_timeout, deadline)
     try:
-        said = await conversation.run(_stdin_kind(manifest), instruction_id, config)
+        if watch is not None:
+            said = await conversation.watch(
+                config, watch.interval, lambda event: watch.report(_event_type(event), event)
+            )
+        else:
+            said = await conversation.run(_stdin_kind(manifest), instruction_id, config)
     except PluginGone:
         await conversation.close()
         code = await process.wait()

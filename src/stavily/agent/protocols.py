@@ -233,21 +233,9 @@ class Conversation:
     async def run(self, kind: str, instruction_id: str, config: Any) -> Said:
         """initialize, start, the action (or trigger detection), stop; then stdin is closed
         and the plugin has EXIT_GRACE seconds to exit (the caller kills it after)."""
-        steps: list[tuple[str, dict[str, Any]]] = [
-            ("initialize", {"config": config}),
-            ("start", {}),
-        ]
-        for action, fields in steps:
-            try:
-                answer = await self.ask(action, self.answer_timeout, **fields)
-            except TimeoutError:
-                late = asyncio.get_running_loop().time() >= self.deadline
-                message = f"no answer to '{action}' within {self.answer_timeout:g}s"
-                return Said(False, None, message, timed_out=late)
-            refused = _refusal(action, answer)
-            if refused:
-                return Said(False, answer.get("data"), refused)
-            self.log.note(f"stdin: {action}: ok")
+        failed = await self._open(config)
+        if failed is not None:
+            return failed
         if kind == "detect_triggers":
             said = await self._act("detect_triggers", {}, _triggers_result)
         else:
@@ -261,6 +249,43 @@ class Conversation:
         except (TimeoutError, PluginGone, TooLarge):
             self.log.note("stdin: stop: no answer")
         return said
+
+    async def _open(self, config: Any) -> Said | None:
+        """`initialize` with the config, then `start`: None once both succeeded."""
+        for action, fields in (("initialize", {"config": config}), ("start", {})):
+            try:
+                answer = await self.ask(action, self.answer_timeout, **fields)
+            except TimeoutError:
+                late = asyncio.get_running_loop().time() >= self.deadline
+                message = f"no answer to '{action}' within {self.answer_timeout:g}s"
+                return Said(False, None, message, timed_out=late)
+            refused = _refusal(action, answer)
+            if refused:
+                return Said(False, answer.get("data"), refused)
+            self.log.note(f"stdin: {action}: ok")
+        return None
+
+    async def watch(self, config: Any, interval: float, report: Callable[[Any], None]) -> Said:
+        """A trigger kept running (a watch): `initialize`, `start`, then `detect_triggers`
+        every `interval` seconds, each event it answers reported, until the plugin dies
+        (PluginGone) or the run is cancelled; a failed detection is logged, not fatal."""
+        failed = await self._open(config)
+        if failed is not None:
+            return failed
+        while True:
+            try:
+                answer = await self.ask("detect_triggers", self.answer_timeout)
+            except TimeoutError:
+                return Said(
+                    False, None, f"no answer to 'detect_triggers' within {self.answer_timeout:g}s"
+                )
+            refused = _refusal("detect_triggers", answer)
+            if refused:
+                self.log.note(refused)
+            else:
+                for event in _triggers_result(answer).events:
+                    report(event)
+            await asyncio.sleep(interval)
 
     async def _act(
         self, action: str, fields: dict[str, Any], read: Callable[[dict[str, Any]], Said]

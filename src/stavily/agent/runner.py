@@ -20,7 +20,14 @@ import httpx
 import structlog
 
 from stavily import __version__
-from stavily.agent.plugins import RunOptions, kill_running_plugins, refusal, run_plugin
+from stavily.agent.plugins import (
+    Outcome,
+    RunOptions,
+    Watching,
+    kill_running_plugins,
+    refusal,
+    run_plugin,
+)
 from stavily.agent.protocols import RunLog
 from stavily.agent.registry import (
     InstallFailed,
@@ -30,6 +37,7 @@ from stavily.agent.registry import (
 )
 from stavily.agent.system import SystemFigures
 from stavily.agent.venvs import Environments
+from stavily.agent.watches import Watches
 
 log = structlog.get_logger("stavily.agent")
 # Answers after which a report is final: retrying cannot change them.
@@ -134,6 +142,8 @@ class Agent:
         self._hold = asyncio.Event()
         # Set whenever a slot frees up or the agent's state changes.
         self._changed = asyncio.Event()
+        # a sensor agent's watches (the heartbeat answers' `watch`)
+        self.watches = Watches(self.client, self.base, self._run_watch)
         # Instructions received and not yet reported, as the heartbeat lists them.
         self.running: set[str] = set()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -184,6 +194,7 @@ class Agent:
             beats.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beats
+            await self.watches.close()
             await self._heartbeat("offline")
             await self.client.aclose()
         return 0
@@ -241,6 +252,8 @@ class Agent:
         commands = answer.get("commands") if isinstance(answer, dict) else None
         # Only an accepted answer changes the drain: a failed heartbeat says nothing.
         self._set_draining(isinstance(commands, list) and "drain" in commands)
+        if isinstance(answer, dict) and "watch" in answer and not self.stopping.is_set():
+            await self.watches.update(answer["watch"])
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -417,6 +430,24 @@ class Agent:
                 "timestamp": _now(),
             }
         return report
+
+    async def _run_watch(self, spec: dict[str, Any], watching: Watching, log: RunLog) -> Outcome:
+        """One run of a watch's plugin: installed from the registry first if pinned."""
+        folder = None
+        ref = registry_ref(spec)
+        if ref is not None:
+            try:
+                folder = (await self.installer.install(ref)).path
+            except InstallFailed as failed:
+                return Outcome(False, error_message=failed.message)
+        return await run_plugin(
+            self.config.plugins_dir,
+            spec,
+            folder=folder,
+            options=self.run_options,
+            log=log,
+            watch=watching,
+        )
 
     async def send_log(self, instruction_id: str, lines: list[str]) -> None:
         """A running step's log so far, whole (the server keeps the last one sent)."""

@@ -142,6 +142,14 @@ def test_each_protocol_runs_end_to_end_with_its_result_and_log(
     assert any("built environment" in line and "tinydep==1.0" in line for line in logs["deps"])
     assert "a line on stderr, the plugin's log" in logs["input"]
 
+    # what the flags plugin reported on the socket is an event on the orchestrator, once
+    def said() -> list[dict[str, Any]]:
+        return stack.api.get("/api/v1/events", params={"type": "said"}).json()["events"]
+
+    [event] = wait_until(said, 10, "the reported trigger, as an event")
+    assert event["payload"] == {"id": "said-1"} and event["agent_id"] == agent_id
+    assert event["outcome"] == "unmatched" and event["started"] == []
+
 
 def test_a_plugin_that_fails_its_protocol_fails_its_step(stack: Stack, tmp_path: Path) -> None:
     for name in ("stdin-action", "flags-action"):

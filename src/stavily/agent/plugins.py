@@ -85,7 +85,7 @@ class Outcome:
     exit_code: int | None = None
     stderr: str = ""
     duration: float = 0.0
-    # triggers the plugin reported (socket) or detected (stdin), deduplicated
+    # triggers the plugin reported on the socket, deduplicated: {trigger_name, payload}
     events: list[Any] = field(default_factory=list)
 
 
@@ -587,7 +587,7 @@ async def _run(
         exit_code=process.returncode,
         stderr=err,
         duration=time.monotonic() - started,
-        events=[*events, *({"trigger_name": "detect_triggers", "payload": e} for e in said.events)],
+        events=events,
     )
     if said.timed_out:
         outcome.error_message = f"timed out after {timeout:g}s"

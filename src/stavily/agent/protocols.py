@@ -13,7 +13,7 @@ import asyncio
 import collections
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -76,7 +76,6 @@ class Said:
     output: Any = None
     error_message: str | None = None
     timed_out: bool = False
-    events: list[Any] = field(default_factory=list)
 
 
 class PluginGone(Exception):
@@ -283,7 +282,7 @@ class Conversation:
             if refused:
                 self.log.note(refused)
             else:
-                for event in _triggers_result(answer).events:
+                for event in _triggers_result(answer).output["events"]:
                     report(event)
             await asyncio.sleep(interval)
 
@@ -336,4 +335,4 @@ def _triggers_result(answer: dict[str, Any]) -> Said:
     """`detect_triggers` answers an event, a list of them, or null: the result lists them."""
     data = answer.get("data")
     events = [] if data is None else data if isinstance(data, list) else [data]
-    return Said(True, {"events": events}, events=events)
+    return Said(True, {"events": events})

@@ -413,6 +413,8 @@ class Agent:
             )
         finally:
             await live.close()
+        for reported in outcome.events:  # events on the orchestrator, recorded (no watch)
+            self.watches.deliver(None, reported["trigger_name"], reported["payload"])
         execution_log.append(
             f"[{_now()}] Plugin finished in {outcome.duration:.3f}s: "
             + ("success" if outcome.success else str(outcome.error_message))

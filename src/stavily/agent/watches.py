@@ -145,12 +145,14 @@ class Watches:
                 log.info("watch started", watch_id=watch_id, plugin_id=spec.get("plugin_id"))
                 self.running[watch_id] = Watch(spec, self.run, self.deliver)
 
-    def deliver(self, watch_id: str, kind: str, payload: dict[str, Any]) -> None:
+    def deliver(self, watch_id: str | None, kind: str, payload: dict[str, Any]) -> None:
+        """Queue an event for the server: a watch's, or (`watch_id` None) one a step's
+        plugin reported on the socket, which the server records."""
         key = payload.get("id") if isinstance(payload, dict) else None
         body = {
             "type": kind[:200] or "trigger",
             "payload": payload if isinstance(payload, dict) else {"value": payload},
-            "watch_id": watch_id,
+            **({"watch_id": watch_id} if watch_id else {}),
             # the same key on every retry: the server stores it once
             "idempotency_key": None if isinstance(key, str | int) else uuid.uuid4().hex,
         }
@@ -175,7 +177,7 @@ class Watches:
             else:
                 code = response.status_code
                 if code in (200, 201):
-                    log.info("event delivered", watch_id=body["watch_id"], **response.json())
+                    log.info("event delivered", watch_id=body.get("watch_id"), **response.json())
                 elif 400 <= code < 500 and code not in (408, 429):  # final: retrying won't help
                     log.warning("event refused", status=code, body=response.text[:300])
                 else:

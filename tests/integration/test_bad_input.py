@@ -841,6 +841,8 @@ def test_private_api_needs_a_valid_token(world: World) -> None:
                 checked += 1
             empty = http.request(op.method, url, headers={"Authorization": "Bearer"})
             assert_error(empty, 401)
+            if op.path == "/api/v1/triggers":
+                continue  # the one route an agent credential may call (test_events.py)
             as_agent = http.request(op.method, url, headers=world.headers("agent"))
             assert as_agent.status_code in (401, 403), as_agent.text
             assert error_shape_problem(as_agent) is None

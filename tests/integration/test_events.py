@@ -218,3 +218,70 @@ def test_bad_events_are_refused(orchestrator: Orchestrator) -> None:
     answer = other.client.post(f"/agents/v1/{sensor.id}/events", json={"type": "x"})
     assert answer.status_code in (401, 403), answer.text
     assert orchestrator.api.get("/api/v1/events/evt_nope").status_code == 404
+
+
+def documented(agent: SimAgent, source: str, event_id: str) -> dict[str, Any]:
+    """The body an earlier official sensor agent sent (AGENT_API.md)."""
+    return {
+        "event_type": "trigger_event",
+        "agent_id": agent.id,
+        "tenant_id": "acme",
+        "timestamp": "2026-12-03T10:00:00Z",
+        "trigger_type": "cpu.high",
+        "payload": {
+            "id": event_id,
+            "source": source,
+            "data": {"value": 91},
+            "metadata": {},
+            "tags": ["cpu"],
+            "severity": "high",
+        },
+    }
+
+
+def test_the_documented_trigger_route_takes_an_official_sensors_event(
+    orchestrator: Orchestrator,
+) -> None:
+    """POST /api/v1/triggers with the agent's own credential: its payload's source names
+    the trigger step's plugin, which selects the agent; the workflow starts once."""
+    name, pool = unique("official"), unique("pool")
+    apply(orchestrator, name, pool)
+    sensor = SimAgent(orchestrator, unique("sensor"), type="sensor", labels={"pool": pool})
+    body = documented(sensor, "cpu-trigger", unique("cpu-high"))
+    first = sensor.client.post("/api/v1/triggers", json=body)
+    assert first.status_code == 201, first.text
+    answer = first.json()
+    assert answer["success"] is True and answer["outcome"] == "started"
+    [execution_id] = answer["started"]
+    execution = orchestrator.api.get(f"/api/v1/executions/{execution_id}").json()
+    assert execution["workflow"] == name and execution["trigger"]["payload"]["data"]["value"] == 91
+    again = sensor.client.post("/api/v1/triggers", json=body)
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert again.json()["event_id"] == answer["event_id"]
+
+    # another plugin's event starts nothing, and is recorded
+    other = sensor.client.post(
+        "/api/v1/triggers", json=documented(sensor, "disk-monitor", unique("disk"))
+    )
+    assert other.status_code == 201 and other.json()["outcome"] == "unmatched"
+
+
+def test_the_documented_trigger_route_needs_the_agents_own_credential(
+    orchestrator: Orchestrator,
+) -> None:
+    sensor = SimAgent(orchestrator, unique("sensor"), type="sensor")
+    other = SimAgent(orchestrator, unique("sensor"), type="sensor")
+    body = documented(sensor, "cpu-trigger", unique("k"))
+    assert orchestrator.api.post("/api/v1/triggers", json=body).status_code == 401  # admin's
+    assert other.client.post("/api/v1/triggers", json=body).status_code == 403
+    anonymous = orchestrator.client()
+    assert anonymous.post("/api/v1/triggers", json=body).status_code == 401
+    for bad in (
+        {k: v for k, v in body.items() if k != "trigger_type"},
+        {**body, "payload": "text"},
+        {**body, "agent_id": ""},
+        {**body, "payload": {"id": ["x"]}},
+    ):
+        answer = sensor.client.post("/api/v1/triggers", json=bad)
+        assert answer.status_code == 422, (bad, answer.text)
+        assert answer.json()["error"]["code"] == "invalid_input"

@@ -254,6 +254,7 @@ def test_the_document_declares_auth_and_answers(fuzzed: Orchestrator) -> None:
                 "POST /api/v1/workflows",
                 "POST /api/v1/plugins",
                 "POST /agents/v1/{agent_id}/events",
+                "POST /api/v1/triggers",
             )
             if where == ARTIFACT:
                 assert set(ok) == {"200", "206"} and "304" in statuses, where
@@ -274,7 +275,9 @@ def test_the_document_declares_auth_and_answers(fuzzed: Orchestrator) -> None:
                 assert "security" not in op, where
                 continue
             required = {name for requirement in op["security"] for name in requirement}
-            expected = "AgentCredential" if path.startswith("/agents/v1/") else "APIToken"
+            # the documented sensor route takes the agent's own credential (AGENT_API.md)
+            by_agent = path.startswith("/agents/v1/") or path == "/api/v1/triggers"
+            expected = "AgentCredential" if by_agent else "APIToken"
             assert required == {expected}, where
             assert "401" in statuses, where
             if (method.upper(), path) in READ_BY_EVERY_ROLE:

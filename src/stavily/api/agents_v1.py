@@ -285,12 +285,18 @@ class AgentEvent(BaseModel):
 
 
 async def do_event(
-    state: State, agent: AgentIdentity, event: AgentEvent
+    state: State,
+    agent: AgentIdentity,
+    event_type: str,
+    payload: dict[str, Any],
+    watch: str | None = None,
+    key: str | None = None,
 ) -> tuple[dict[str, Any], bool]:
+    """An agent's event in (ours or the documented /api/v1/triggers): its answer, and
+    whether it is new. Its key: the one given, else the payload's `id`."""
     state.heartbeats.touch(agent.id)
-    key = event.idempotency_key
-    if key is None and "id" in event.payload:
-        given = event.payload["id"]
+    if key is None and "id" in payload:
+        given = payload["id"]
         key = str(given) if isinstance(given, str | int) and not isinstance(given, bool) else ""
         if not 1 <= len(key) <= 300:
             raise InvalidInput(
@@ -298,7 +304,7 @@ async def do_event(
                 "characters (or an integer)",
                 [{"path": "payload.id", "message": "expected a string of 1 to 300 characters"}],
             )
-    row, new = await state.events.from_agent(agent, event.type, event.payload, event.watch_id, key)
+    row, new = await state.events.from_agent(agent, event_type, payload, watch, key)
     answer = {
         "event_id": row["id"],
         "duplicate": not new,
@@ -306,6 +312,20 @@ async def do_event(
         "started": row["started"],
     }
     return answer, new
+
+
+class SensorTrigger(BaseModel):
+    """The documented Stavily trigger event (AGENT_API.md, "Other documented Stavily
+    surfaces"), as an earlier official sensor agent sent it to POST /api/v1/triggers."""
+
+    model_config = STRICT
+
+    event_type: str = Field(default="trigger_event", max_length=50)
+    agent_id: str = Field(min_length=1, max_length=40)
+    tenant_id: str | None = Field(default=None, max_length=200)
+    timestamp: datetime | None = Field(default=None, strict=False)
+    trigger_type: str = Field(min_length=1, max_length=200, pattern=_PRINTABLE)
+    payload: dict[str, Any] = Field(default_factory=dict)
 
 
 # -- the routes: what the OpenAPI document shows, and where every request goes that the
@@ -370,7 +390,9 @@ async def result(
 async def event(request: Request, body: AgentEvent, agent: CurrentAgent) -> JSONResponse:
     """A trigger from one of the agent's watches: stored once per idempotency key (the
     payload's `id` unless given), starting the watch's workflow."""
-    answer, new = await do_event(state_of(request), agent, body)
+    answer, new = await do_event(
+        state_of(request), agent, body.type, body.payload, body.watch_id, body.idempotency_key
+    )
     return JSONResponse(answer, status_code=201 if new else 200)
 
 

@@ -135,7 +135,7 @@ async def current_principal(request: Request, credential: APIToken) -> Principal
 
 
 async def agent_for(
-    state: State, credential: str | None, agent_id: str, limited: bool = True
+    state: State, credential: str | None, agent_id: str | None, limited: bool = True
 ) -> AgentIdentity:
     """The agent behind the credential, held to its rate limit unless `limited` is off:
     results are not, as official agents never retry one (a refused result is lost and
@@ -164,7 +164,14 @@ async def current_agent(
     return await agent_for(state_of(request), credential, agent_id)
 
 
+async def credential_agent(request: Request, credential: AgentCredential) -> AgentIdentity:
+    """The agent behind the credential, for a route whose path names no agent (its body
+    does: the route checks it)."""
+    return await agent_for(state_of(request), credential, None)
+
+
 AppState = Annotated[State, Depends(get_state)]
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 CurrentAgent = Annotated[AgentIdentity, Depends(current_agent)]
 ReportingAgent = Annotated[AgentIdentity, Depends(reporting_agent)]
+CredentialAgent = Annotated[AgentIdentity, Depends(credential_agent)]

@@ -438,8 +438,7 @@ class PluginVersion(Answer):
     status_reason: str | None
     protocol: Literal["input", "stdin", "flags"]
     socket: bool = Field(
-        description="It talks to its agent's socket (STAVILY_AGENT_SOCKET): reference "
-        "agents only."
+        description="It talks to its agent's socket (STAVILY_AGENT_SOCKET): reference agents only."
     )
     source: dict[str, Any] = Field(description="git (url, ref, commit), path or archive.")
     signed: SignedManifest
@@ -537,6 +536,9 @@ class EventList(Answer):
 
 
 class AgentEventAnswer(Answer):
+    success: Literal[True] | None = Field(
+        default=None, description="Only on POST /api/v1/triggers, as documented."
+    )
     event_id: str
     duplicate: bool = Field(description="The same idempotency key came before: nothing new")
     outcome: Literal["started", "unmatched", "refused"]

@@ -9,10 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stavily import audit, offload
 from stavily.api import schemas
-from stavily.api.deps import AppState, CurrentPrincipal, State
+from stavily.api.agents_v1 import SensorTrigger, do_event
+from stavily.api.deps import AppState, CredentialAgent, CurrentPrincipal, State
 from stavily.api.json import JSONResponse
 from stavily.api.schemas import errors
 from stavily.audit.log import parse_since
+from stavily.errors import Forbidden
 from stavily.fleet import create_agent, get_agent, list_agents
 from stavily.fleet.agents import agent_view, holding
 from stavily.plugins.pins import pin_steps
@@ -304,6 +306,30 @@ async def list_executions(
             conn, principal.organization_id, workflow=workflow, status=status, limit=limit
         )
     return JSONResponse({"executions": items})
+
+
+@router.post(
+    "/triggers",
+    status_code=201,
+    tags=["events"],
+    response_model=schemas.AgentEventAnswer,
+    responses={
+        200: {"model": schemas.AgentEventAnswer, "description": "A repeated event: the first's."},
+        **errors(401, 403, 413, 422, 429),
+    },
+)
+async def sensor_trigger(
+    body: SensorTrigger, agent: CredentialAgent, state: AppState
+) -> JSONResponse:
+    """A sensor agent's trigger event, in the documented Stavily shape, with the agent's
+    own credential (the one route here an agent credential may call). Stored once per
+    `payload.id` (scoped to the agent); it starts each workflow whose trigger step runs
+    the plugin `payload.source` names and selects the agent. `tenant_id` is not read:
+    the credential decides the organization."""
+    if body.agent_id != agent.id:
+        raise Forbidden("this credential does not belong to that agent")
+    answer, new = await do_event(state, agent, body.trigger_type, body.payload)
+    return JSONResponse({"success": True, **answer}, status_code=201 if new else 200)
 
 
 @router.get(

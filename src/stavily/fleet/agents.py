@@ -298,14 +298,15 @@ class AgentLookups:
 async def authenticate_agent(
     lookups: AgentLookups,
     credential: str | None,
-    path_agent_id: str,
+    path_agent_id: str | None,
     cache: CredentialCache[AgentIdentity],
     jwt_key: str | None = None,
 ) -> AgentIdentity:
     """The agent behind a credential: its API key, or a JWT the orchestrator issued.
 
-    401 for no, unknown or expired credential; 403 for another agent's path, or an agent
-    that is revoked or disabled.
+    401 for no, unknown or expired credential; 403 for another agent's path (unless
+    `path_agent_id` is None: a route without one checks), or an agent that is revoked
+    or disabled.
     """
     if not credential:
         raise Unauthorized("missing bearer credential")
@@ -328,7 +329,7 @@ async def authenticate_agent(
         lookups.refresh(cache, key, by, lookup)
     if claims is not None and claims["iat"] < int(identity.credential_issued_at):
         raise Unauthorized("this token was issued before the agent's credential was replaced")
-    if identity.id != path_agent_id:
+    if path_agent_id is not None and identity.id != path_agent_id:
         raise Forbidden("this credential does not belong to that agent")
     if identity.revoked:
         raise Forbidden("this agent's credential is revoked")

@@ -168,17 +168,14 @@ class Events:
         watch: str | None,
         key: str | None,
     ) -> tuple[dict[str, Any], bool]:
-        """A sensor agent's event; (the event, whether it is new). Its idempotency key is
-        scoped to the agent: two hosts' "cpu-high-<time>" are two events."""
+        """A sensor agent's event; (the event, whether it is new). It starts the workflow
+        of the watch it names; one naming none (an official sensor agent's) starts every
+        workflow whose trigger step runs the plugin its payload's `source` names and
+        selects the agent. Its idempotency key is scoped to the agent: two hosts'
+        "cpu-high-<time>" are two events."""
         scoped = f"{agent.id}:{key}" if key is not None else None
-        matched = None
-        if watch is not None:
-            mine = await self.watches.of_organization(agent.organization_id)
-            matched = next((w for w in mine if w["id"] == watch), None)
-            if matched is not None and not (
-                agent.type == "sensor" and eligible(agent, matched["selector"])
-            ):
-                matched = None
+        matched = await self._matching(agent, watch, payload.get("source"))
+        only = matched[0] if len(matched) == 1 else None
         row: dict[str, Any] = {
             "id": new_id("evt"),
             "organization_id": agent.organization_id,
@@ -188,41 +185,20 @@ class Events:
             "idempotency_key": scoped,
             "agent_id": agent.id,
             "sent_by": agent.actor,
-            "watch_id": watch,
-            "workflow_name": matched["workflow"] if matched else None,
-            "step": matched["step"] if matched else None,
+            "watch_id": watch or (only["id"] if only else None),
+            "workflow_name": only["workflow"] if only else None,
+            "step": only["step"] if only else None,
             "outcome": "unmatched",
             "reason": None if matched else self._unmatched(watch),
             "started": [],
             "created_at": utcnow(),
         }
-        trigger = {
-            "type": event_type,
-            "source": "agent",
-            "agent_id": agent.id,
-            "event_id": row["id"],
-            "step": row["step"],
-            "payload": payload,
-        }
         done: list[Any] = []
         try:
             async with self.db.write() as conn:
                 await conn.execute(events.insert().values(**row))
-                if matched is not None:
-                    try:
-                        execution_id, done = await self.engine.start_in(
-                            conn,
-                            agent.organization_id,
-                            matched["workflow"],
-                            {},
-                            agent.actor,
-                            trigger,
-                            version_id=matched["version_id"],
-                        )
-                    except (InvalidInput, Conflict, NotFound) as refused:
-                        outcome = {"outcome": "refused", "reason": str(refused)}
-                    else:
-                        outcome = {"outcome": "started", "started": [execution_id]}
+                if matched:
+                    outcome = await self._start(conn, agent, row, matched, done)
                     row.update(outcome)
                     await conn.execute(
                         events.update().where(events.c.id == row["id"]).values(**outcome)
@@ -240,10 +216,69 @@ class Events:
         )
         return {**row, "created_at": isoformat(row["created_at"])}, True
 
+    async def _matching(
+        self, agent: AgentIdentity, watch: str | None, source: Any
+    ) -> list[dict[str, Any]]:
+        if watch is None and not isinstance(source, str):
+            return []
+        mine = [
+            w
+            for w in await self.watches.of_organization(agent.organization_id)
+            if agent.type == "sensor" and eligible(agent, w["selector"])
+        ]
+        if watch is not None:
+            return [w for w in mine if w["id"] == watch]
+        return [w for w in mine if w["handout"]["plugin_id"] == source]
+
+    async def _start(
+        self,
+        conn: Any,
+        agent: AgentIdentity,
+        row: dict[str, Any],
+        matched: list[dict[str, Any]],
+        done: list[Any],
+    ) -> dict[str, Any]:
+        """A run of each matched watch's workflow, in the event's transaction; the
+        event's outcome: started (any run), else refused with the workflows' reasons."""
+        started, refusals = [], []
+        for watch in matched:
+            trigger = {
+                "type": row["type"],
+                "source": "agent",
+                "agent_id": agent.id,
+                "event_id": row["id"],
+                "step": watch["step"],
+                "payload": row["payload"],
+            }
+            try:
+                execution_id, progressions = await self.engine.start_in(
+                    conn,
+                    agent.organization_id,
+                    watch["workflow"],
+                    {},
+                    agent.actor,
+                    trigger,
+                    version_id=watch["version_id"],
+                )
+            except (InvalidInput, Conflict, NotFound) as refused:
+                refusals.append(f"{watch['workflow']}: {refused}")
+            else:
+                started.append(execution_id)
+                done.extend(progressions)
+        reason = "; ".join(refusals) or None
+        return {
+            "outcome": "started" if started else "refused",
+            "started": started,
+            "reason": reason,
+        }
+
     @staticmethod
     def _unmatched(watch: str | None) -> str:
         if watch is None:
-            return "no watch named: the event was recorded and started nothing"
+            return (
+                "no watch named, and no trigger step runs the plugin its payload's source "
+                "names on this agent: recorded, it started nothing"
+            )
         return (
             f"no current watch '{watch}' for this agent (its workflow was applied again, "
             "or its trigger step no longer selects this agent)"

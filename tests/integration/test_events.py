@@ -285,3 +285,110 @@ def test_the_documented_trigger_route_needs_the_agents_own_credential(
         answer = sensor.client.post("/api/v1/triggers", json=bad)
         assert answer.status_code == 422, (bad, answer.text)
         assert answer.json()["error"]["code"] == "invalid_input"
+
+
+RULED = """
+name: {name}
+inputs:
+  env: {{type: string, required: true}}
+  replicas: {{type: integer, required: true}}
+on:
+  - source: api
+    type: "deploy.*"
+    where:
+      - {{field: env, in: [prod, staging]}}
+      - any: [{{field: replicas, gt: 0}}, {{field: force, eq: true}}]
+      - not: {{field: tags, contains: skip}}
+    inputs:
+      env: "{{{{ trigger.payload.env }}}}"
+      replicas: "{{{{ trigger.payload.replicas }}}}"
+actions:
+  steps: [{{name: only, plugin: echo, config: {{env: "{{{{ inputs.env }}}}"}}}}]
+"""
+
+
+def test_an_on_rule_starts_the_workflow_from_a_matching_api_event(
+    orchestrator: Orchestrator,
+) -> None:
+    name = unique("ruled")
+    applied = orchestrator.api.post(
+        "/api/v1/workflows",
+        content=RULED.format(name=name),
+        headers={"Content-Type": "application/yaml"},
+    )
+    assert applied.status_code == 201, applied.text
+    key = unique("deploy")
+    body = {"type": "deploy.done", "payload": {"id": key, "env": "prod", "replicas": 3}}
+    first = orchestrator.api.post("/api/v1/events", json=body)
+    assert first.status_code == 201, first.text
+    event = first.json()
+    assert event["source"] == "api" and event["outcome"] == "started"
+    assert event["workflow"] == name and event["idempotency_key"] == key
+    [execution_id] = event["started"]
+    execution = orchestrator.api.get(f"/api/v1/executions/{execution_id}").json()
+    assert execution["inputs"] == {"env": "prod", "replicas": 3}
+    assert execution["trigger"]["type"] == "deploy.done"
+    again = orchestrator.api.post("/api/v1/events", json=body)
+    assert again.status_code == 200 and again.json()["id"] == event["id"]
+
+    for payload in (
+        {"env": "dev", "replicas": 3},  # not in the list
+        {"env": "prod", "replicas": 0},  # neither of the any
+        {"env": "prod", "replicas": 2, "tags": ["skip"]},  # the not
+    ):
+        missed = orchestrator.api.post(
+            "/api/v1/events", json={"type": "deploy.done", "payload": payload}
+        )
+        assert missed.status_code == 201 and missed.json()["outcome"] == "unmatched", payload
+    forced = orchestrator.api.post(
+        "/api/v1/events",
+        json={"type": "deploy.again", "payload": {"env": "staging", "replicas": 0, "force": True}},
+    )
+    assert forced.json()["outcome"] == "started"
+    # another source's event of that type does not match a rule for api events
+    other = orchestrator.api.post(
+        "/api/v1/events", json={"type": "other.kind", "payload": {"env": "prod", "replicas": 1}}
+    )
+    assert other.json()["outcome"] == "unmatched"
+    # the mapping makes inputs the workflow refuses: recorded as refused
+    refused = orchestrator.api.post(
+        "/api/v1/events", json={"type": "deploy.done", "payload": {"env": "prod", "replicas": 2.5}}
+    )
+    assert refused.status_code == 201 and refused.json()["outcome"] == "refused"
+    assert "replicas" in refused.json()["reason"]
+
+
+def test_a_rule_that_can_never_match_is_refused_at_apply(orchestrator: Orchestrator) -> None:
+    for where, said in [
+        ("[{field: cpu, gt: 90}, {field: cpu, lt: 50}]", "no number is both > 90 and < 50"),
+        ("[{field: env, eq: prod}, {field: env, ne: prod}]", "env cannot both equal 'prod'"),
+        ("{field: env, in: []}", "`in: []` never matches"),
+        ("{field: env, matches: '('}", "invalid regular expression"),
+        ("{field: env, gt: 1, lt: 3}", "exactly one operator"),
+    ]:
+        source = f"""
+name: {unique("never")}
+on: [{{source: api, where: {where}}}]
+actions: {{steps: [{{name: only, plugin: echo}}]}}
+"""
+        answer = orchestrator.api.post(
+            "/api/v1/workflows", content=source, headers={"Content-Type": "application/yaml"}
+        )
+        assert answer.status_code == 422, (where, answer.text)
+        assert said in answer.text, (where, answer.text)
+
+
+def test_a_manual_run_is_an_event_with_who_ran_it(orchestrator: Orchestrator) -> None:
+    name, pool = unique("manual"), unique("pool")
+    apply(orchestrator, name, pool)
+    run = orchestrator.run(name)
+    [event] = [
+        e
+        for e in orchestrator.api.get("/api/v1/events", params={"source": "manual"}).json()[
+            "events"
+        ]
+        if e["started"] == [run["id"]]
+    ]
+    assert event["type"] == "manual" and event["workflow"] == name
+    assert event["sent_by"] == run["trigger"]["actor"]
+    assert run["trigger"]["event_id"] == event["id"]

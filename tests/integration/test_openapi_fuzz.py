@@ -255,6 +255,7 @@ def test_the_document_declares_auth_and_answers(fuzzed: Orchestrator) -> None:
                 "POST /api/v1/plugins",
                 "POST /agents/v1/{agent_id}/events",
                 "POST /api/v1/triggers",
+                "POST /api/v1/events",
             )
             if where == ARTIFACT:
                 assert set(ok) == {"200", "206"} and "304" in statuses, where

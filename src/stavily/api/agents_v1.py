@@ -24,6 +24,7 @@ from stavily.fleet.agents import AgentIdentity
 from stavily.fleet.waiters import Waiter
 from stavily.plugins.installs import is_install
 from stavily.plugins.manifest import PLUGIN_ID
+from stavily.workflows.watches import idempotency_key
 
 router = APIRouter(prefix="/agents/v1", tags=["agents"])
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -271,17 +272,22 @@ async def do_heartbeat(
     return answer
 
 
-class AgentEvent(BaseModel):
-    """A trigger a sensor agent's watch reported (our extension, AGENT_API.md)."""
+class EventBody(BaseModel):
+    """An event: its type, its payload, and what makes a repeat of it the same event."""
 
     model_config = STRICT
 
     type: str = Field(min_length=1, max_length=200, pattern=_PRINTABLE)
     payload: dict[str, Any] = Field(default_factory=dict)
-    # the watch it came from (the heartbeat answer's `watch[].id`)
-    watch_id: str | None = Field(default=None, max_length=40, pattern=r"^wat_[0-9a-f]{1,36}$")
     # default: the payload's `id`
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=300)
+
+
+class AgentEvent(EventBody):
+    """A trigger a sensor agent's watch reported (our extension, AGENT_API.md)."""
+
+    # the watch it came from (the heartbeat answer's `watch[].id`)
+    watch_id: str | None = Field(default=None, max_length=40, pattern=r"^wat_[0-9a-f]{1,36}$")
 
 
 async def do_event(
@@ -295,15 +301,7 @@ async def do_event(
     """An agent's event in (ours or the documented /api/v1/triggers): its answer, and
     whether it is new. Its key: the one given, else the payload's `id`."""
     state.heartbeats.touch(agent.id)
-    if key is None and "id" in payload:
-        given = payload["id"]
-        key = str(given) if isinstance(given, str | int) and not isinstance(given, bool) else ""
-        if not 1 <= len(key) <= 300:
-            raise InvalidInput(
-                "the payload's id is the event's idempotency key: a string of 1 to 300 "
-                "characters (or an integer)",
-                [{"path": "payload.id", "message": "expected a string of 1 to 300 characters"}],
-            )
+    key = idempotency_key(payload, key)
     row, new = await state.events.from_agent(agent, event_type, payload, watch, key)
     answer = {
         "event_id": row["id"],

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stavily import audit, offload
 from stavily.api import schemas
-from stavily.api.agents_v1 import SensorTrigger, do_event
+from stavily.api.agents_v1 import EventBody, SensorTrigger, do_event
 from stavily.api.deps import AppState, CredentialAgent, CurrentPrincipal, State
 from stavily.api.json import JSONResponse
 from stavily.api.schemas import errors
@@ -26,6 +26,7 @@ from stavily.workflows.definition import (
     validate,
     workflow_schema,
 )
+from stavily.workflows.watches import idempotency_key
 
 router = APIRouter(prefix="/api/v1")
 
@@ -245,12 +246,8 @@ async def run_workflow(
     name: str, principal: CurrentPrincipal, state: AppState, body: RunRequest | None = None
 ) -> JSONResponse:
     principal.require("executions:run")
-    execution_id = await state.engine.start(
-        principal.organization_id,
-        name,
-        (body or RunRequest()).inputs,
-        principal.actor,
-        {"type": "manual", "actor": principal.actor},
+    execution_id = await state.events.manual(
+        principal.organization_id, name, (body or RunRequest()).inputs, principal.actor
     )
     async with state.db.read() as conn:
         execution = await state.engine.get_execution(conn, principal.organization_id, execution_id)
@@ -330,6 +327,28 @@ async def sensor_trigger(
         raise Forbidden("this credential does not belong to that agent")
     answer, new = await do_event(state, agent, body.trigger_type, body.payload)
     return JSONResponse({"success": True, **answer}, status_code=201 if new else 200)
+
+
+@router.post(
+    "/events",
+    status_code=201,
+    tags=["events"],
+    response_model=schemas.Event,
+    responses={
+        200: {"model": schemas.Event, "description": "A repeated event: the first one."},
+        **errors(401, 403, 413, 422),
+    },
+)
+async def send_event(body: EventBody, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
+    """An event from the API (`stavily event send`): it starts every workflow an `on:`
+    rule of which matches it, once per idempotency key (the one given, else the
+    payload's `id`)."""
+    principal.require("executions:run")
+    key = idempotency_key(body.payload, body.idempotency_key)
+    row, new = await state.events.receive(
+        principal.organization_id, "api", body.type, body.payload, key, principal.actor
+    )
+    return JSONResponse(row, status_code=201 if new else 200)
 
 
 @router.get(

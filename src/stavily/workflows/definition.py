@@ -26,6 +26,7 @@ from stavily.plugins.versions import VersionRange
 from stavily.security.environment import refusal
 from stavily.security.secrets import SecretPolicy, reference_problems
 from stavily.workflows import messages
+from stavily.workflows.rules import Rule
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -289,6 +290,11 @@ class Concurrency(_Strict):
 
 
 class WorkflowDefinition(_Strict):
+    # `on` is a keyword in Python: written `on`, held as `on_` (stored definitions have it)
+    model_config = ConfigDict(
+        extra="forbid", str_strip_whitespace=True, strict=True, populate_by_name=True
+    )
+
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.()-]*$")
     description: str | None = None
     version: str | None = None
@@ -305,6 +311,12 @@ class WorkflowDefinition(_Strict):
     inputs: dict[str, InputSpec] | None = None
     timeout: Duration | None = Field(default=None, description="Whole-execution timeout.")
     concurrency: Concurrency | None = None
+    on_: list[Rule] | None = Field(
+        default=None,
+        alias="on",
+        max_length=100,
+        description="Events that start the workflow beyond its trigger steps.",
+    )
 
     @field_validator("timeout")
     @classmethod
@@ -409,6 +421,8 @@ def parse_source(source: str | bytes, content_type: str | None = None) -> Any:
             data = json.loads(source, parse_constant=_no_constant)
         else:
             data = yaml.load(source, Loader=_YAML_LOADER)  # noqa: S506 (a safe loader)
+            if isinstance(data, dict) and True in data and "on" not in data:
+                data["on"] = data.pop(True)  # YAML 1.1 reads a bare `on:` key as true
     except (json.JSONDecodeError, yaml.YAMLError, ValueError, RecursionError) as exc:
         message = (
             "nested too deeply"

@@ -55,7 +55,8 @@ class Watches:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._cache: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+        # organization -> (when read, its watches, its `on:` rules)
+        self._cache: dict[str, tuple[float, list[dict[str, Any]], list[dict[str, Any]]]] = {}
         self._definitions: dict[str, WorkflowDefinition] = {}
 
     def forget(self, organization_id: str) -> None:
@@ -63,20 +64,29 @@ class Watches:
         self._cache.pop(organization_id, None)
 
     async def of_organization(self, organization_id: str) -> list[dict[str, Any]]:
+        return (await self._read(organization_id))[1]
+
+    async def rules(self, organization_id: str) -> list[dict[str, Any]]:
+        """Each workflow's `on:` rules: {workflow, version_id, rule}."""
+        return (await self._read(organization_id))[2]
+
+    async def _read(
+        self, organization_id: str
+    ) -> tuple[float, list[dict[str, Any]], list[dict[str, Any]]]:
         cached = self._cache.get(organization_id)
         if cached is not None and time.monotonic() - cached[0] < WATCHES_TTL:
-            return cached[1]
+            return cached
         async with self.db.read() as conn:
             rows = await service.list_all(conn, organization_id)
         found: list[dict[str, Any]] = []
+        rules: list[dict[str, Any]] = []
         for workflow in rows:
-            if not workflow["definition"].get("triggers"):
+            stored = workflow["definition"]
+            if not stored.get("triggers") and not (stored.get("on_") or stored.get("on")):
                 continue
             definition = self._definitions.get(workflow["version_id"])
             if definition is None:
-                definition = await offload.run(
-                    WorkflowDefinition.model_validate, workflow["definition"]
-                )
+                definition = await offload.run(WorkflowDefinition.model_validate, stored)
                 if len(self._definitions) >= 512:
                     del self._definitions[next(iter(self._definitions))]
                 self._definitions[workflow["version_id"]] = definition
@@ -84,8 +94,17 @@ class Watches:
                 watch = await self._watch(workflow, definition, spec)
                 if watch is not None:
                     found.append(watch)
-        self._cache[organization_id] = (time.monotonic(), found)
-        return found
+            for rule in definition.on_ or []:
+                rules.append(
+                    {
+                        "workflow": workflow["name"],
+                        "version_id": workflow["version_id"],
+                        "rule": rule,
+                    }
+                )
+        read = (time.monotonic(), found, rules)
+        self._cache[organization_id] = read
+        return read
 
     async def _watch(
         self, workflow: dict[str, Any], definition: WorkflowDefinition, spec: dict[str, Any]
@@ -133,21 +152,22 @@ class Watches:
 
 
 def _event_view(row: Any) -> dict[str, Any]:
+    """An event as the API shows it, from its row (a mapping)."""
     return {
-        "id": row.id,
-        "source": row.source,
-        "type": row.type,
-        "payload": row.payload,
-        "idempotency_key": row.idempotency_key,
-        "agent_id": row.agent_id,
-        "sent_by": row.sent_by,
-        "watch_id": row.watch_id,
-        "workflow": row.workflow_name,
-        "step": row.step,
-        "outcome": row.outcome,
-        "reason": row.reason,
-        "started": row.started,
-        "created_at": isoformat(row.created_at),
+        "id": row["id"],
+        "source": row["source"],
+        "type": row["type"],
+        "payload": row["payload"],
+        "idempotency_key": row["idempotency_key"],
+        "agent_id": row["agent_id"],
+        "sent_by": row["sent_by"],
+        "watch_id": row["watch_id"],
+        "workflow": row["workflow_name"],
+        "step": row["step"],
+        "outcome": row["outcome"],
+        "reason": row["reason"],
+        "started": row["started"],
+        "created_at": isoformat(row["created_at"]),
     }
 
 
@@ -171,25 +191,63 @@ class Events:
         """A sensor agent's event; (the event, whether it is new). It starts the workflow
         of the watch it names; one naming none (an official sensor agent's) starts every
         workflow whose trigger step runs the plugin its payload's `source` names and
-        selects the agent. Its idempotency key is scoped to the agent: two hosts'
-        "cpu-high-<time>" are two events."""
+        selects the agent; and every workflow an `on:` rule of which it matches. Its
+        idempotency key is scoped to the agent: two hosts' "cpu-high-<time>" are two
+        events."""
         scoped = f"{agent.id}:{key}" if key is not None else None
-        matched = await self._matching(agent, watch, payload.get("source"))
-        only = matched[0] if len(matched) == 1 else None
+        return await self.receive(
+            agent.organization_id, "agent", event_type, payload, scoped, agent.actor, agent, watch
+        )
+
+    async def receive(
+        self,
+        organization_id: str,
+        source: str,
+        event_type: str,
+        payload: dict[str, Any],
+        key: str | None,
+        sent_by: str,
+        agent: AgentIdentity | None = None,
+        watch: str | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Any source's event: stored once per (source, key), starting what it matches in
+        the same transaction; (the event, whether it is new)."""
+        event_id = new_id("evt")
+        trigger = {"type": event_type, "source": source, "event_id": event_id, "payload": payload}
+        if agent is not None:
+            trigger["agent_id"] = agent.id
+        targets = []
+        if agent is not None:
+            for w in await self._matching(agent, watch, payload.get("source")):
+                targets.append({**w, "trigger": {**trigger, "step": w["step"]}, "inputs": {}})
+        named = {t["workflow"] for t in targets}
+        for entry in await self.watches.rules(organization_id):
+            if entry["workflow"] in named or not entry["rule"].matches(source, event_type, payload):
+                continue
+            named.add(entry["workflow"])
+            target = {**entry, "step": None, "trigger": {**trigger, "step": None}}
+            try:
+                target["inputs"] = await render_limited(
+                    entry["rule"].inputs, {"trigger": target["trigger"]}
+                )
+            except TemplateProblem as problem:
+                target["refused"] = f"its rule's inputs: {problem}"
+            targets.append(target)
+        only = targets[0] if len(targets) == 1 else None
         row: dict[str, Any] = {
-            "id": new_id("evt"),
-            "organization_id": agent.organization_id,
-            "source": "agent",
+            "id": event_id,
+            "organization_id": organization_id,
+            "source": source,
             "type": event_type,
             "payload": payload,
-            "idempotency_key": scoped,
-            "agent_id": agent.id,
-            "sent_by": agent.actor,
-            "watch_id": watch or (only["id"] if only else None),
+            "idempotency_key": key,
+            "agent_id": agent.id if agent else None,
+            "sent_by": sent_by,
+            "watch_id": watch or (only.get("id") if only else None),
             "workflow_name": only["workflow"] if only else None,
             "step": only["step"] if only else None,
             "outcome": "unmatched",
-            "reason": None if matched else self._unmatched(watch),
+            "reason": None if targets else self._unmatched(agent, watch),
             "started": [],
             "created_at": utcnow(),
         }
@@ -197,24 +255,52 @@ class Events:
         try:
             async with self.db.write() as conn:
                 await conn.execute(events.insert().values(**row))
-                if matched:
-                    outcome = await self._start(conn, agent, row, matched, done)
+                if targets:
+                    outcome = await self._start(conn, organization_id, sent_by, targets, done)
                     row.update(outcome)
                     await conn.execute(
                         events.update().where(events.c.id == row["id"]).values(**outcome)
                     )
         except IntegrityError:  # the same key again: the first one's
-            return await self._existing(agent.organization_id, "agent", scoped), False
+            return await self._existing(organization_id, source, key), False
         self.engine.started(done)
         log.info(
             "event",
             event_id=row["id"],
+            source=source,
             type=event_type,
-            agent_id=agent.id,
             outcome=row["outcome"],
             started=row["started"],
         )
-        return {**row, "created_at": isoformat(row["created_at"])}, True
+        return _event_view(row), True
+
+    async def manual(
+        self, organization_id: str, workflow: str, inputs: dict[str, Any], actor: str
+    ) -> str:
+        """A manual run (the CLI's, the API's), recorded as an event with who did it, in
+        the run's transaction; the execution's id."""
+        event_id = new_id("evt")
+        trigger = {"type": "manual", "actor": actor, "event_id": event_id}
+        async with self.db.write() as conn:
+            execution_id, done = await self.engine.start_in(
+                conn, organization_id, workflow, inputs, actor, trigger
+            )
+            await conn.execute(
+                events.insert().values(
+                    id=event_id,
+                    organization_id=organization_id,
+                    source="manual",
+                    type="manual",
+                    payload={"inputs": inputs},
+                    sent_by=actor,
+                    workflow_name=workflow,
+                    outcome="started",
+                    started=[execution_id],
+                    created_at=utcnow(),
+                )
+            )
+        self.engine.started(done)
+        return execution_id
 
     async def _matching(
         self, agent: AgentIdentity, watch: str | None, source: Any
@@ -233,56 +319,57 @@ class Events:
     async def _start(
         self,
         conn: Any,
-        agent: AgentIdentity,
-        row: dict[str, Any],
-        matched: list[dict[str, Any]],
+        organization_id: str,
+        actor: str,
+        targets: list[dict[str, Any]],
         done: list[Any],
     ) -> dict[str, Any]:
-        """A run of each matched watch's workflow, in the event's transaction; the
-        event's outcome: started (any run), else refused with the workflows' reasons."""
+        """A run of each target's workflow, in the event's transaction; the event's
+        outcome: started (any run), else refused with the workflows' reasons."""
         started, refusals = [], []
-        for watch in matched:
-            trigger = {
-                "type": row["type"],
-                "source": "agent",
-                "agent_id": agent.id,
-                "event_id": row["id"],
-                "step": watch["step"],
-                "payload": row["payload"],
-            }
+        for target in targets:
+            if "refused" in target:
+                refusals.append(f"{target['workflow']}: {target['refused']}")
+                continue
             try:
                 execution_id, progressions = await self.engine.start_in(
                     conn,
-                    agent.organization_id,
-                    watch["workflow"],
-                    {},
-                    agent.actor,
-                    trigger,
-                    version_id=watch["version_id"],
+                    organization_id,
+                    target["workflow"],
+                    target["inputs"],
+                    actor,
+                    target["trigger"],
+                    version_id=target["version_id"],
                 )
             except (InvalidInput, Conflict, NotFound) as refused:
-                refusals.append(f"{watch['workflow']}: {refused}")
+                details = "; ".join(
+                    f"{d.get('path')}: {d.get('message')}" for d in refused.details or []
+                )
+                refusals.append(
+                    f"{target['workflow']}: {refused}" + (f" ({details})" if details else "")
+                )
             else:
                 started.append(execution_id)
                 done.extend(progressions)
-        reason = "; ".join(refusals) or None
         return {
             "outcome": "started" if started else "refused",
             "started": started,
-            "reason": reason,
+            "reason": "; ".join(refusals) or None,
         }
 
     @staticmethod
-    def _unmatched(watch: str | None) -> str:
-        if watch is None:
+    def _unmatched(agent: AgentIdentity | None, watch: str | None) -> str:
+        if watch is not None:
             return (
-                "no watch named, and no trigger step runs the plugin its payload's source "
-                "names on this agent: recorded, it started nothing"
+                f"no current watch '{watch}' for this agent (its workflow was applied again, "
+                "or its trigger step no longer selects this agent)"
             )
-        return (
-            f"no current watch '{watch}' for this agent (its workflow was applied again, "
-            "or its trigger step no longer selects this agent)"
-        )
+        if agent is not None:
+            return (
+                "no watch named, no trigger step runs the plugin its payload's source names "
+                "on this agent, and no rule matched: recorded, it started nothing"
+            )
+        return "no workflow's rule matched: recorded, it started nothing"
 
     async def _existing(self, organization_id: str, source: str, key: str | None) -> dict[str, Any]:
         async with self.db.read() as conn:
@@ -297,7 +384,7 @@ class Events:
             ).first()
         if row is None:  # cannot happen: the key conflicted with it
             raise Conflict("the event conflicted with one that is gone")
-        return _event_view(row)
+        return _event_view(row._mapping)
 
     async def list(
         self,
@@ -313,7 +400,7 @@ class Events:
             query = query.where(events.c.type == event_type)
         query = query.order_by(events.c.created_at.desc(), events.c.id.desc()).limit(limit)
         async with self.db.read() as conn:
-            return [_event_view(row) for row in await conn.execute(query)]
+            return [_event_view(row._mapping) for row in await conn.execute(query)]
 
     async def get(self, organization_id: str, event_id: str) -> dict[str, Any]:
         async with self.db.read() as conn:
@@ -326,4 +413,20 @@ class Events:
             ).first()
         if row is None:
             raise NotFound(f"no event '{event_id}'")
-        return _event_view(row)
+        return _event_view(row._mapping)
+
+
+def idempotency_key(payload: dict[str, Any], given: str | None) -> str | None:
+    """An event's key: the one given, else its payload's `id` (a string of 1 to 300
+    characters, or an integer); InvalidInput for an `id` that is neither."""
+    if given is not None or "id" not in payload:
+        return given
+    value = payload["id"]
+    key = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
+    if not 1 <= len(key) <= 300:
+        raise InvalidInput(
+            "the payload's id is the event's idempotency key: a string of 1 to 300 "
+            "characters (or an integer)",
+            [{"path": "payload.id", "message": "expected a string of 1 to 300 characters"}],
+        )
+    return key

@@ -12,6 +12,7 @@ import typer
 from stavily import __version__
 from stavily.cli.agents import agent_app, enrollment_app, fleet_app
 from stavily.cli.audit import app as audit_app
+from stavily.cli.events import app as event_app
 from stavily.cli.executions import app as execution_app
 from stavily.cli.plugins import app as plugin_app
 from stavily.cli.workflows import app as workflow_app
@@ -29,6 +30,7 @@ app.add_typer(execution_app, name="execution")
 app.add_typer(enrollment_app, name="enrollment")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(audit_app, name="audit")
+app.add_typer(event_app, name="event")
 app.add_typer(plugin_app, name="plugin")
 
 

@@ -574,6 +574,8 @@ class LiveLog:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        async with self.sending:  # one already sending: its PUT lands before the result
+            pass
 
 
 # -- credentials: given, kept in a file, or obtained by enrolling ---------------------------

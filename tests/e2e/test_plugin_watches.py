@@ -109,3 +109,47 @@ def test_watches_run_on_the_sensor_agent_and_their_events_start_the_workflow(
     assert execution["steps"][0]["result"]["greeting"] == "value.high:value-high-1"
     assert len(events(stack, type="value.high")) == 1, "a repeated trigger was delivered again"
     assert "watch ended; restarting" in sensor.stderr()
+
+
+def test_events_reported_while_the_server_is_down_are_delivered_once_it_is_back(
+    stack: Stack, tmp_path: Path
+) -> None:
+    publish_fixture(stack, tmp_path, "flags-monitor")
+    sensor_name, sensor = agent(stack, tmp_path, "sensor")
+    counter = tmp_path / "monitor-runs"
+    stack.apply(
+        workflow(
+            "ticking",
+            sensor_name,
+            [{"name": "noop", "plugin": "echo", "config": {}}],
+            triggers={
+                "agents": {"single_agent": sensor_name},
+                "steps": [
+                    {
+                        "name": "ticks",
+                        "plugin": {"id": "flags-monitor", "version": "1.0.0"},
+                        "config": {"counter": str(counter), "interval": 1},
+                    }
+                ],
+            },
+        )
+    )
+    wait_until(lambda: events(stack, type="tick"), 20, "the first tick")
+    server = stack.server
+    assert server is not None
+    stack.processes.kill(server)
+    runs = int(counter.read_text())
+    # The monitor goes on being restarted and reporting; the agent cannot deliver.
+    wait_until(lambda: int(counter.read_text()) >= runs + 2, 20, "two more ticks, server down")
+    wait_until(lambda: "event not delivered yet" in sensor.stderr(), 10, "a failed delivery")
+    stack.start_server()
+    reported = int(counter.read_text())
+
+    def delivered() -> list[dict[str, Any]] | None:
+        found = events(stack, type="tick", limit=1000)
+        ids = {e["payload"]["id"] for e in found}
+        return found if {f"tick-{n}" for n in range(1, reported + 1)} <= ids else None
+
+    found = wait_until(delivered, 30, "every tick, delivered")
+    ids = [e["payload"]["id"] for e in found]
+    assert len(ids) == len(set(ids)), "a tick was stored twice"

@@ -364,6 +364,8 @@ def test_a_rule_that_can_never_match_is_refused_at_apply(orchestrator: Orchestra
         ("[{field: env, eq: prod}, {field: env, ne: prod}]", "env cannot both equal 'prod'"),
         ("{field: env, in: []}", "`in: []` never matches"),
         ("{field: env, matches: '('}", "invalid regular expression"),
+        # RE2: linear time on any payload, so no backtracking constructs
+        ("{field: env, matches: '(?<=a)b'}", "invalid regular expression"),
         ("{field: env, gt: 1, lt: 3}", "exactly one operator"),
     ]:
         source = f"""

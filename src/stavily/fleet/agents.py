@@ -339,8 +339,9 @@ async def authenticate_agent(
 
 
 @lru_cache(maxsize=4096)
-def _regex(pattern: str) -> Any:
-    # RE2 matches in linear time: no workflow's pattern can stall the claim path.
+def regex(pattern: str) -> Any:
+    """RE2, compiled once: linear time whatever the pattern and the text, so no
+    workflow's pattern stalls the claim path, nor an event's payload its rules."""
     return re2.compile(pattern)
 
 
@@ -375,7 +376,7 @@ def eligible(agent: AgentIdentity, selector: dict[str, Any]) -> bool:
     if not pools:
         return True
     return any(
-        (not pool.get("agent_regex") or _regex(pool["agent_regex"]).fullmatch(agent.name))
+        (not pool.get("agent_regex") or regex(pool["agent_regex"]).fullmatch(agent.name))
         and _labels_match(agent.labels, pool.get("labels") or {})
         for pool in pools
     )

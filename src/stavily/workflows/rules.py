@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import re
 from typing import Any, Literal
 
+import re2  # type: ignore[import-untyped]
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -17,6 +17,8 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+
+from stavily.fleet.agents import regex
 
 SOURCES = ("agent", "api", "manual", "webhook", "schedule")
 _COMPARISONS = ("gt", "ge", "lt", "le")
@@ -50,8 +52,8 @@ class Condition(_Strict):
     def _compiles(cls, value: str | None) -> str | None:
         if value is not None:
             try:
-                re.compile(value)
-            except re.error as exc:
+                regex(value)
+            except re2.error as exc:
                 raise ValueError(f"invalid regular expression: {exc}") from None
         return value
 
@@ -111,7 +113,7 @@ class Condition(_Strict):
                 "le": value <= expected,
             }[operator]
         if operator == "matches":
-            return isinstance(value, str) and re.search(expected, value) is not None
+            return isinstance(value, str) and regex(expected).search(value) is not None
         if operator == "in":
             return value in expected
         if operator == "not_in":

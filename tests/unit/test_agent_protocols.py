@@ -355,3 +355,16 @@ async def test_a_one_shot_plugin_printing_too_much_is_killed(
     assert not outcome.success
     assert outcome.error_message == "the plugin printed more than 4096 bytes"
     assert time.monotonic() - started < 30
+
+
+async def test_a_deep_temporary_folder_still_gets_a_socket(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Unix socket's path is at most about 107 bytes: the run folder moves to /tmp."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setenv("TMPDIR", str(deep))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    outcome, _ = await run(root, "flags-action", configuration=flags([], {}))
+    assert outcome.success, outcome
+    assert outcome.output["data"]["socket_mode"] == "0o600"

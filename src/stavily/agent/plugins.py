@@ -330,7 +330,7 @@ class RunOptions:
 
 @dataclass
 class Watching:
-    """A run kept going as a watch (stavily.agent.watchers): no timeout; each trigger the
+    """A run kept going as a watch (stavily.agent.watches): no timeout; each trigger the
     plugin detects (stdin), reports on the socket or prints (one-shot) goes to `report`
     as (type, payload)."""
 
@@ -371,8 +371,13 @@ def _step_config(instruction: dict[str, Any], configuration: dict[str, Any]) -> 
 
 
 def _run_folder() -> Path:
-    """A private folder for one run (0700): the socket, the input file, the plugin's TMPDIR."""
+    """A private folder for one run (0700): the socket, the input file, the plugin's TMPDIR.
+    In /tmp when the agent's own temporary folder is too deep for a Unix socket's path
+    (about 107 bytes)."""
     root = Path(tempfile.mkdtemp(prefix="stavily-run-"))
+    if len(str(root / "agent.sock")) > 100:
+        root.rmdir()
+        root = Path(tempfile.mkdtemp(prefix="stv-", dir="/tmp"))
     (root / "tmp").mkdir(mode=0o700)
     return root
 
@@ -536,7 +541,12 @@ async def _run(
         command = [*command, "--input", input_path]
     setup = _child_setup(_memory_limit(manifest), watched=_PLUGIN_PROCESSES.watched())
     loop = asyncio.get_running_loop()
-    async with RunSocket(socket_path, channel):
+    try:
+        served = RunSocket(socket_path, channel)
+        await served.start()
+    except (OSError, ValueError) as exc:
+        return Outcome(False, error_message=f"could not open the agent's socket: {exc}")
+    try:
         try:
             process = await asyncio.create_subprocess_exec(
                 *command,
@@ -580,6 +590,8 @@ async def _run(
             await process.wait()
             stopped = _PLUGIN_PROCESSES.discard(process.pid)
         err = await stderr.finish()
+    finally:
+        await served.close()
     outcome = Outcome(
         said.success,
         output=said.output,

@@ -377,10 +377,17 @@ class Agent:
                 f"{self.base}/instructions/{instruction_id}",
                 json={"status": "executing", "execution_log": execution_log},
             )
-        if kind == "execute":
-            report = await self._run(instruction, execution_log)
-        elif kind in _INSTALLS:
-            report = await self._install(instruction, execution_log)
+        if kind in ("execute", *_INSTALLS):
+            try:
+                run = self._run if kind == "execute" else self._install
+                report = await run(instruction, execution_log)
+            except Exception as exc:  # noqa: BLE001 - a bug of ours must not lose the step
+                bound.exception("instruction failed in the agent")
+                report = {
+                    "status": "failed",
+                    "error_message": f"the agent failed: {type(exc).__name__}: {exc}",
+                    "execution_log": execution_log,
+                }
         else:
             report = {
                 "status": "failed",

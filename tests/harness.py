@@ -39,10 +39,54 @@ PG_ONLY = pytest.mark.skipif(
 )
 
 
-def free_port() -> int:
+# Under pytest-xdist each worker (PYTEST_XDIST_WORKER=gw0, gw1, ...) hands out ports from
+# a block of its own, below the kernel's ephemeral range (32768-60999 on Linux): a port one
+# worker chose and has not bound yet (a server process still starting, or killed and about
+# to be restarted on the same port) is never chosen by another worker, nor taken by any
+# outgoing connection in the meantime. Within its block a worker goes round from a random
+# start, so ports are not reused soon and two test runs at once rarely meet.
+_PORT_BLOCK = 1500
+_PORT_BASE = 20000
+_port_lock = threading.Lock()
+_next_port: int | None = None
+
+
+def _worker_index() -> int | None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and worker[2:].isdigit():
+        index = int(worker[2:])
+        if _PORT_BASE + (index + 1) * _PORT_BLOCK <= 32768:
+            return index
+    return None
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on, for a server a test starts."""
+    global _next_port
+    index = _worker_index()
+    if index is None:  # not under xdist: any port the kernel picks
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+    low = _PORT_BASE + index * _PORT_BLOCK
+    with _port_lock:
+        if _next_port is None:
+            _next_port = low + int.from_bytes(os.urandom(2), "big") % _PORT_BLOCK
+        for _ in range(_PORT_BLOCK):
+            port = _next_port
+            _next_port = low + (_next_port + 1 - low) % _PORT_BLOCK
+            if _bindable(port):
+                return port
+    raise RuntimeError(f"no free port in {low}-{low + _PORT_BLOCK - 1}")
 
 
 async def _admin(url: str, statement: str) -> None:

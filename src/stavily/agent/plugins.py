@@ -650,8 +650,8 @@ async def _converse(
         return Said(False, None, f"the plugin exited (status {code}) before it answered")
     except TooLarge:
         return Said(False, None, f"the plugin's answer is larger than {MAX_OUTPUT} bytes")
-    if said.timed_out:
-        return said  # killed by the caller: no grace
+    if said.timed_out or not said.success:
+        return said  # killed by the caller: no grace for one that failed or hangs
     await conversation.close()
     try:
         await asyncio.wait_for(process.wait(), EXIT_GRACE)

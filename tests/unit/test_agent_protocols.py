@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -16,7 +19,7 @@ import pytest
 import yaml
 
 from stavily.agent import plugins
-from stavily.agent.plugins import Outcome, RunOptions, run_plugin
+from stavily.agent.plugins import Outcome, PluginProcesses, RunOptions, run_plugin
 from stavily.agent.protocols import RunLog
 from stavily.agent.venvs import Environments
 
@@ -368,3 +371,28 @@ async def test_a_deep_temporary_folder_still_gets_a_socket(
     outcome, _ = await run(root, "flags-action", configuration=flags([], {}))
     assert outcome.success, outcome
     assert outcome.output["data"]["socket_mode"] == "0o600"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc is Linux only")
+def test_the_guardian_kills_a_marked_plugin_it_was_never_told_about() -> None:
+    """The agent killed between a plugin's spawn and telling its guardian: the guardian
+    still finds the plugin by the mark in its environment."""
+    processes = PluginProcesses()
+    assert processes.watched()
+    unlisted = subprocess.Popen(
+        ["sleep", "60"],
+        env={"PATH": os.environ["PATH"], "STAVILY_AGENT_RUN": processes.mark},
+        start_new_session=True,
+    )
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        guardian = processes._guardian
+        assert guardian is not None and guardian.stdin is not None
+        guardian.stdin.close()  # what the agent's death does
+        assert unlisted.wait(5) == -signal.SIGKILL
+        guardian.wait(5)
+        assert bystander.poll() is None  # not marked: left alone
+    finally:
+        for process in (unlisted, bystander):
+            process.kill()
+            process.wait()

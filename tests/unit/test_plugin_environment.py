@@ -301,7 +301,7 @@ async def test_only_the_base_reaches_a_plugin_by_default(
         # the agent's own: the run's private temporary folder, its socket, its word on
         # demo mode, unbuffered output
         *("TMPDIR", "TMP", "TEMP", "STAVILY_AGENT_SOCKET", "STAVILY_DEMO_MODE"),
-        *("STAVILY_INSTRUCTION_ID", "PYTHONUNBUFFERED"),
+        *("STAVILY_INSTRUCTION_ID", "PYTHONUNBUFFERED", "STAVILY_AGENT_RUN"),
     }
     # The interpreter may add a few of its own (LC_CTYPE on some platforms).
     assert set(env) - allowed <= {"LC_CTYPE"}, env

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -531,6 +532,7 @@ async def _run(
         STAVILY_AGENT_SOCKET=str(socket_path),
         STAVILY_DEMO_MODE="true" if options.demo_mode else "false",
         PYTHONUNBUFFERED="1",  # answers and logs as they come, not at exit
+        STAVILY_AGENT_RUN=_PLUGIN_PROCESSES.mark,  # the guardian finds it by this
         TMPDIR=str(run / "tmp"),
         TMP=str(run / "tmp"),
         TEMP=str(run / "tmp"),
@@ -735,14 +737,26 @@ def _child_setup(memory: int | None, watched: bool) -> Callable[[], None] | None
 
 # The guardian: it reads "+<pgid>" and "-<pgid>" lines from the agent until the pipe closes,
 # which happens however the agent ends (SIGKILL, a crash, the OOM killer), then kills every
-# group still listed. Only that end of file may end it: it ignores the stop signals.
+# group still listed, and (Linux) the group of every process whose environment carries the
+# agent's mark: a plugin started in the moment before the agent could list it (killed
+# then) is found too. Only that end of file may end it: it ignores the stop signals.
 _GUARDIAN = """\
 import os, signal, sys
 for number in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
     signal.signal(number, signal.SIG_IGN)
+mark = b"STAVILY_AGENT_RUN=" + sys.argv[2].encode()
 groups = set()
 for line in sys.stdin.buffer:
     (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
+if os.path.isdir("/proc"):
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                if mark in handle.read().split(b"\\0"):
+                    groups.add(os.getpgid(int(pid)))
+        except (OSError, ValueError):
+            pass
+groups.discard(os.getpgid(0))
 for group in groups:
     try:
         os.killpg(group, signal.SIGKILL)
@@ -765,6 +779,8 @@ class PluginProcesses:
         self._stopped: set[int] = set()
         self._stopping = False
         self._guardian: subprocess.Popen[bytes] | None = None
+        # in every plugin's environment (STAVILY_AGENT_RUN): what the guardian looks for
+        self.mark = uuid.uuid4().hex
 
     def watched(self) -> bool:
         """Whether a guardian watches the plugins; starts one if none runs."""
@@ -802,7 +818,10 @@ class PluginProcesses:
     def _start_guardian(self) -> None:
         try:
             self._guardian = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _GUARDIAN, "stavily-plugin-guardian"],
+                [
+                    *(sys.executable, "-I", "-S", "-c", _GUARDIAN),
+                    *("stavily-plugin-guardian", self.mark),
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 bufsize=0,

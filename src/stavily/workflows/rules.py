@@ -20,7 +20,6 @@ from pydantic import (
 
 from stavily.fleet.agents import regex
 
-SOURCES = ("agent", "api", "manual", "webhook", "schedule")
 _COMPARISONS = ("gt", "ge", "lt", "le")
 _OPERATORS = ("eq", "ne", "gt", "ge", "lt", "le", "matches", "in_", "not_in", "contains", "exists")
 _MISSING = object()  # a field the payload does not have

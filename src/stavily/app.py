@@ -119,7 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = Registry(db, settings)
         await registry.start()
         engine = Engine(db, settings, heartbeats)
-        watches = Watches(db)
+        watches = Watches(db, engine)
         # In memory: per replica. Redis storage would share them (limits supports it).
         limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
         app.state.stavily = State(

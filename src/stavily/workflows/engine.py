@@ -248,6 +248,11 @@ class Engine:
 
     # -- starting ---------------------------------------------------------------------------
 
+    async def definition(self, workflow: dict[str, Any]) -> WorkflowDefinition:
+        """A version's validated definition (workflows.watches reads its trigger steps and
+        rules), from the same cache as its plan."""
+        return (await self._plan(workflow))[0]
+
     async def _plan(
         self, workflow: dict[str, Any]
     ) -> tuple[WorkflowDefinition, list[dict[str, Any]]]:

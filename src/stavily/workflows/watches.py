@@ -14,7 +14,6 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.exc import IntegrityError
 
-from stavily import offload
 from stavily.errors import Conflict, InvalidInput, NotFound
 from stavily.fleet.agents import AgentIdentity, eligible
 from stavily.ids import new_id
@@ -53,11 +52,11 @@ def watch_id(workflow_id: str, step: str, handout: dict[str, Any]) -> str:
 class Watches:
     """Each organization's watches, read from its workflows' latest versions."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, engine: Any) -> None:
         self.db = db
+        self.engine = engine  # its validated definitions, cached by version (Engine.definition)
         # organization -> (when read, its watches, its `on:` rules)
         self._cache: dict[str, tuple[float, list[dict[str, Any]], list[dict[str, Any]]]] = {}
-        self._definitions: dict[str, WorkflowDefinition] = {}
 
     def forget(self, organization_id: str) -> None:
         """A workflow was applied: read the watches again."""
@@ -84,12 +83,7 @@ class Watches:
             stored = workflow["definition"]
             if not stored.get("triggers") and not (stored.get("on_") or stored.get("on")):
                 continue
-            definition = self._definitions.get(workflow["version_id"])
-            if definition is None:
-                definition = await offload.run(WorkflowDefinition.model_validate, stored)
-                if len(self._definitions) >= 512:
-                    del self._definitions[next(iter(self._definitions))]
-                self._definitions[workflow["version_id"]] = definition
+            definition = await self.engine.definition(workflow)
             for spec in watches(definition, workflow["plugins"]):
                 watch = await self._watch(workflow, definition, spec)
                 if watch is not None:

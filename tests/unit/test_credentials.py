@@ -93,7 +93,7 @@ def test_a_configured_key_comes_first_and_must_be_long_enough(tmp_path: Path) ->
 
 def test_a_key_file_without_a_usable_key_is_refused(tmp_path: Path) -> None:
     (tmp_path / agent_tokens.KEY_FILE).write_text("short\n")
-    with pytest.raises(StartRefused, match="holds no agent JWT key"):
+    with pytest.raises(StartRefused, match="holds no key of at least 32"):
         agent_tokens.load_key(None, tmp_path)
 
 

@@ -54,21 +54,27 @@ def fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def load_key(configured: str | None, data_dir: Path) -> str:
-    """`configured` (STAVILY_AGENT_JWT_KEY) when set, else the data dir's key file, made
-    now if there is none. StartRefused for a key shorter than 32 characters."""
+def load_key(
+    configured: str | None,
+    data_dir: Path,
+    file: str = KEY_FILE,
+    setting: str = "STAVILY_AGENT_JWT_KEY",
+) -> str:
+    """`configured` (the variable `setting`) when set, else the data dir's key `file`,
+    made now if there is none. StartRefused for a key shorter than 32 characters. The
+    server's other keys (security.sealing) are kept the same way."""
     if configured is not None:
         key = configured.strip()
         if len(key) < MIN_KEY_LENGTH:
-            raise StartRefused(SHORT_KEY)
+            raise StartRefused(SHORT_KEY.replace("STAVILY_AGENT_JWT_KEY", setting))
         return key
-    path = data_dir / KEY_FILE
+    path = data_dir / file
     if not path.exists():
-        _create_key_file(path)
-    return _read_key_file(path)
+        _create_key_file(path, setting)
+    return _read_key_file(path, setting)
 
 
-def _create_key_file(path: Path) -> None:
+def _create_key_file(path: Path, setting: str) -> None:
     """Write a new key to a file of our own, then link it into place: the link is atomic
     and fails if the name exists, so of processes starting together (`serve --workers N`)
     one makes the key and the others read that one, never a half-written file."""
@@ -86,7 +92,7 @@ def _create_key_file(path: Path) -> None:
             return  # another process made it first: theirs is the key
         except OSError as exc:
             raise StartRefused(
-                f"cannot create {path} ({exc.strerror}): set STAVILY_AGENT_JWT_KEY instead"
+                f"cannot create {path} ({exc.strerror}): set {setting} instead"
             ) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -97,41 +103,45 @@ def _create_key_file(path: Path) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
-    log.info("agent JWT key created", path=str(path))
+    log.info("key created", path=str(path))
 
 
-def _read_key_file(path: Path) -> str:
+def _read_key_file(path: Path, setting: str) -> str:
     key = path.read_text().strip()
     if len(key) < MIN_KEY_LENGTH:
         raise StartRefused(
-            f"{path} holds no agent JWT key of at least 32 characters: "
-            "set STAVILY_AGENT_JWT_KEY or remove the file to have a new key made"
+            f"{path} holds no key of at least 32 characters: "
+            f"set {setting} or remove the file to have a new key made"
         )
     if path.stat().st_mode & 0o077:
-        log.warning("agent JWT key file readable by others; chmod 600 it", path=str(path))
+        log.warning("key file readable by others; chmod 600 it", path=str(path))
     return key
 
 
-async def check_fingerprint(db: Database, key: str, source: str) -> None:
+async def check_fingerprint(
+    db: Database,
+    key: str,
+    source: str,
+    name: str = FINGERPRINT_NAME,
+    mismatch: str = MISMATCH,
+) -> None:
     """The first replica records its key's fingerprint; every other one must match it."""
     mine = fingerprint(key)
-    query = sa.select(server_keys.c.value).where(server_keys.c.name == FINGERPRINT_NAME)
+    query = sa.select(server_keys.c.value).where(server_keys.c.name == name)
     async with db.read() as conn:
         stored = await conn.scalar(query)
     if stored is None:
         try:
             async with db.write() as conn:
                 await conn.execute(
-                    server_keys.insert().values(
-                        name=FINGERPRINT_NAME, value=mine, created_at=utcnow()
-                    )
+                    server_keys.insert().values(name=name, value=mine, created_at=utcnow())
                 )
             stored = mine
         except IntegrityError:  # another replica recorded its own first: compare with it
             async with db.read() as conn:
                 stored = await conn.scalar(query)
     if stored != mine:
-        raise StartRefused(MISMATCH.format(source=source))
+        raise StartRefused(mismatch.format(source=source))
 
 
 async def signing_key(db: Database, configured: str | None, data_dir: Path) -> str:

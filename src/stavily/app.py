@@ -19,7 +19,8 @@ from limits.storage import MemoryStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 
 from stavily import __version__
-from stavily.api import agents_v1, errors, fleet, plugins, schemas, v1
+from stavily.api import agents_v1, errors, fleet, plugins, schemas, v1, webhooks
+from stavily.api import schedules as schedules_api
 from stavily.api.access import AccessLog
 from stavily.api.deps import BurstLimit, State
 from stavily.api.json import JSONResponse
@@ -30,14 +31,16 @@ from stavily.fleet.agents import AgentLookups
 from stavily.fleet.liveness import restart_deadlines
 from stavily.logging import configure as configure_logging
 from stavily.plugins.registry import Registry
-from stavily.security import CredentialCache, agent_tokens, bootstrap
+from stavily.security import CredentialCache, agent_tokens, bootstrap, sealing
 from stavily.security.credentials import clear_caches
 from stavily.services.loops import LoopService
+from stavily.services.scheduler import Scheduler
 from stavily.store import migrate
 from stavily.store.db import Database
 from stavily.store.notify import WorkChannel
 from stavily.workflows.engine import Engine
 from stavily.workflows.watches import Events, Watches
+from stavily.workflows.webhooks import Intake, Webhooks
 
 log = structlog.get_logger("stavily")
 
@@ -120,6 +123,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await registry.start()
         engine = Engine(db, settings, heartbeats)
         watches = Watches(db, engine)
+        events = Events(db, engine, watches)
+        hooks = Webhooks(
+            db,
+            await sealing.sealer(db, settings.secrets_key, settings.data_dir),
+            settings.webhook_tolerance_seconds,
+        )
+        intake = Intake(db, hooks, events, settings.webhook_max_body_bytes, settings.max_json_depth)
         # In memory: per replica. Redis storage would share them (limits supports it).
         limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
         app.state.stavily = State(
@@ -139,7 +149,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             plugins=registry,
             installs=engine.installs,
             watches=watches,
-            events=Events(db, engine, watches),
+            events=events,
+            webhooks=hooks,
+            intake=intake,
         )
         flusher = LoopService(
             "heartbeat-flusher", settings.heartbeat_flush_interval, engine.flush_heartbeats
@@ -155,11 +167,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await engine.channel.start()
         flusher.start()
         reaper.start()
+        intake.start()
+        scheduler = Scheduler(db, app.state.stavily.events, settings)
+        scheduler.start()  # fires only on the process holding the scheduler lease
         tune_garbage_collector()
         log.info("orchestrator started", database=db.dialect, version=__version__)
         try:
             yield
         finally:
+            await scheduler.stop()  # and gives the lease up: another process takes over
+            await intake.stop()
             await reaper.stop()
             await flusher.stop(final_run=True)
             if engine.channel is not None:
@@ -185,14 +202,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fast_path=agents_v1.serve_fast,
         max_json_depth=settings.max_json_depth,
         refused_result=agents_v1.refuse_result,
+        hooks=webhooks.serve_hook,
     )
     app.add_middleware(AccessLog)  # outermost: it sees every answer, the edge's too
     app.include_router(agents_v1.router)
     app.include_router(v1.router)
+    app.include_router(schedules_api.router)
     app.include_router(fleet.public)
     app.include_router(fleet.private)
     app.include_router(plugins.private)
     app.include_router(plugins.public)
+    app.include_router(webhooks.private)
+    app.include_router(webhooks.public)
 
     @app.get(
         "/healthz",

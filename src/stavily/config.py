@@ -39,6 +39,27 @@ class Settings(BaseSettings):
         description="The key agent JWTs are signed with (at least 32 characters), the same "
         "on every replica; unset: the file agent-jwt.key in data_dir, made on first start.",
     )
+    secrets_key: str | None = Field(
+        default=None,
+        repr=False,
+        description="The key secrets kept in the database (webhook secrets) are sealed "
+        "with (AES-GCM; at least 32 characters), the same on every replica; unset: the "
+        "file secrets.key in data_dir, made on first start. Losing it loses those secrets.",
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="This server's URL as webhook senders reach it (behind a proxy, say); "
+        "unset: the URL each API request came to.",
+    )
+    webhook_tolerance_seconds: int = Field(
+        default=300,
+        ge=10,
+        le=86400,
+        description="A new webhook's window for X-Stavily-Signature timestamps, either way.",
+    )
+    webhook_max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="The largest webhook body accepted."
+    )
     host: str = "127.0.0.1"
     port: int = 8700
     workers: int = Field(
@@ -157,6 +178,23 @@ class Settings(BaseSettings):
         le=250,
         description="How deeply a JSON request body may nest; deeper bodies get 422 (and an "
         "agent's result that deep fails its step).",
+    )
+    scheduler_tick: float = Field(
+        default=1.0, gt=0, le=60, description="How often the scheduler looks for due schedules."
+    )
+    scheduler_lease_ttl: float = Field(
+        default=6.0,
+        gt=0,
+        le=300,
+        description="Seconds the scheduler's lease lasts unrenewed (it is renewed each tick): "
+        "a dead leader's schedules are taken over by another server process within about "
+        "this plus a tick.",
+    )
+    scheduler_misfire_grace: float = Field(
+        default=60.0,
+        ge=0,
+        description="A fire time at most this late is not missed: `misfire: skip` still "
+        "fires it (a takeover or a slow tick is not downtime).",
     )
     log_level: str = "info"
     # -- the plugin registry (stavily.plugins) --

@@ -37,6 +37,15 @@ class NotFound(StavilyError):
     code = "not_found"
 
 
+class MethodNotAllowed(StavilyError):
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, allow: str) -> None:
+        super().__init__(message)
+        self.headers = {"Allow": allow}
+
+
 class Conflict(StavilyError):
     status = 409
     code = "conflict"

@@ -151,6 +151,9 @@ class World:
             "plugin_id": "no-such-plugin",
             "rollout_id": unknown("rollout_id"),
             "event_id": unknown("event_id"),
+            # pause, resume and delete change a real one: garbage goes to an unknown one
+            "schedule_id": unknown("schedule_id"),
+            "hook_id": unknown("hook_id"),
         }[param]
 
     def ids(self, op: Operation, which: str) -> dict[str, str]:

@@ -112,6 +112,10 @@ def world(fuzzed: Orchestrator, tmp_path_factory: pytest.TempPathFactory) -> Wor
     assert rollout.status_code == 201, rollout.text
     sent = agent.post(f"/agents/v1/{agent_id}/events", json={"type": "fuzz", "payload": {}})
     assert sent.status_code == 201, sent.text
+    schedule = fuzzed.api.post("/api/v1/schedules", json={"workflow": "fuzz-flow", "every": "1d"})
+    assert schedule.status_code == 201, schedule.text
+    hook = fuzzed.api.post("/api/v1/webhooks", json={"workflow": "fuzz-flow"})
+    assert hook.status_code == 201, hook.text
     ids = {
         "event_id": [sent.json()["event_id"]],
         "agent_id": [agent_id],
@@ -122,6 +126,8 @@ def world(fuzzed: Orchestrator, tmp_path_factory: pytest.TempPathFactory) -> Wor
         "rollout_id": [rollout.json()["id"]],
         "execution_id": executions,
         "token_id": [token.json()["id"]],
+        "schedule_id": [schedule.json()["id"]],
+        "hook_id": [hook.json()["id"]],
     }
     return World(ids, key, token.json()["token"])
 
@@ -222,7 +228,14 @@ def test_every_operation_keeps_its_contract(
 
 # No bearer: health and the workflow JSON Schema are open to all; registration's credential
 # is the enrollment token in its body (refused: 401, documented).
-PUBLIC = {"/healthz", "/health", "/api/v1/schemas/workflow", "/agents/v1/register"}
+# A webhook's credential is its request's signature.
+PUBLIC = {
+    "/healthz",
+    "/health",
+    "/api/v1/schemas/workflow",
+    "/agents/v1/register",
+    "/hooks/{hook_id}",
+}
 # Reading needs only a valid token: every role may read (security.access), so these can
 # answer 401 but never 403. The audit log is the one read that takes a permission.
 READ_BY_EVERY_ROLE = {
@@ -248,21 +261,24 @@ def test_the_document_declares_auth_and_answers(fuzzed: Orchestrator) -> None:
             # the success answer: JSON with a model, never "a string"
             ok = [s for s in statuses if s.startswith("2")]
             # an apply answers 201 for a new version, 200 for an unchanged one (a publish
-            # too, and an event: 200 for a repeated one); an artifact is bytes, whole or a
-            # range, or not modified
+            # too, and an event: 200 for a repeated one, a webhook's 202 too); an artifact
+            # is bytes, whole or a range, or not modified; a delete answers nothing
             two = where in (
                 "POST /api/v1/workflows",
                 "POST /api/v1/plugins",
                 "POST /agents/v1/{agent_id}/events",
                 "POST /api/v1/triggers",
                 "POST /api/v1/events",
+                "POST /hooks/{hook_id}",
             )
             if where == ARTIFACT:
                 assert set(ok) == {"200", "206"} and "304" in statuses, where
                 assert "application/gzip" in responses["200"]["content"], where
                 statuses.discard("304")
+            elif ok == ["204"]:
+                assert method == "delete" and "content" not in responses["204"], where
             else:
-                assert len(ok) == 1 or (two and set(ok) == {"200", "201"}), where
+                assert len(ok) == 1 or (two and set(ok) in ({"200", "201"}, {"200", "202"})), where
                 schema = responses[ok[0]]["content"]["application/json"]["schema"]
                 assert "$ref" in schema or schema.get("type") == "object", (where, schema)
             # every error in the one error shape (FastAPI's own 422 shape is not ours)

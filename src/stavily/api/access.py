@@ -4,7 +4,8 @@ Operators' requests (the private API, the docs) are each logged at info: method,
 query string), status, milliseconds, client address; never a header, so never a
 credential. Agents make almost all of a server's requests (10,000 agents heartbeating are
 2,000 a second), so only their refused or failed ones are logged one by one; the rest are
-counted and summed up in one line a minute, by status class.
+counted and summed up in one line a minute, by status class. Webhook deliveries the same
+(each accepted one is an event, listed by `stavily event list`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ SUMMARY_EVERY = 60.0
 class AccessLog:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._agent_answers: Counter[str] = Counter()
-        self._since = time.monotonic()
+        # routine answers counted, by kind: (the summary line's name, its counts, since)
+        self._routine = {
+            "/agents/v1/": ("agent requests", Counter[str](), [time.monotonic()]),
+            "/hooks/": ("webhook requests", Counter[str](), [time.monotonic()]),
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,17 +50,16 @@ class AccessLog:
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
         path = scope["path"]
-        if path.startswith("/agents/v1/") and status < 400:
-            self._agent_answers[f"{status // 100}xx"] += 1
+        prefix = "/agents/v1/" if path.startswith("/agents/v1/") else path[:7]
+        routine = self._routine.get(prefix) if status < 400 else None
+        if routine is not None:
+            name, answers, since = routine
+            answers[f"{status // 100}xx"] += 1
             now = time.monotonic()
-            if now - self._since >= SUMMARY_EVERY:
-                log.info(
-                    "agent requests",
-                    seconds=round(now - self._since),
-                    **dict(sorted(self._agent_answers.items())),
-                )
-                self._agent_answers.clear()
-                self._since = now
+            if now - since[0] >= SUMMARY_EVERY:
+                log.info(name, seconds=round(now - since[0]), **dict(sorted(answers.items())))
+                answers.clear()
+                since[0] = now
             return
         if path in ("/healthz", "/health") and status < 400:
             return  # probes, every few seconds

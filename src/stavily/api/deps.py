@@ -23,6 +23,7 @@ from stavily.security import CredentialCache, Principal, authenticate_token
 from stavily.store.db import Database
 from stavily.workflows.engine import Engine
 from stavily.workflows.watches import Events, Watches
+from stavily.workflows.webhooks import Intake, Webhooks
 
 
 class BurstLimit:
@@ -71,6 +72,8 @@ class State:
     installs: Installs
     watches: Watches
     events: Events
+    webhooks: Webhooks
+    intake: Intake
 
 
 def state_of(request: Request) -> State:

@@ -53,6 +53,7 @@ class EdgeMiddleware:
         max_json_depth: int = 128,
         refused_result: RefusedResult | None = None,
         large_bodies: dict[str, int] | None = None,
+        hooks: ASGIApp | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -64,6 +65,9 @@ class EdgeMiddleware:
         self.refused_result = refused_result
         # Paths that take a large body that is not JSON (a plugin archive), and its limit.
         self.large_bodies = large_bodies or {}
+        # `/hooks/...`: given the request as it came (its raw body is what is signed);
+        # it reads, limits and refuses the body itself, recording what it refuses.
+        self.hooks = hooks
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,6 +77,9 @@ class EdgeMiddleware:
         if "//" in path:
             path = _SLASHES.sub("/", path)
             scope = {**scope, "path": path, "raw_path": path.encode()}
+        if self.hooks is not None and path.startswith("/hooks/"):
+            await self.hooks(scope, receive, send)
+            return
         if "\x00" in path or b"\x00" in unquote_to_bytes(scope.get("query_string", b"")):
             await error_response(422, "invalid_input", "the URL holds a NUL character")(
                 scope, receive, send

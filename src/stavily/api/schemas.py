@@ -54,6 +54,7 @@ _ERRORS = {
     404: "Nothing of that id or name in the caller's organization.",
     409: "The state forbids it now (a name taken, an execution finished, an instruction "
     "no longer leased to this agent, an agent revoked...).",
+    405: "The route takes another method (`Allow` names it).",
     413: "The body is larger than the server's limit.",
     415: "The body's content type is not one this route takes.",
     416: "The range asked for lies outside the artifact.",
@@ -525,7 +526,9 @@ class Event(Answer):
     watch_id: str | None = Field(description="The watch (a workflow's trigger step) it came from")
     workflow: str | None
     step: str | None
-    outcome: Literal["started", "unmatched", "refused"]
+    outcome: Literal["accepted", "started", "unmatched", "refused"] = Field(
+        description="accepted: a webhook's, stored and answered, its runs not begun yet"
+    )
     reason: str | None
     started: list[str] = Field(description="The executions it started")
     created_at: datetime
@@ -543,3 +546,74 @@ class AgentEventAnswer(Answer):
     duplicate: bool = Field(description="The same idempotency key came before: nothing new")
     outcome: Literal["started", "unmatched", "refused"]
     started: list[str]
+
+
+# -- webhooks ----------------------------------------------------------------------------
+
+
+class Webhook(Answer):
+    """A webhook: POST signed requests to its `url` to start its workflow."""
+
+    id: str
+    workflow: str
+    description: str | None
+    url: str = Field(description="Where senders POST: <public URL>/hooks/<id>")
+    idempotency_field: str | None = Field(
+        description="The dotted body field whose value is a request's idempotency key"
+    )
+    inputs: dict[str, Any] = Field(description="The run's inputs: templates over `trigger`")
+    tolerance_seconds: int = Field(
+        description="How far an X-Stavily-Signature timestamp may be from now"
+    )
+    previous_secret_expires_at: datetime | None = Field(
+        description="Until when the secret before the last rotation is still accepted"
+    )
+    created_by: str
+    created_at: datetime
+    rotated_at: datetime | None
+
+
+class WebhookWithSecret(Webhook):
+    secret: str = Field(description="Shown only in this answer: store it now")
+
+
+class WebhookList(Answer):
+    webhooks: list[Webhook]
+
+
+class HookAccepted(Answer):
+    event_id: str
+    status: Literal["accepted", "duplicate"]
+    outcome: Literal["accepted", "started", "unmatched", "refused"] | None = Field(
+        default=None, description="A duplicate's: what the first request's event did"
+    )
+
+
+# -- schedules ---------------------------------------------------------------------------
+
+
+class Schedule(Answer):
+    """A cron or interval schedule that starts a workflow."""
+
+    id: str
+    workflow: str
+    origin: Literal["workflow", "api"] = Field(
+        description="`workflow`: declared in its `schedules:` (change it there); `api`: made "
+        "by POST /api/v1/schedules"
+    )
+    name: str | None
+    cron: str | None
+    timezone: str
+    every_seconds: float | None
+    inputs: dict[str, Any]
+    misfire: Literal["skip", "once", "all"]
+    paused: bool
+    next_fire_at: datetime
+    last_fired_at: datetime | None
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class ScheduleList(Answer):
+    schedules: list[Schedule]

@@ -18,6 +18,8 @@ from stavily.errors import Forbidden
 from stavily.fleet import create_agent, get_agent, list_agents
 from stavily.fleet.agents import agent_view, holding
 from stavily.plugins.pins import pin_steps
+from stavily.timeutil import utcnow
+from stavily.workflows import schedules
 from stavily.workflows import service as workflows
 from stavily.workflows.definition import (
     WorkflowDefinition,
@@ -211,6 +213,10 @@ async def apply_workflow(
         workflow = await workflows.apply(
             conn, principal.organization_id, definition, source, principal.actor, pins
         )
+        if not workflow["unchanged"]:  # its `schedules:` as declared, in this transaction
+            await schedules.sync(
+                conn, principal.organization_id, definition, principal.actor, utcnow()
+            )
     state.watches.forget(principal.organization_id)  # its trigger steps may have changed
     return JSONResponse(workflow, status_code=200 if workflow["unchanged"] else 201)
 

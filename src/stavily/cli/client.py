@@ -177,11 +177,16 @@ class ApiClient:
     def post(self, path: str, **kwargs: Any) -> Any:
         return self.request("POST", path, **kwargs)
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def delete(self, path: str) -> None:
+        self.request("DELETE", path)
+
+    def request(self, method: str, path: str, api: bool = True, **kwargs: Any) -> Any:
+        """The answer's JSON (None for 204) of `path` under /api/v1 (`api`), else of the
+        server's `path` itself (a webhook's /hooks/...)."""
         if "params" in kwargs and kwargs["params"] is not None:
             kwargs["params"] = {k: v for k, v in kwargs["params"].items() if v is not None}
         try:
-            response = self._http.request(method, f"/api/v1{path}", **kwargs)
+            response = self._http.request(method, f"/api/v1{path}" if api else path, **kwargs)
         except httpx.ConnectError as exc:
             raise CliError(
                 f"cannot reach the orchestrator at {self.url}",
@@ -199,6 +204,8 @@ class ApiClient:
                 details=[_reason(exc)],
                 code="unreachable",
             ) from None
+        if response.status_code == 204:
+            return None
         if response.is_success:
             try:
                 return response.json()

@@ -15,6 +15,8 @@ from stavily.cli.audit import app as audit_app
 from stavily.cli.events import app as event_app
 from stavily.cli.executions import app as execution_app
 from stavily.cli.plugins import app as plugin_app
+from stavily.cli.schedules import app as schedule_app
+from stavily.cli.webhooks import app as webhook_app
 from stavily.cli.workflows import app as workflow_app
 
 app = typer.Typer(
@@ -32,6 +34,8 @@ app.add_typer(fleet_app, name="fleet")
 app.add_typer(audit_app, name="audit")
 app.add_typer(event_app, name="event")
 app.add_typer(plugin_app, name="plugin")
+app.add_typer(schedule_app, name="schedule")
+app.add_typer(webhook_app, name="webhook")
 
 
 def _settings(**overrides: Any) -> Any:
@@ -60,7 +64,7 @@ def _preflight(settings: Any) -> None:
     start, so that `serve` says it in one line rather than in a traceback: a weak or
     revoked bootstrap token, an agent JWT key too short or not the other replicas'.
     Raises StartRefused. The server's start does the same again (a no-op by then)."""
-    from stavily.security import access, agent_tokens
+    from stavily.security import access, agent_tokens, sealing
     from stavily.store import migrate
     from stavily.store.db import Database
 
@@ -73,6 +77,7 @@ def _preflight(settings: Any) -> None:
             if settings.bootstrap_token:  # a generated one is printed by the server's start
                 await access.bootstrap(db, settings.bootstrap_token)
             await agent_tokens.signing_key(db, settings.agent_jwt_key, settings.data_dir)
+            await sealing.sealer(db, settings.secrets_key, settings.data_dir)
         finally:
             await db.dispose()
 

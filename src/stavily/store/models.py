@@ -432,11 +432,77 @@ events = sa.Table(
     sa.Column("watch_id", sa.String(40)),
     sa.Column("workflow_name", sa.String(200)),
     sa.Column("step", sa.String(200)),
-    # started | unmatched | refused
+    # accepted (a webhook's, not yet processed) | started | unmatched | refused
     sa.Column("outcome", sa.String(20), nullable=False),
     sa.Column("reason", sa.Text),
     sa.Column("started", sa.JSON, nullable=False),  # execution ids
     _created(),
     sa.UniqueConstraint("organization_id", "source", "idempotency_key"),
     sa.Index("ix_events_org_created", "organization_id", "created_at"),
+    sa.Index(
+        "ix_events_accepted",
+        "created_at",
+        sqlite_where=sa.text("outcome = 'accepted'"),
+        postgresql_where=sa.text("outcome = 'accepted'"),
+    ),
+)
+
+webhooks = sa.Table(
+    "webhooks",
+    metadata,
+    _id(),
+    _org(),
+    sa.Column("workflow_name", sa.String(200), nullable=False),
+    sa.Column("description", sa.String(500)),
+    # sealed (AES-GCM, security.sealing): the database alone cannot sign a request
+    sa.Column("secret", sa.Text, nullable=False),
+    # the secret before the last rotation, accepted until previous_expires_at
+    sa.Column("previous_secret", sa.Text),
+    sa.Column("previous_expires_at", UTCDateTime()),
+    # a dotted path in the JSON body whose value is the idempotency key
+    sa.Column("idempotency_field", sa.String(200)),
+    # the run's inputs: templates over `trigger` (the event)
+    sa.Column("inputs", sa.JSON, nullable=False),
+    sa.Column("tolerance_seconds", sa.Integer, nullable=False),
+    sa.Column("created_by", sa.String(100), nullable=False),
+    _created(),
+    sa.Column("rotated_at", UTCDateTime()),
+    sa.Index("ix_webhooks_org", "organization_id", "workflow_name"),
+)
+
+# Cron and interval schedules that start a workflow (workflows.schedules): declared in the
+# workflow (`schedules:`, origin `workflow`, kept across applies by `key`, the hash of its
+# spec) or created by the API (origin `api`). The scheduler fires those due, on the leader.
+schedules = sa.Table(
+    "schedules",
+    metadata,
+    _id(),
+    _org(),
+    sa.Column("workflow_name", sa.String(200), nullable=False),
+    sa.Column("origin", sa.String(20), nullable=False),  # workflow | api
+    sa.Column("key", sa.String(64)),  # a declared one's spec hash; null for the API's
+    sa.Column("name", sa.String(200)),
+    sa.Column("cron", sa.String(200)),
+    sa.Column("timezone", sa.String(100), nullable=False),
+    sa.Column("every_seconds", sa.Float),
+    sa.Column("inputs", sa.JSON, nullable=False),
+    sa.Column("misfire", sa.String(10), nullable=False),  # skip | once | all
+    sa.Column("paused", sa.Boolean, nullable=False),
+    sa.Column("next_fire_at", UTCDateTime(), nullable=False),
+    sa.Column("last_fired_at", UTCDateTime()),
+    sa.Column("created_by", sa.String(100), nullable=False),
+    _created(),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.UniqueConstraint("organization_id", "workflow_name", "key"),
+    sa.Index("ix_schedules_due", "next_fire_at"),
+)
+
+# Singleton duties' leases (services.leader): one row per duty, held by one server
+# process until it expires unrenewed.
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("holder", sa.String(200), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
 )

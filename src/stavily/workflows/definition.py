@@ -289,6 +289,62 @@ class Concurrency(_Strict):
     policy: Literal["queue", "reject"] = "queue"
 
 
+class Schedule(_Strict):
+    """`{cron: "0 9 * * 1-5", timezone: Europe/Paris}` or `{every: 15m}`: when the workflow
+    starts by itself (workflows.schedules), with these inputs."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    cron: str | None = Field(
+        default=None, max_length=200, description="Five cron fields, or @hourly, @daily..."
+    )
+    timezone: str = Field(
+        default="UTC", max_length=100, description="The IANA zone the cron is read in."
+    )
+    every: Duration | None = Field(default=None, description="An interval, from 1s.")
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    misfire: Literal["skip", "once", "all"] = Field(
+        default="once", description="After downtime: skip the missed times, run once, or all."
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        from stavily.workflows.schedules import cron_problem
+
+        if value is not None:
+            problem = cron_problem(value)
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from stavily.workflows.schedules import zone
+
+        zone(value)  # ValueError names it
+        return value
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: Any) -> Any:
+        from stavily.workflows.schedules import every_problem
+
+        if value is not None:
+            problem = every_problem(parse_duration(value))
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _one_timing(self) -> Schedule:
+        if (self.cron is None) == (self.every is None):
+            raise ValueError("a schedule has exactly one of `cron` and `every`")
+        if self.every is not None and self.timezone != "UTC":
+            raise ValueError("`timezone` goes with `cron`: an interval is the same everywhere")
+        return self
+
+
 class WorkflowDefinition(_Strict):
     # `on` is a keyword in Python: written `on`, held as `on_` (stored definitions have it)
     model_config = ConfigDict(
@@ -316,6 +372,9 @@ class WorkflowDefinition(_Strict):
         alias="on",
         max_length=100,
         description="Events that start the workflow beyond its trigger steps.",
+    )
+    schedules: list[Schedule] | None = Field(
+        default=None, max_length=100, description="Cron and interval schedules that start it."
     )
 
     @field_validator("timeout")
@@ -374,6 +433,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     InputSpec,
     SecretRef,
     Concurrency,
+    Schedule,
 )
 
 
@@ -514,9 +574,24 @@ def validate(
         problems = reference_problems(refs, secrets)
     if not problems:
         problems = _environment_problems(definition) + _template_problems(definition)
+        problems += _schedule_problems(definition)
     if problems:
         raise InvalidInput("invalid workflow definition", problems)
     return definition
+
+
+def _schedule_problems(definition: WorkflowDefinition) -> list[dict[str, str]]:
+    """Schedule inputs the workflow would refuse at each fire, refused now."""
+    problems = []
+    for i, entry in enumerate(definition.schedules or []):
+        try:
+            definition.resolve_inputs(entry.inputs)
+        except InvalidInput as refused:
+            problems += [
+                {"path": f"schedules[{i}].{d['path']}", "message": d["message"]}
+                for d in refused.details or []
+            ]
+    return problems
 
 
 def _stage_steps(definition: WorkflowDefinition, stage_name: str) -> list[Step]:

@@ -145,6 +145,10 @@ class Watches:
         ]
 
 
+class _Taken(Exception):
+    """Another process processed the event first: this one's transaction is undone."""
+
+
 def _event_view(row: Any) -> dict[str, Any]:
     """An event as the API shows it, from its row (a mapping)."""
     return {
@@ -203,30 +207,17 @@ class Events:
         sent_by: str,
         agent: AgentIdentity | None = None,
         watch: str | None = None,
+        workflow: str | None = None,
+        inputs: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Any source's event: stored once per (source, key), starting what it matches in
-        the same transaction; (the event, whether it is new)."""
+        the same transaction; (the event, whether it is new). `workflow`: the one it is
+        for (a webhook's, a schedule's), started with `inputs`, beside what rules match."""
         event_id = new_id("evt")
         trigger = {"type": event_type, "source": source, "event_id": event_id, "payload": payload}
         if agent is not None:
             trigger["agent_id"] = agent.id
-        targets = []
-        if agent is not None:
-            for w in await self._matching(agent, watch, payload.get("source")):
-                targets.append({**w, "trigger": {**trigger, "step": w["step"]}, "inputs": {}})
-        named = {t["workflow"] for t in targets}
-        for entry in await self.watches.rules(organization_id):
-            if entry["workflow"] in named or not entry["rule"].matches(source, event_type, payload):
-                continue
-            named.add(entry["workflow"])
-            target = {**entry, "step": None, "trigger": {**trigger, "step": None}}
-            try:
-                target["inputs"] = await render_limited(
-                    entry["rule"].inputs, {"trigger": target["trigger"]}
-                )
-            except TemplateProblem as problem:
-                target["refused"] = f"its rule's inputs: {problem}"
-            targets.append(target)
+        targets = await self._targets(organization_id, trigger, agent, watch, workflow, inputs)
         only = targets[0] if len(targets) == 1 else None
         row: dict[str, Any] = {
             "id": event_id,
@@ -267,6 +258,86 @@ class Events:
             started=row["started"],
         )
         return _event_view(row), True
+
+    async def _targets(
+        self,
+        organization_id: str,
+        trigger: dict[str, Any],
+        agent: AgentIdentity | None,
+        watch: str | None,
+        workflow: str | None,
+        inputs: dict[str, Any] | None,
+    ) -> list[dict[str, Any]]:
+        """What the event starts: the workflow it is for (its inputs templates over
+        `trigger`), a sensor's watches, and each workflow an `on:` rule of which matches."""
+        source, event_type, payload = trigger["source"], trigger["type"], trigger["payload"]
+        targets: list[dict[str, Any]] = []
+        if workflow is not None:
+            targets.append(
+                {"workflow": workflow, "version_id": None, "step": None, "inputs": inputs or {}}
+            )
+        if agent is not None:
+            for w in await self._matching(agent, watch, payload.get("source")):
+                targets.append({**w, "inputs": {}})
+        named = {t["workflow"] for t in targets}
+        for entry in await self.watches.rules(organization_id):
+            if entry["workflow"] in named or not entry["rule"].matches(source, event_type, payload):
+                continue
+            named.add(entry["workflow"])
+            targets.append({**entry, "step": None, "inputs": entry["rule"].inputs})
+        for target in targets:
+            target["trigger"] = {**trigger, "step": target["step"]}
+            try:
+                target["inputs"] = await render_limited(
+                    target["inputs"], {"trigger": target["trigger"]}
+                )
+            except TemplateProblem as problem:
+                target["refused"] = f"its inputs: {problem}"
+        return targets
+
+    async def process(self, event_id: str, inputs: dict[str, Any] | None = None) -> bool:
+        """Start what an accepted event (a webhook's, stored before it was processed)
+        matches: its workflow with `inputs` (templates over `trigger`), and the rules'.
+        The runs and the event's outcome are written in one transaction, and only while
+        the event is still `accepted`: an event two processes take up starts its runs
+        once. Whether this call processed it."""
+        async with self.db.read() as conn:
+            row = (await conn.execute(sa.select(events).where(events.c.id == event_id))).first()
+        if row is None or row.outcome != "accepted":
+            return False
+        trigger = {
+            "type": row.type,
+            "source": row.source,
+            "event_id": row.id,
+            "payload": row.payload,
+            "sent_by": row.sent_by,
+        }
+        organization_id = row.organization_id
+        targets = await self._targets(
+            organization_id, trigger, None, None, row.workflow_name, inputs
+        )
+        done: list[Any] = []
+        try:
+            async with self.db.write() as conn:
+                outcome = {
+                    "outcome": "unmatched",
+                    "started": [],
+                    "reason": self._unmatched(None, None),
+                }
+                if targets:
+                    outcome = await self._start(conn, organization_id, row.sent_by, targets, done)
+                changed = await conn.execute(
+                    events.update()
+                    .where(events.c.id == row.id, events.c.outcome == "accepted")
+                    .values(**outcome)
+                )
+                if changed.rowcount != 1:
+                    raise _Taken
+        except _Taken:
+            return False
+        self.engine.started(done)
+        log.info("event", event_id=row.id, source=row.source, type=row.type, **outcome)
+        return True
 
     async def manual(
         self, organization_id: str, workflow: str, inputs: dict[str, Any], actor: str

@@ -242,7 +242,7 @@ def test_a_replica_with_another_key_refuses_to_start(pg_url: str, tmp_path: Path
         done = _serve_cli(env)
         assert done.returncode == 2, done.stderr
         *logged, line = done.stderr.strip().splitlines()
-        assert "Traceback" not in done.stderr and all("agent JWT key" in x for x in logged)
+        assert "Traceback" not in done.stderr and all("agent-jwt.key" in x for x in logged)
         assert line.startswith("error: this server's agent JWT key (from ")
         assert line.endswith(
             "differs from the one the other replicas use: "
@@ -261,8 +261,8 @@ def test_a_replica_with_another_key_refuses_to_start(pg_url: str, tmp_path: Path
 @PG_ONLY
 def test_replicas_with_the_same_key_take_each_others_jwts(pg_url: str, tmp_path: Path) -> None:
     with (
-        serve(pg_url, tmp_path / "a", agent_jwt_key=SHARED_KEY) as first,
-        serve(pg_url, tmp_path / "b", agent_jwt_key=SHARED_KEY) as second,
+        serve(pg_url, tmp_path / "a", agent_jwt_key=SHARED_KEY, secrets_key=SHARED_KEY) as first,
+        serve(pg_url, tmp_path / "b", agent_jwt_key=SHARED_KEY, secrets_key=SHARED_KEY) as second,
     ):
         agent_id, _, token = _agent_jwt(first)
         assert _poll(second, agent_id, token).status_code == 200
@@ -286,7 +286,11 @@ def _until(condition: Any, timeout: float = 3) -> float:
 def test_a_revocation_on_one_replica_reaches_the_other_at_once(pg_url: str, tmp_path: Path) -> None:
     """With credentials trusted for five minutes, the other replica refuses the revoked
     agent within a moment: it heard of it."""
-    trust = {"agent_jwt_key": SHARED_KEY, "credential_cache_seconds": 300}
+    trust = {
+        "agent_jwt_key": SHARED_KEY,
+        "secrets_key": SHARED_KEY,
+        "credential_cache_seconds": 300,
+    }
     with (
         serve(pg_url, tmp_path / "a", **trust) as first,
         serve(pg_url, tmp_path / "b", **trust) as second,
@@ -308,7 +312,11 @@ def test_a_revocation_on_one_replica_reaches_the_other_at_once(pg_url: str, tmp_
 def test_a_retired_bootstrap_token_is_refused_by_running_replicas_at_once(
     pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    trust = {"agent_jwt_key": SHARED_KEY, "credential_cache_seconds": 300}
+    trust = {
+        "agent_jwt_key": SHARED_KEY,
+        "secrets_key": SHARED_KEY,
+        "credential_cache_seconds": 300,
+    }
     monkeypatch.setattr(harness, "ADMIN_TOKEN", OLD_TOKEN)
     with serve(pg_url, tmp_path / "a", **trust) as running:
         assert _status(running, OLD_TOKEN) == 200  # trusted there for five minutes

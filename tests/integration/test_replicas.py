@@ -32,8 +32,12 @@ def test_a_run_started_on_one_replica_wakes_a_poll_held_on_the_other(tmp_path: P
     with (
         fresh_database("postgresql", tmp_path) as url,
         # replicas on two machines share the agent JWT key through their configuration
-        serve(url, tmp_path / "a", agent_jwt_key=SHARED_JWT_KEY) as first,
-        serve(url, tmp_path / "b", agent_jwt_key=SHARED_JWT_KEY) as second,
+        serve(
+            url, tmp_path / "a", agent_jwt_key=SHARED_JWT_KEY, secrets_key=SHARED_JWT_KEY
+        ) as first,
+        serve(
+            url, tmp_path / "b", agent_jwt_key=SHARED_JWT_KEY, secrets_key=SHARED_JWT_KEY
+        ) as second,
     ):
         agent_id, key = first.create_agent()
         first.apply(WORKFLOW)

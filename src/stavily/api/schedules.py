@@ -66,7 +66,7 @@ async def create_schedule(
             "name": body.name,
             "cron": body.cron,
             "timezone": body.timezone,
-            "every_seconds": parse_duration(body.every) if body.every is not None else None,
+            "every_seconds": int(parse_duration(body.every)) if body.every is not None else None,
             "inputs": body.inputs,
             "misfire": body.misfire,
         }

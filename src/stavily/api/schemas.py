@@ -604,7 +604,7 @@ class Schedule(Answer):
     name: str | None
     cron: str | None
     timezone: str
-    every_seconds: float | None
+    every_seconds: int | None
     inputs: dict[str, Any]
     misfire: Literal["skip", "once", "all"]
     paused: bool

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.text import Text
 
 from stavily.cli.client import (
     DEFAULT_URL,
     ApiClient,
-    CliError,
     Output,
     OutputOpt,
     TokenOpt,
@@ -33,20 +31,6 @@ app = typer.Typer(
     help="Schedules: cron (in a time zone) and intervals that start workflows.",
     no_args_is_help=True,
 )
-
-
-def _delete(client: ApiClient, path: str) -> None:
-    """A DELETE, answered 204 with no body (ApiClient.request wants JSON back)."""
-    try:
-        response = client._http.request("DELETE", f"/api/v1{path}")
-    except httpx.HTTPError as exc:
-        raise CliError(
-            f"cannot reach the orchestrator at {client.url}",
-            details=[str(exc) or type(exc).__name__],
-            code="unreachable",
-        ) from None
-    if not response.is_success:
-        raise client._error(response)
 
 
 IdArg = Annotated[str, typer.Argument(metavar="ID", help="The schedule's id (sch_...)")]
@@ -232,7 +216,7 @@ def delete(
 ) -> None:
     """Delete a schedule made by the API (a declared one: edit its workflow)."""
     with ApiClient(url, token) as client:
-        _delete(client, f"/schedules/{segment(schedule_id)}")
+        client.delete(f"/schedules/{segment(schedule_id)}")
     if output is Output.json:
         print_json({"id": schedule_id, "deleted": True})
         return

@@ -86,6 +86,8 @@ def zone(name: str) -> ZoneInfo:
 def every_problem(seconds: float) -> str | None:
     if not math.isfinite(seconds) or not MIN_EVERY_SECONDS <= seconds <= MAX_EVERY_SECONDS:
         return "an interval is between 1s and 366d"
+    if seconds != int(seconds):
+        return "an interval is a whole number of seconds"
     return None
 
 
@@ -96,7 +98,7 @@ class Timing:
 
     cron: str | None
     timezone: str = "UTC"
-    every_seconds: float | None = None
+    every_seconds: int | None = None
 
     def next_after(self, at: datetime, anchor: datetime | None = None) -> datetime:
         """The first fire time strictly after `at`. An interval's times are `anchor`
@@ -277,7 +279,9 @@ def declared(definition: WorkflowDefinition) -> list[dict[str, Any]]:
                 "name": entry.name,
                 "cron": entry.cron,
                 "timezone": entry.timezone,
-                "every_seconds": parse_duration(entry.every) if entry.every is not None else None,
+                "every_seconds": int(parse_duration(entry.every))
+                if entry.every is not None
+                else None,
                 "inputs": entry.inputs,
                 "misfire": entry.misfire,
             }

@@ -28,7 +28,7 @@ def upgrade() -> None:
         sa.Column("name", sa.String(200)),
         sa.Column("cron", sa.String(200)),
         sa.Column("timezone", sa.String(100), nullable=False),
-        sa.Column("every_seconds", sa.Float),
+        sa.Column("every_seconds", sa.Integer),
         sa.Column("inputs", sa.JSON, nullable=False),
         sa.Column("misfire", sa.String(10), nullable=False),
         sa.Column("paused", sa.Boolean, nullable=False),

@@ -248,6 +248,17 @@ class Server:
             "STAVILY_AGENT_RATE_LIMIT": os.environ.get(
                 "STAVILY_AGENT_RATE_LIMIT", "1000000/second"
             ),
+            # nor the per-token, per-source and per-webhook limits: load comes from one
+            # address with one admin token (docs/rate-limits.md)
+            **{
+                name: os.environ.get(name, unlimited)
+                for name, unlimited in (
+                    ("STAVILY_API_RATE_LIMIT", "1000000/second"),
+                    ("STAVILY_SOURCE_RATE_LIMIT", "1000000/second"),
+                    ("STAVILY_AGENT_SOURCE_RATE_LIMIT", "1000000/second"),
+                    ("STAVILY_WEBHOOK_RATE_LIMIT", "1000000/second"),
+                )
+            },
             # the simulated agents run a `noop` nobody publishes (the agent API is measured,
             # not installs: bench_plugins.py measures distribution)
             "STAVILY_UNREGISTERED_PLUGINS": "allow",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -139,7 +140,8 @@ def on_database(url: str, work: Any) -> Any:
 
 
 def api_token(orch: Orchestrator, role: str) -> str:
-    """A token of another role; there is no API for tokens yet, so through the database."""
+    """A token of `role` made straight in the database: any name, even a role the server
+    does not know (which the API would refuse to hand out)."""
     import sqlalchemy as sa
 
     from stavily.security.access import create_api_token
@@ -258,6 +260,12 @@ def serve(database_url: str, data_dir: Path, **overrides: Any) -> Iterator[Orche
             "reaper_interval": 0.2,
             "heartbeat_rate_limit": "1000/second",
             "agent_rate_limit": "10000/second",
+            "api_rate_limit": "1000000/second",
+            "source_rate_limit": "1000000/second",
+            "agent_source_rate_limit": "1000000/second",
+            "failed_credential_limit": "1000000/minute",
+            "webhook_rate_limit": "1000000/second",
+            "login_rate_limit": "1000000/minute",
             # the engine's tests run plugins copied onto agents by hand; the registry's
             # tests (test_plugin_registry and others) set "refuse", the default
             "unregistered_plugins": "allow",
@@ -361,6 +369,7 @@ def cli_for(orchestrator: Orchestrator) -> Invoke:
 
     runner = CliRunner()
     assert orchestrator.api  # made first: the first client the orchestrator makes is `api`
+    logins = tempfile.mkdtemp(prefix="stavily-logins-")  # never the user's own (stavily login)
 
     def invoke(
         *args: str, env: dict[str, str | None] | None = None, input: str | None = None
@@ -372,6 +381,7 @@ def cli_for(orchestrator: Orchestrator) -> Invoke:
             env={
                 "STAVILY_URL": orchestrator.url,
                 "STAVILY_TOKEN": orchestrator.token,
+                "STAVILY_CONFIG_DIR": logins,
                 "COLUMNS": "200",
                 "NO_COLOR": "1",
                 "FORCE_COLOR": None,

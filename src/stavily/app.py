@@ -15,16 +15,17 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from limits import parse as parse_limit
-from limits.storage import MemoryStorage
-from limits.strategies import SlidingWindowCounterRateLimiter
 
 from stavily import __version__
-from stavily.api import agents_v1, errors, fleet, plugins, schemas, v1, webhooks
+from stavily.api import agents_v1, errors, fleet, identities, plugins, schemas, v1, webhooks
 from stavily.api import schedules as schedules_api
+from stavily.api import secrets as secrets_api
 from stavily.api.access import AccessLog
-from stavily.api.deps import BurstLimit, State
+from stavily.api.deps import BurstLimit, State, document_permissions
+from stavily.api.headers import SecurityHeaders
 from stavily.api.json import JSONResponse
 from stavily.api.middleware import EdgeMiddleware
+from stavily.api.ratelimits import RateLimits
 from stavily.config import Settings
 from stavily.fleet import HeartbeatBuffer
 from stavily.fleet.agents import AgentLookups
@@ -32,7 +33,9 @@ from stavily.fleet.liveness import restart_deadlines
 from stavily.logging import configure as configure_logging
 from stavily.plugins.registry import Registry
 from stavily.security import CredentialCache, agent_tokens, bootstrap, sealing
+from stavily.security.access import Denials, TokenUse
 from stavily.security.credentials import clear_caches
+from stavily.security.store import SecretStore
 from stavily.services.loops import LoopService
 from stavily.services.scheduler import Scheduler
 from stavily.store import migrate
@@ -121,17 +124,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         heartbeats = HeartbeatBuffer(settings)
         registry = Registry(db, settings)
         await registry.start()
-        engine = Engine(db, settings, heartbeats)
+        sealer = await sealing.sealer(db, settings.secrets_key, settings.data_dir)
+        secret_store = SecretStore(db, sealer)
+        engine = Engine(db, settings, heartbeats, secret_store)
         watches = Watches(db, engine)
         events = Events(db, engine, watches)
-        hooks = Webhooks(
-            db,
-            await sealing.sealer(db, settings.secrets_key, settings.data_dir),
-            settings.webhook_tolerance_seconds,
-        )
+        hooks = Webhooks(db, sealer, settings.webhook_tolerance_seconds)
         intake = Intake(db, hooks, events, settings.webhook_max_body_bytes, settings.max_json_depth)
-        # In memory: per replica. Redis storage would share them (limits supports it).
-        limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
+        # Shared through Redis when redis_url is set; the agents' own stay in memory.
+        rate_limits = RateLimits(settings, organization_id)
         app.state.stavily = State(
             settings=settings,
             db=db,
@@ -140,18 +141,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             agent_cache=CredentialCache(settings.credential_cache_seconds),
             agent_lookups=AgentLookups(db),
             token_cache=CredentialCache(settings.credential_cache_seconds),
+            token_use=TokenUse(),
+            denials=Denials(db, organization_id),
             organization_id=organization_id,
             jwt_key=await agent_tokens.signing_key(db, settings.agent_jwt_key, settings.data_dir),
-            agent_limit=BurstLimit(limiter, parse_limit(settings.agent_rate_limit), "agent"),
-            heartbeat_limit=BurstLimit(
-                limiter, parse_limit(settings.heartbeat_rate_limit), "heartbeat"
+            agent_limit=BurstLimit(
+                rate_limits.local, parse_limit(settings.agent_rate_limit), "agent"
             ),
+            heartbeat_limit=BurstLimit(
+                rate_limits.local, parse_limit(settings.heartbeat_rate_limit), "heartbeat"
+            ),
+            rate_limits=rate_limits,
             plugins=registry,
             installs=engine.installs,
             watches=watches,
             events=events,
             webhooks=hooks,
             intake=intake,
+            secret_store=secret_store,
         )
         flusher = LoopService(
             "heartbeat-flusher", settings.heartbeat_flush_interval, engine.flush_heartbeats
@@ -181,6 +188,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await flusher.stop(final_run=True)
             if engine.channel is not None:
                 await engine.channel.close()
+            await rate_limits.close()
             await db.dispose()
 
     app = FastAPI(
@@ -204,16 +212,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         refused_result=agents_v1.refuse_result,
         hooks=webhooks.serve_hook,
     )
+    app.add_middleware(
+        SecurityHeaders,
+        pages=(DOCS_URL, REDOC_URL),
+        static=DOCS_STATIC_URL,
+        cors_origins=settings.cors_origins,
+    )
     app.add_middleware(AccessLog)  # outermost: it sees every answer, the edge's too
-    app.include_router(agents_v1.router)
-    app.include_router(v1.router)
-    app.include_router(schedules_api.router)
-    app.include_router(fleet.public)
-    app.include_router(fleet.private)
-    app.include_router(plugins.private)
-    app.include_router(plugins.public)
-    app.include_router(webhooks.private)
-    app.include_router(webhooks.public)
+    for router in (
+        agents_v1.router,
+        v1.router,
+        identities.router,
+        schedules_api.router,
+        secrets_api.router,
+        fleet.public,
+        fleet.private,
+        plugins.private,
+        plugins.public,
+        webhooks.private,
+        webhooks.public,
+    ):
+        document_permissions(router)
+        app.include_router(router)
 
     @app.get(
         "/healthz",

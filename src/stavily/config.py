@@ -60,6 +60,61 @@ class Settings(BaseSettings):
     webhook_max_body_bytes: int = Field(
         default=1024 * 1024, ge=1024, description="The largest webhook body accepted."
     )
+    # -- transport ------------------------------------------------------------------------
+    tls_cert: Path | None = Field(
+        default=None, description="PEM certificate (chain) to serve HTTPS with; needs tls_key."
+    )
+    tls_key: Path | None = Field(default=None, description="The PEM private key of tls_cert.")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins browsers may call the private API from (CORS); none: CORS off.",
+    )
+    # -- rate limits (limits notation; shared through Redis when redis_url is set) ----------
+    redis_url: str | None = Field(
+        default=None,
+        repr=False,
+        description="Redis for rate-limit counters shared by every process and replica "
+        "(redis://host:6379/0); unset: counters in memory, per process.",
+    )
+    api_rate_limit: str = Field(
+        default="50/second", description="Private API requests one token may send."
+    )
+    source_rate_limit: str = Field(
+        default="500/second",
+        description="Requests one source address may send to the private API, and webhooks.",
+    )
+    agent_source_rate_limit: str = Field(
+        default="5000/second",
+        description="Agent API requests one source address may send (a fleet behind one "
+        "NAT address shares it: 10,000 agents make some 1,300 a second).",
+    )
+    login_rate_limit: str = Field(
+        default="10/minute", description="Login attempts one source address may make."
+    )
+    webhook_rate_limit: str = Field(
+        default="100/second", description="Deliveries one webhook may take."
+    )
+    failed_credential_limit: str = Field(
+        default="20/minute",
+        description="Refused credentials one source address may present before every "
+        "request from it is refused for the rest of the window.",
+    )
+    # -- users and sessions ---------------------------------------------------------------
+    session_idle_seconds: int = Field(
+        default=8 * 3600, ge=60, description="A login session ends after this long unused."
+    )
+    session_max_seconds: int = Field(
+        default=7 * 86400, ge=60, description="A login session ends this long after login."
+    )
+    login_lockout_after: int = Field(
+        default=5, ge=1, description="Failed logins in a row that lock a user out."
+    )
+    login_lockout_seconds: int = Field(
+        default=30,
+        ge=1,
+        description="The first lockout's length; it doubles with each further failure "
+        "(up to an hour).",
+    )
     host: str = "127.0.0.1"
     port: int = 8700
     workers: int = Field(

@@ -483,7 +483,7 @@ def test_bad_or_missing_token_exits_5(cli: Invoke) -> None:
     missing = cli("execution", "list", env={"STAVILY_TOKEN": None})
     assert missing.exit_code == 5
     assert "error: missing bearer token" in missing.stderr
-    assert "no API token given: set STAVILY_TOKEN or pass --token" in missing.stderr
+    assert "not logged in: run stavily login, or set STAVILY_TOKEN" in missing.stderr
     scripted = cli("workflow", "list", "-o", "json", env={"STAVILY_TOKEN": "stv_wrong"})
     assert scripted.exit_code == 5
     assert json.loads(scripted.stderr)["error"]["code"] == "unauthorized"

@@ -216,4 +216,4 @@ def test_roles_and_missing_tokens_exit_5(cli: Invoke, orchestrator: Orchestrator
     assert "role 'viewer' may not do 'agents:write'" in refused.stderr
     assert cli("enrollment", "create", "x", env=viewer).exit_code == 5
     anonymous = cli("fleet", "status", env={"STAVILY_TOKEN": None})
-    assert anonymous.exit_code == 5 and "no API token given" in anonymous.stderr
+    assert anonymous.exit_code == 5 and "not logged in" in anonymous.stderr

@@ -116,6 +116,12 @@ def world(fuzzed: Orchestrator, tmp_path_factory: pytest.TempPathFactory) -> Wor
     assert schedule.status_code == 201, schedule.text
     hook = fuzzed.api.post("/api/v1/webhooks", json={"workflow": "fuzz-flow"})
     assert hook.status_code == 201, hook.text
+    user = fuzzed.api.post(
+        "/api/v1/users",
+        json={"username": "fuzz-user", "password": "a long enough password", "role": "viewer"},
+    )
+    assert user.status_code == 201, user.text
+    organization = fuzzed.api.get("/api/v1/me").json()["organization"]["id"]
     ids = {
         "event_id": [sent.json()["event_id"]],
         "agent_id": [agent_id],
@@ -128,6 +134,8 @@ def world(fuzzed: Orchestrator, tmp_path_factory: pytest.TempPathFactory) -> Wor
         "token_id": [token.json()["id"]],
         "schedule_id": [schedule.json()["id"]],
         "hook_id": [hook.json()["id"]],
+        "user_id": [user.json()["id"]],
+        "organization_id": [organization],
     }
     return World(ids, key, token.json()["token"])
 
@@ -227,22 +235,19 @@ def test_every_operation_keeps_its_contract(
 # -- the document itself ------------------------------------------------------------------
 
 # No bearer: health and the workflow JSON Schema are open to all; registration's credential
-# is the enrollment token in its body (refused: 401, documented).
+# is the enrollment token in its body (refused: 401, documented); login's is its body.
 # A webhook's credential is its request's signature.
 PUBLIC = {
     "/healthz",
     "/health",
     "/api/v1/schemas/workflow",
+    "/api/v1/login",
     "/agents/v1/register",
     "/hooks/{hook_id}",
 }
-# Reading needs only a valid token: every role may read (security.access), so these can
-# answer 401 but never 403. The audit log is the one read that takes a permission.
-READ_BY_EVERY_ROLE = {
-    (m, p)
-    for m, p in OPERATIONS
-    if m == "GET" and p.startswith("/api/v1/") and p != "/api/v1/audit"
-} - {("GET", "/api/v1/schemas/workflow")}
+# What any signed-in caller may do about themselves: no permission (the password change's
+# 403 is for a wrong current password).
+SELF = {("GET", "/api/v1/me"), ("POST", "/api/v1/logout"), ("PUT", "/api/v1/me/password")}
 ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
 
 
@@ -270,13 +275,19 @@ def test_the_document_declares_auth_and_answers(fuzzed: Orchestrator) -> None:
                 "POST /api/v1/triggers",
                 "POST /api/v1/events",
                 "POST /hooks/{hook_id}",
+                "PUT /api/v1/roles/{name}",
+                "PUT /api/v1/secrets/{name}",
             )
             if where == ARTIFACT:
                 assert set(ok) == {"200", "206"} and "304" in statuses, where
                 assert "application/gzip" in responses["200"]["content"], where
                 statuses.discard("304")
             elif ok == ["204"]:
-                assert method == "delete" and "content" not in responses["204"], where
+                no_content = method == "delete" or where in (
+                    "POST /api/v1/logout",
+                    "PUT /api/v1/me/password",
+                )
+                assert no_content and "content" not in responses["204"], where
             else:
                 assert len(ok) == 1 or (two and set(ok) in ({"200", "201"}, {"200", "202"})), where
                 schema = responses[ok[0]]["content"]["application/json"]["schema"]
@@ -297,10 +308,10 @@ def test_the_document_declares_auth_and_answers(fuzzed: Orchestrator) -> None:
             expected = "AgentCredential" if by_agent else "APIToken"
             assert required == {expected}, where
             assert "401" in statuses, where
-            if (method.upper(), path) in READ_BY_EVERY_ROLE:
-                assert "403" not in statuses, where
-            else:
+            if (method.upper(), path) not in SELF:
                 assert "403" in statuses, where
+                # every route of the private API declares the permission it needs
+                assert by_agent or "x-permission" in op, where
             if "requestBody" in op:
                 assert {"413", "422"} <= statuses, where
             checked += 1

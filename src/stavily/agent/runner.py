@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import platform
 import signal
 import socket
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import structlog
@@ -67,6 +70,52 @@ class AgentConfig:
     install_timeout: float = 600
     # how often a running step's log is sent on (PUT .../instructions/{id})
     log_interval: float = 0.5
+    # the CA the server's certificate must chain to (`--ca-cert`); none: the public CAs
+    ca_cert: Path | None = None
+    # plain http:// to a host off this machine (`--allow-insecure-http`)
+    allow_insecure_http: bool = False
+
+
+class TransportRefused(ValueError):
+    """An orchestrator URL or CA file the agent will not use; the CLI exits 2."""
+
+    exit_code = 2
+
+
+def loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: a connection that never leaves the machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url: str, allow_insecure_http: bool = False) -> None:
+    """TransportRefused unless `url` is https://, or http:// to this machine (or to any
+    host when allowed): over plain HTTP the agent's key crosses the network in clear."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise TransportRefused(f"the orchestrator URL {url!r} is not an https:// URL")
+    if parts.scheme == "http" and not allow_insecure_http and not loopback(parts.hostname):
+        raise TransportRefused(
+            f"refusing plain HTTP to {parts.hostname}: the agent's credential would cross "
+            "the network in clear; use https:// (or --allow-insecure-http)"
+        )
+
+
+def tls_verify(ca_cert: Path | None) -> ssl.SSLContext | bool:
+    """How the server's certificate is verified: against the public CAs (httpx's), or
+    against `ca_cert`'s alone (a private CA). TransportRefused for a file that is none."""
+    if ca_cert is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=ca_cert)
+    except ssl.SSLError:
+        raise TransportRefused(f"the CA file {ca_cert} holds no PEM certificate") from None
+    except OSError as exc:
+        raise TransportRefused(f"cannot read the CA file {ca_cert}: {exc.strerror}") from None
 
 
 def allow_env_patterns(options: Iterable[str] | None, variable: str | None) -> tuple[str, ...]:
@@ -107,13 +156,16 @@ class Agent:
     """
 
     def __init__(self, config: AgentConfig) -> None:
-        """ValueError for a `plugin_keys` entry that is no Ed25519 public key."""
+        """ValueError for a `plugin_keys` entry that is no Ed25519 public key, and
+        TransportRefused for a URL or CA file the agent will not use."""
         self.config = config
         pinned = pinned_keys(config.plugin_keys)  # before the client: nothing to close
+        check_url(config.url, config.allow_insecure_http)
         self.capacity = max(1, config.capacity)
         token = config.token.removeprefix("Bearer ").strip()
         self.client = httpx.AsyncClient(
             base_url=config.url.rstrip("/"),
+            verify=tls_verify(config.ca_cert),
             headers={
                 "Authorization": f"Bearer {token}",
                 "Accept": "application/json",
@@ -640,7 +692,12 @@ def _open_private(path: Path) -> int:
 
 
 async def enroll_agent(
-    url: str, enrollment_token: str, name: str, labels: dict[str, str], path: Path
+    url: str,
+    enrollment_token: str,
+    name: str,
+    labels: dict[str, str],
+    path: Path,
+    verify: ssl.SSLContext | bool = True,
 ) -> Credentials:
     """Exchange the token at POST /agents/v1/register and keep the answer in `path`.
 
@@ -660,7 +717,7 @@ async def enroll_agent(
         "os": platform.system().lower(),
     }
     try:
-        answer = await _register(url, body)
+        answer = await _register(url, body, verify)
         credentials = Credentials(url, answer["agent_id"], answer["api_key"])
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             fd = -1
@@ -682,11 +739,15 @@ async def enroll_agent(
     return credentials
 
 
-async def _register(url: str, body: dict[str, Any]) -> dict[str, Any]:
+async def _register(
+    url: str, body: dict[str, Any], verify: ssl.SSLContext | bool
+) -> dict[str, Any]:
     deadline = asyncio.get_running_loop().time() + 60
     delay = 0.5
     headers = {"User-Agent": f"Stavily-Agent/{__version__} (stavily-python)"}
-    async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=30) as client:
+    async with httpx.AsyncClient(
+        base_url=url.rstrip("/"), headers=headers, timeout=30, verify=verify
+    ) as client:
         while True:
             try:
                 response = await client.post("/agents/v1/register", json=body)
@@ -700,12 +761,27 @@ async def _register(url: str, body: dict[str, Any]) -> dict[str, Any]:
                     )
                 problem = f"HTTP {response.status_code}"
             except httpx.HTTPError as exc:
+                untrusted = _untrusted(exc)
+                if untrusted is not None:  # no retry will change it
+                    raise EnrollmentFailed(
+                        f"cannot enroll at {url}: its certificate does not verify "
+                        f"({untrusted}); for a private CA, give --ca-cert"
+                    ) from None
                 problem = str(exc) or type(exc).__name__
             if asyncio.get_running_loop().time() > deadline:
                 raise EnrollmentFailed(f"cannot enroll at {url}: {problem}")
             log.warning("enrollment not done yet", error=problem)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10)
+
+
+def _untrusted(exc: BaseException | None) -> str | None:
+    """Why the server's certificate did not verify, when that is what `exc` comes of."""
+    while exc is not None:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return exc.verify_message or str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -724,26 +800,33 @@ async def resolve_credentials(
     name: str | None,
     labels: dict[str, str],
     path: Path,
+    verify: ssl.SSLContext | bool = True,
+    allow_insecure_http: bool = False,
 ) -> Credentials:
     """--agent-id/--token when given; else the credentials file; else enroll with --enroll.
 
     A file already there wins over --enroll, so a service started with the same command
-    every time enrolls once and then reuses its credentials."""
+    every time enrolls once and then reuses its credentials. The URL is checked before any
+    request (TransportRefused); enrolling verifies the server's certificate with `verify`
+    (see tls_verify)."""
     if agent_id or token:
         if not (agent_id and token):
             raise EnrollmentFailed("--agent-id and --token go together", exit_code=2)
         if not url:
             raise EnrollmentFailed("--url is required", exit_code=2)
+        check_url(url, allow_insecure_http)
         return Credentials(url, agent_id, token)
     stored = read_credentials(path)
     if stored is not None:
         if enroll:
             log.info("already enrolled: using the credentials file", path=str(path))
+        check_url(url or stored.url, allow_insecure_http)
         return Credentials(url or stored.url, stored.agent_id, stored.api_key)
     if enroll:
         if not url:
             raise EnrollmentFailed("--url is required to enroll", exit_code=2)
-        return await enroll_agent(url, enroll, name or socket.gethostname(), labels, path)
+        check_url(url, allow_insecure_http)
+        return await enroll_agent(url, enroll, name or socket.gethostname(), labels, path, verify)
     raise EnrollmentFailed(
         f"no credentials: give --agent-id and --token, or --enroll TOKEN (no credentials "
         f"file at {path})",
@@ -754,7 +837,7 @@ async def resolve_credentials(
 async def run_agent(config: AgentConfig) -> int:
     try:
         agent = Agent(config)
-    except ValueError as exc:  # a --plugin-key that is no key: refuse to start, do not guess
+    except ValueError as exc:  # a --plugin-key that is no key, a URL or CA refused
         log.error("cannot start the agent", error=str(exc))
         return 2
     loop = asyncio.get_running_loop()

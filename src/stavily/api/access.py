@@ -5,7 +5,8 @@ query string), status, milliseconds, client address; never a header, so never a
 credential. Agents make almost all of a server's requests (10,000 agents heartbeating are
 2,000 a second), so only their refused or failed ones are logged one by one; the rest are
 counted and summed up in one line a minute, by status class. Webhook deliveries the same
-(each accepted one is an event, listed by `stavily event list`).
+(each accepted one is an event, listed by `stavily event list`), and answers refused for a
+rate limit (429), wherever they went.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class AccessLog:
         self._routine = {
             "/agents/v1/": ("agent requests", Counter[str](), [time.monotonic()]),
             "/hooks/": ("webhook requests", Counter[str](), [time.monotonic()]),
+            # a flood that is rate limited would otherwise write a line per request
+            "429": ("requests rate limited", Counter[str](), [time.monotonic()]),
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -51,7 +54,9 @@ class AccessLog:
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
         path = scope["path"]
         prefix = "/agents/v1/" if path.startswith("/agents/v1/") else path[:7]
-        routine = self._routine.get(prefix) if status < 400 else None
+        if status == 429:
+            prefix = "429"
+        routine = self._routine.get(prefix) if status < 400 or status == 429 else None
         if routine is not None:
             name, answers, since = routine
             answers[f"{status // 100}xx"] += 1

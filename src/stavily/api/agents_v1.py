@@ -18,8 +18,9 @@ from stavily.api import schemas
 from stavily.api.deps import CurrentAgent, ReportingAgent, State, agent_for, bearer_of, state_of
 from stavily.api.errors import error_body
 from stavily.api.json import JSONResponse, send_json
+from stavily.api.ratelimits import rate_limited
 from stavily.api.schemas import errors
-from stavily.errors import InvalidInput, RateLimited, StavilyError
+from stavily.errors import InvalidInput, StavilyError
 from stavily.fleet.agents import AgentIdentity
 from stavily.fleet.waiters import Waiter
 from stavily.plugins.installs import is_install
@@ -241,7 +242,7 @@ async def do_heartbeat(
             [{"path": "status", "message": f"expected one of {sorted(HEARTBEAT_STATUSES)}"}],
         )
     if not state.heartbeat_limit.hit(agent.id):
-        raise RateLimited("too many heartbeats from this agent", retry_after=1)
+        raise rate_limited("too many heartbeats from this agent", state.heartbeat_limit.item, 1)
     state.heartbeats.record(
         agent.id,
         "offline" if beat.status == "offline" else "online",
@@ -465,7 +466,7 @@ async def serve_fast(scope: Scope, receive: Receive, send: Send, body: bytes | N
             params = _poll_params(query)
             if params is None:
                 return False
-            agent = await agent_for(state, _credential(scope), agent_id)
+            agent = await agent_for(state, _credential(scope), agent_id, source=_peer(scope))
             answer = await do_poll(state, agent, *params, not query, receive)
         elif body is None or method not in ("PUT", "POST"):
             return False
@@ -473,19 +474,21 @@ async def serve_fast(scope: Scope, receive: Receive, send: Send, body: bytes | N
             update = _model(ProgressUpdate, body)
             if update is None:
                 return False
-            agent = await agent_for(state, _credential(scope), agent_id)
+            agent = await agent_for(state, _credential(scope), agent_id, source=_peer(scope))
             answer = await do_progress(state, agent, tail[1], update)
         elif len(tail) == 3 and tail[0] == "instructions" and tail[1] and tail[2] == "result":
             report, piggyback = _model(ResultReport, body), _FLAGS.get(query.get("next", "0"))
             if method != "POST" or report is None or piggyback is None:
                 return False
-            agent = await agent_for(state, _credential(scope), agent_id, limited=False)
+            agent = await agent_for(
+                state, _credential(scope), agent_id, limited=False, source=_peer(scope)
+            )
             answer = await do_result(state, agent, tail[1], report, body, piggyback)
         elif tail == ["heartbeat"] and method == "POST":
             beat = _model(Heartbeat, body)
             if beat is None:
                 return False
-            agent = await agent_for(state, _credential(scope), agent_id)
+            agent = await agent_for(state, _credential(scope), agent_id, source=_peer(scope))
             answer = await do_heartbeat(state, agent, beat, _header(scope, b"user-agent"))
         else:
             return False
@@ -496,6 +499,11 @@ async def serve_fast(scope: Scope, receive: Receive, send: Send, body: bytes | N
         return True
     await send_json(send, answer)
     return True
+
+
+def _peer(scope: Scope) -> str:
+    client = scope.get("client")
+    return client[0] if client else "unknown"
 
 
 def _model(model: type[ModelT], body: bytes) -> ModelT | None:
@@ -521,7 +529,9 @@ async def refuse_result(
     }
     digest = hashlib.sha256(body or problem.encode()).hexdigest()
     try:
-        agent = await agent_for(state, _credential(scope), agent_id, limited=False)
+        agent = await agent_for(
+            state, _credential(scope), agent_id, limited=False, source=_peer(scope)
+        )
         state.heartbeats.touch(agent.id)
         await state.engine.result(agent, instruction_id, report, digest)
     except StavilyError:

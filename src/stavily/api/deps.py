@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import structlog
-from fastapi import Depends, Request
+from fastapi import APIRouter, Depends, Request
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from limits import RateLimitItem
 from limits.strategies import RateLimiter
 
+from stavily.api.ratelimits import RateLimits, rate_limited
+from stavily.api.schemas import errors
 from stavily.config import Settings
-from stavily.errors import RateLimited, StavilyError
+from stavily.errors import StavilyError, Unauthorized
 from stavily.fleet import AgentIdentity, HeartbeatBuffer, authenticate_agent
 from stavily.fleet.agents import AgentLookups
 from stavily.logging import Throttled
 from stavily.plugins.installs import Installs
 from stavily.plugins.registry import Registry
 from stavily.security import CredentialCache, Principal, authenticate_token
+from stavily.security.access import Denials, TokenUse
+from stavily.security.store import SecretStore
 from stavily.store.db import Database
 from stavily.workflows.engine import Engine
 from stavily.workflows.watches import Events, Watches
@@ -64,16 +69,20 @@ class State:
     agent_cache: CredentialCache[AgentIdentity]
     agent_lookups: AgentLookups
     token_cache: CredentialCache[Principal]
+    token_use: TokenUse
+    denials: Denials
     organization_id: str
     jwt_key: str
     agent_limit: BurstLimit
     heartbeat_limit: BurstLimit
+    rate_limits: RateLimits
     plugins: Registry
     installs: Installs
     watches: Watches
     events: Events
     webhooks: Webhooks
     intake: Intake
+    secret_store: SecretStore
 
 
 def state_of(request: Request) -> State:
@@ -130,15 +139,29 @@ refusals = Throttled(structlog.get_logger("stavily.access"))
 async def current_principal(request: Request, credential: APIToken) -> Principal:
     state = state_of(request)
     try:
-        return await authenticate_token(state.db, credential, state.token_cache)
+        principal = await authenticate_token(
+            state.db,
+            credential,
+            state.token_cache,
+            state.token_use,
+            state.settings.session_idle_seconds,
+        )
     except StavilyError as exc:
-        source = request.client.host if request.client else "unknown"
+        source = _source(request)
         refusals.warning("API token refused", source, reason=exc.message)
-        raise
+        if credential and isinstance(exc, Unauthorized):  # no credential is no attempt
+            await state.denials.record(source, "api_token", exc)
+        raise  # counted against its source at the edge (api.middleware)
+    await state.rate_limits.hit("api", principal.token_id)
+    return principal
 
 
 async def agent_for(
-    state: State, credential: str | None, agent_id: str | None, limited: bool = True
+    state: State,
+    credential: str | None,
+    agent_id: str | None,
+    limited: bool = True,
+    source: str = "unknown",
 ) -> AgentIdentity:
     """The agent behind the credential, held to its rate limit unless `limited` is off:
     results are not, as official agents never retry one (a refused result is lost and
@@ -149,32 +172,73 @@ async def agent_for(
         )
     except StavilyError as exc:
         refusals.warning("agent credential refused", agent_id, reason=exc.message)
+        if credential and isinstance(exc, Unauthorized):
+            await state.denials.record(source, "agent_credential", exc, agent_id)
         raise
     if limited and not state.agent_limit.hit(agent.id):
-        raise RateLimited("too many requests from this agent", retry_after=1)
+        raise rate_limited("too many requests from this agent", state.agent_limit.item, 1)
     return agent
 
 
 async def reporting_agent(
     request: Request, agent_id: str, credential: AgentCredential
 ) -> AgentIdentity:
-    return await agent_for(state_of(request), credential, agent_id, limited=False)
+    return await agent_for(
+        state_of(request), credential, agent_id, limited=False, source=_source(request)
+    )
 
 
 async def current_agent(
     request: Request, agent_id: str, credential: AgentCredential
 ) -> AgentIdentity:
-    return await agent_for(state_of(request), credential, agent_id)
+    return await agent_for(state_of(request), credential, agent_id, source=_source(request))
 
 
 async def credential_agent(request: Request, credential: AgentCredential) -> AgentIdentity:
     """The agent behind the credential, for a route whose path names no agent (its body
     does: the route checks it)."""
-    return await agent_for(state_of(request), credential, None)
+    return await agent_for(state_of(request), credential, None, source=_source(request))
+
+
+def _source(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def permitted(permission: str) -> Any:
+    """The route's one declaration of what it needs: the caller, refused (403) unless
+    its role grants `permission`. `Annotated[Principal, permitted("x:y")]`."""
+
+    async def check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+        principal.require(permission)
+        return principal
+
+    check.permission = permission  # type: ignore[attr-defined]
+    return Depends(check)
+
+
+def permission_of(route: APIRoute) -> str | None:
+    """The permission `route` declared with `permitted`, or None."""
+    stack = list(route.dependant.dependencies)
+    while stack:
+        dependency = stack.pop()
+        permission = getattr(dependency.call, "permission", None)
+        if permission is not None:
+            return str(permission)
+        stack.extend(dependency.dependencies)
+    return None
+
+
+def document_permissions(router: APIRouter) -> None:
+    """Each route that declared a permission documents it (`x-permission`) and its 403."""
+    for route in router.routes:
+        if isinstance(route, APIRoute) and (permission := permission_of(route)) is not None:
+            route.responses.setdefault(403, errors(403)[403])
+            route.openapi_extra = {**(route.openapi_extra or {}), "x-permission": permission}
 
 
 AppState = Annotated[State, Depends(get_state)]
-CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+# Routes any signed-in caller may use on themselves (who am I, log out): no permission.
+Authenticated = Annotated[Principal, Depends(current_principal)]
 CurrentAgent = Annotated[AgentIdentity, Depends(current_agent)]
 ReportingAgent = Annotated[AgentIdentity, Depends(reporting_agent)]
 CredentialAgent = Annotated[AgentIdentity, Depends(credential_agent)]

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from stavily.api import schemas
-from stavily.api.deps import AppState, CurrentAgent, CurrentPrincipal, bearer
+from stavily.api.deps import AppState, CurrentAgent, bearer, permitted
 from stavily.api.json import JSONResponse
 from stavily.api.schemas import errors
 from stavily.errors import Forbidden
 from stavily.fleet import admin, enrollment
 from stavily.fleet.agents import holding
-from stavily.security import agent_tokens
+from stavily.security import Principal, agent_tokens
 
 public = APIRouter(prefix="/agents/v1", tags=["agents"])
 private = APIRouter(prefix="/api/v1", tags=["fleet"])
@@ -120,10 +120,11 @@ class EnrollmentTokenCreate(BaseModel):
     responses=errors(401, 403, 413, 422),
 )
 async def create_enrollment_token(
-    body: EnrollmentTokenCreate, principal: CurrentPrincipal, state: AppState
+    body: EnrollmentTokenCreate,
+    principal: Annotated[Principal, permitted("agents:write")],
+    state: AppState,
 ) -> JSONResponse:
     """Create an enrollment token; its secret (`token`, `stve_...`) is shown only here."""
-    principal.require("agents:write")
     spec = enrollment.EnrollmentTokenSpec(**body.model_dump())
     async with state.db.write() as conn:
         view, secret = await enrollment.create_token(
@@ -135,7 +136,9 @@ async def create_enrollment_token(
 @private.get(
     "/enrollment-tokens", response_model=schemas.EnrollmentTokenList, responses=errors(401)
 )
-async def list_enrollment_tokens(principal: CurrentPrincipal, state: AppState) -> JSONResponse:
+async def list_enrollment_tokens(
+    principal: Annotated[Principal, permitted("agents:read")], state: AppState
+) -> JSONResponse:
     async with state.db.read() as conn:
         tokens = await enrollment.list_tokens(conn, principal.organization_id)
     return JSONResponse({"enrollment_tokens": tokens})
@@ -147,10 +150,9 @@ async def list_enrollment_tokens(principal: CurrentPrincipal, state: AppState) -
     responses=errors(401, 403, 404, 422),
 )
 async def revoke_enrollment_token(
-    token_id: str, principal: CurrentPrincipal, state: AppState
+    token_id: str, principal: Annotated[Principal, permitted("agents:write")], state: AppState
 ) -> JSONResponse:
     """No agent can enroll with the token any more; agents it enrolled keep working."""
-    principal.require("agents:write")
     async with state.db.write() as conn:
         view = await enrollment.revoke_token(
             conn, principal.organization_id, token_id, principal.actor
@@ -185,7 +187,6 @@ def _applied(state: Any, agent_id: str, row: Any, held: dict[str, int]) -> JSONR
 async def _set_state(
     agent_id: str, target: admin.AdminState, principal: Any, state: Any
 ) -> JSONResponse:
-    principal.require("agents:write")
     async with state.db.write() as conn:
         row = await admin.set_admin_state(
             conn, principal.organization_id, agent_id, target, principal.actor
@@ -195,14 +196,16 @@ async def _set_state(
 
 
 @private.post("/agents/{agent_id}/drain", **_ADMIN_ROUTE)
-async def drain_agent(agent_id: str, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
+async def drain_agent(
+    agent_id: str, principal: Annotated[Principal, permitted("agents:write")], state: AppState
+) -> JSONResponse:
     """The agent finishes and reports what it runs, and is given nothing new."""
     return await _set_state(agent_id, "draining", principal, state)
 
 
 @private.post("/agents/{agent_id}/disable", **_ADMIN_ROUTE)
 async def disable_agent(
-    agent_id: str, principal: CurrentPrincipal, state: AppState
+    agent_id: str, principal: Annotated[Principal, permitted("agents:write")], state: AppState
 ) -> JSONResponse:
     """Every request of the agent gets 403 until it is enabled; its work goes elsewhere."""
     answer = await _set_state(agent_id, "disabled", principal, state)
@@ -211,15 +214,18 @@ async def disable_agent(
 
 
 @private.post("/agents/{agent_id}/enable", **_ADMIN_ROUTE)
-async def enable_agent(agent_id: str, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
+async def enable_agent(
+    agent_id: str, principal: Annotated[Principal, permitted("agents:write")], state: AppState
+) -> JSONResponse:
     """Back to active after a drain or a disable (not after a revoke: 409)."""
     return await _set_state(agent_id, "active", principal, state)
 
 
 @private.post("/agents/{agent_id}/revoke", **_ADMIN_ROUTE)
-async def revoke_agent(agent_id: str, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
+async def revoke_agent(
+    agent_id: str, principal: Annotated[Principal, permitted("agents:write")], state: AppState
+) -> JSONResponse:
     """For good: every request of the agent gets 403; it cannot be enabled again."""
-    principal.require("agents:write")
     async with state.db.write() as conn:
         row = await admin.revoke(conn, principal.organization_id, agent_id, principal.actor)
     answer = _applied(state, agent_id, row, {})
@@ -234,10 +240,9 @@ async def revoke_agent(agent_id: str, principal: CurrentPrincipal, state: AppSta
     responses=errors(401, 403, 404, 409, 422),
 )
 async def rotate_agent_credential(
-    agent_id: str, principal: CurrentPrincipal, state: AppState
+    agent_id: str, principal: Annotated[Principal, permitted("agents:write")], state: AppState
 ) -> JSONResponse:
     """A new API key (shown once); the old key and the agent's JWTs are refused."""
-    principal.require("agents:write")
     async with state.db.write() as conn:
         row, credential = await admin.rotate_credential(
             conn, principal.organization_id, agent_id, principal.actor
@@ -249,7 +254,9 @@ async def rotate_agent_credential(
 
 
 @private.get("/fleet", response_model=schemas.FleetSummary, responses=errors(401))
-async def fleet(principal: CurrentPrincipal, state: AppState) -> JSONResponse:
+async def fleet(
+    principal: Annotated[Principal, permitted("agents:read")], state: AppState
+) -> JSONResponse:
     """Agents by state, type, label and version; capacity; instructions waiting."""
     pending = state.heartbeats.snapshot()  # before the rows: see v1.list_agents_route
     async with state.db.read() as conn:

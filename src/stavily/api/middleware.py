@@ -1,5 +1,5 @@
-"""ASGI middleware at the edge: path normalisation, the request body limit, strict JSON
-and its nesting limit."""
+"""ASGI middleware at the edge: path normalisation, rate limits per source address and
+webhook, the request body limit, strict JSON and its nesting limit."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stavily.api.errors import error_response
+from stavily.api.ratelimits import RateLimits
+from stavily.errors import RateLimited
 
 _SLASHES = re.compile(r"/{2,}")
 FastPath = Callable[[Scope, Receive, Send, bytes | None], Awaitable[bool]]
@@ -23,6 +25,8 @@ FastPath = Callable[[Scope, Receive, Send, bytes | None], Awaitable[bool]]
 RefusedResult = Callable[[Scope, str, str, bytes, str], Awaitable[None]]
 # Bodies larger than this have their nesting measured on a worker thread.
 _DEPTH_ON_THREAD = 64 * 1024
+# What a request presents as its credential: a bearer token, a webhook's signature.
+_CREDENTIALS = (b"authorization", b"x-stavily-signature", b"x-hub-signature-256")
 
 
 def nesting_problem(body: bytes, value: Any, limit: int) -> str | None:
@@ -42,8 +46,11 @@ def nesting_problem(body: bytes, value: Any, limit: int) -> str | None:
 
 class EdgeMiddleware:
     """Agents join paths onto a base URL that may end in `/`, so `//agents/v1/...`
-    must route; and no body larger than the limit is read into memory. Agent requests,
-    once past these checks, are offered to the fast path first (api.agents_v1)."""
+    must route; a source address past its rate limit, or blocked for its refused
+    credentials, is refused before any credential is looked up (and every 401 answered
+    to a request that presented one is counted against its source); and no body larger
+    than the limit is read into memory. Agent requests, once past these checks, are
+    offered to the fast path first (api.agents_v1)."""
 
     def __init__(
         self,
@@ -77,7 +84,21 @@ class EdgeMiddleware:
         if "//" in path:
             path = _SLASHES.sub("/", path)
             scope = {**scope, "path": path, "raw_path": path.encode()}
-        if self.hooks is not None and path.startswith("/hooks/"):
+        limits: RateLimits = scope["app"].state.stavily.rate_limits
+        client = scope.get("client")
+        source = client[0] if client else "unknown"
+        api = _api(path)
+        try:
+            await limits.admit(api, source)
+            if api == "hooks" and path.count("/") == 2:
+                await limits.hit("webhook", path[7:107])
+        except RateLimited as exc:
+            await error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)(
+                scope, receive, send
+            )
+            return
+        send = _counting_refusals(send, scope, limits, source)
+        if self.hooks is not None and api == "hooks":
             await self.hooks(scope, receive, send)
             return
         if "\x00" in path or b"\x00" in unquote_to_bytes(scope.get("query_string", b"")):
@@ -185,6 +206,27 @@ class EdgeMiddleware:
     ) -> Any:
         response = error_response(413, "payload_too_large", self._message(limit))
         await response(scope, receive, send)
+
+
+def _api(path: str) -> str:
+    """Which API a path is of: each has its own budget per source address."""
+    if path.startswith("/agents/"):
+        return "agents"
+    return "hooks" if path.startswith("/hooks/") else "api"
+
+
+def _counting_refusals(send: Send, scope: Scope, limits: RateLimits, source: str) -> Send:
+    """`send`, counting a 401 against the source when the request presented a credential
+    (none at all is no guess: a client that forgot its token is not blocked for it)."""
+
+    async def counting(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 401:
+            credential = next((v for n, v in scope["headers"] if n in _CREDENTIALS), None)
+            if credential is not None:
+                await limits.failed(source, credential.decode("latin-1"))
+        await send(message)
+
+    return counting
 
 
 def _replaying(body: bytes, receive: Receive) -> Receive:

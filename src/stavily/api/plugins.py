@@ -10,20 +10,21 @@ import re
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stavily.api import schemas
-from stavily.api.deps import AppState, CurrentAgent, CurrentPrincipal, State
+from stavily.api.deps import AppState, CurrentAgent, State, permitted
 from stavily.api.errors import error_response
 from stavily.api.json import JSONResponse
 from stavily.api.schemas import errors
 from stavily.errors import InvalidInput, PayloadTooLarge
 from stavily.plugins.manifest import PLUGIN_ID
 from stavily.plugins.registry import version_view
+from stavily.security import Principal
 
 private = APIRouter(prefix="/api/v1/plugins", tags=["plugins"])
 public = APIRouter(prefix="/agents/v1/{agent_id}/plugins", tags=["agents"])
@@ -113,11 +114,12 @@ async def _spooled(request: Request, state: State) -> Path:
         **errors(401, 403, 409, 413, 415, 422),
     },
 )
-async def publish(request: Request, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
+async def publish(
+    request: Request, principal: Annotated[Principal, permitted("plugins:write")], state: AppState
+) -> JSONResponse:
     """Publish a version from git (`{"source", "ref"}`) or an uploaded archive: 201 with
     the new version, 200 when that version exists with the same content, 409 when it
     exists with other content."""
-    principal.require("plugins:write")
     kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
     if kind == "application/json":
         raw = await request.body()
@@ -152,22 +154,25 @@ async def publish(request: Request, principal: CurrentPrincipal, state: AppState
 
 
 @private.get("", response_model=schemas.PluginList, responses=errors(401))
-async def list_plugins(principal: CurrentPrincipal, state: AppState) -> JSONResponse:
-    principal.require("read")
+async def list_plugins(
+    principal: Annotated[Principal, permitted("plugins:read")], state: AppState
+) -> JSONResponse:
     return JSONResponse({"plugins": await state.plugins.list(principal.organization_id)})
 
 
 @private.get("/keys", response_model=schemas.SigningKeyList, responses=errors(401))
-async def plugin_keys(principal: CurrentPrincipal, state: AppState) -> JSONResponse:
+async def plugin_keys(
+    principal: Annotated[Principal, permitted("plugins:read")], state: AppState
+) -> JSONResponse:
     """The public keys versions are signed with: the newest signs, older ones verify."""
-    principal.require("read")
     keys = await state.plugins.public_keys(fresh=True)
     return JSONResponse({"keys": [k.view() for k in keys]})
 
 
 @private.get("/{plugin_id}", response_model=schemas.Plugin, responses=errors(401, 404, 422))
-async def get_plugin(plugin_id: str, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
-    principal.require("read")
+async def get_plugin(
+    plugin_id: str, principal: Annotated[Principal, permitted("plugins:read")], state: AppState
+) -> JSONResponse:
     return JSONResponse(await state.plugins.get(principal.organization_id, plugin_id))
 
 
@@ -177,9 +182,11 @@ async def get_plugin(plugin_id: str, principal: CurrentPrincipal, state: AppStat
     responses=errors(401, 404, 422),
 )
 async def get_version(
-    plugin_id: str, version: str, principal: CurrentPrincipal, state: AppState
+    plugin_id: str,
+    version: str,
+    principal: Annotated[Principal, permitted("plugins:read")],
+    state: AppState,
 ) -> JSONResponse:
-    principal.require("read")
     row = await state.plugins.version(principal.organization_id, plugin_id, version)
     return JSONResponse(version_view(row))
 
@@ -195,11 +202,10 @@ def _status_route(action: Literal["deprecate", "yank", "restore"], status: str) 
     async def change(
         plugin_id: str,
         version: str,
-        principal: CurrentPrincipal,
+        principal: Annotated[Principal, permitted("plugins:write")],
         state: AppState,
         body: StatusChange | None = None,
     ) -> JSONResponse:
-        principal.require("plugins:write")
         view = await state.plugins.set_status(
             principal.organization_id,
             plugin_id,
@@ -230,11 +236,13 @@ class RolloutRequest(BaseModel):
     responses=errors(401, 403, 404, 409, 413, 422),
 )
 async def start_rollout(
-    plugin_id: str, body: RolloutRequest, principal: CurrentPrincipal, state: AppState
+    plugin_id: str,
+    body: RolloutRequest,
+    principal: Annotated[Principal, permitted("plugins:write")],
+    state: AppState,
 ) -> JSONResponse:
     """Install a version on the agents the selector picks (all active agents without
     one); each takes its install when it next polls. 201 with the rollout's progress."""
-    principal.require("plugins:write")
     selector = body.selector.model_dump(exclude_none=True)
     view = await state.installs.rollout(
         principal.organization_id, principal.actor, plugin_id, body.version, selector
@@ -248,9 +256,11 @@ async def start_rollout(
     responses=errors(401, 404, 422),
 )
 async def get_rollout(
-    plugin_id: str, rollout_id: str, principal: CurrentPrincipal, state: AppState
+    plugin_id: str,
+    rollout_id: str,
+    principal: Annotated[Principal, permitted("plugins:read")],
+    state: AppState,
 ) -> JSONResponse:
-    principal.require("read")
     return JSONResponse(
         await state.installs.rollout_view(principal.organization_id, plugin_id, rollout_id)
     )

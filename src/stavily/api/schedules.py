@@ -4,13 +4,16 @@ their workflow."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Query, Response
 from pydantic import Field
 
 from stavily.api import schemas
-from stavily.api.deps import AppState, CurrentPrincipal
+from stavily.api.deps import AppState, permitted
 from stavily.api.json import JSONResponse
 from stavily.api.schemas import errors
+from stavily.security import Principal
 from stavily.timeutil import utcnow
 from stavily.workflows import schedules, service
 from stavily.workflows.definition import Schedule, parse_duration
@@ -26,7 +29,7 @@ class ScheduleCreate(Schedule):
 
 @router.get("/schedules", response_model=schemas.ScheduleList, responses=errors(401, 422))
 async def list_schedules(
-    principal: CurrentPrincipal,
+    principal: Annotated[Principal, permitted("workflows:read")],
     state: AppState,
     workflow: str | None = Query(default=None, max_length=200),
 ) -> JSONResponse:
@@ -40,7 +43,7 @@ async def list_schedules(
     "/schedules/{schedule_id}", response_model=schemas.Schedule, responses=errors(401, 404, 422)
 )
 async def get_schedule(
-    schedule_id: str, principal: CurrentPrincipal, state: AppState
+    schedule_id: str, principal: Annotated[Principal, permitted("workflows:read")], state: AppState
 ) -> JSONResponse:
     async with state.db.read() as conn:
         return JSONResponse(await schedules.get(conn, principal.organization_id, schedule_id))
@@ -53,11 +56,12 @@ async def get_schedule(
     responses=errors(401, 403, 404, 413, 422),
 )
 async def create_schedule(
-    body: ScheduleCreate, principal: CurrentPrincipal, state: AppState
+    body: ScheduleCreate,
+    principal: Annotated[Principal, permitted("workflows:write")],
+    state: AppState,
 ) -> JSONResponse:
     """A schedule of an existing workflow (404 if none), its inputs checked against the
     workflow's latest version (422)."""
-    principal.require("workflows:write")
     async with state.db.write() as conn:
         workflow = await service.get(conn, principal.organization_id, body.workflow)
         definition = await state.engine.definition(workflow)
@@ -82,10 +86,9 @@ async def create_schedule(
     responses=errors(401, 403, 404, 422),
 )
 async def pause_schedule(
-    schedule_id: str, principal: CurrentPrincipal, state: AppState
+    schedule_id: str, principal: Annotated[Principal, permitted("workflows:write")], state: AppState
 ) -> JSONResponse:
     """It fires no more until resumed (a paused one stays paused across applies)."""
-    principal.require("workflows:write")
     async with state.db.write() as conn:
         row = await schedules.set_paused(
             conn, principal.organization_id, schedule_id, True, principal.actor, utcnow()
@@ -99,11 +102,10 @@ async def pause_schedule(
     responses=errors(401, 403, 404, 422),
 )
 async def resume_schedule(
-    schedule_id: str, principal: CurrentPrincipal, state: AppState
+    schedule_id: str, principal: Annotated[Principal, permitted("workflows:write")], state: AppState
 ) -> JSONResponse:
     """It fires again from its next time after now: the times it was paused through are
     not made up."""
-    principal.require("workflows:write")
     async with state.db.write() as conn:
         row = await schedules.set_paused(
             conn, principal.organization_id, schedule_id, False, principal.actor, utcnow()
@@ -118,11 +120,10 @@ async def resume_schedule(
     responses=errors(401, 403, 404, 409, 422),
 )
 async def delete_schedule(
-    schedule_id: str, principal: CurrentPrincipal, state: AppState
+    schedule_id: str, principal: Annotated[Principal, permitted("workflows:write")], state: AppState
 ) -> Response:
     """Delete a schedule the API made. A declared one is 409: remove it from the
     workflow's `schedules:` and apply it again (or pause it)."""
-    principal.require("workflows:write")
     async with state.db.write() as conn:
         await schedules.delete(
             conn, principal.organization_id, schedule_id, principal.actor, utcnow()

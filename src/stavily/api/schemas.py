@@ -589,6 +589,113 @@ class HookAccepted(Answer):
     )
 
 
+# -- users, sessions, tokens -------------------------------------------------------------
+
+
+class User(Answer):
+    """A member of the caller's organization."""
+
+    id: str
+    username: str
+    role: str
+    disabled: bool
+    locked_until: datetime | None = Field(description="Locked out after failed logins until")
+    last_login_at: datetime | None
+    created_at: datetime
+
+
+class UserList(Answer):
+    users: list[User]
+
+
+class Named(Answer):
+    id: str
+    name: str
+
+
+class LoginUser(Answer):
+    id: str
+    username: str
+
+
+class Session(Answer):
+    """A login: its token is shown this once."""
+
+    token: str = Field(description="The session's bearer token (shown once)")
+    session_id: str
+    expires_at: datetime = Field(description="The latest it ends, used or not")
+    idle_timeout_seconds: int = Field(description="It ends sooner when unused this long")
+    user: LoginUser
+    organization: Named
+    role: str
+
+
+class Me(Answer):
+    """Who the credential acts as."""
+
+    token_id: str
+    kind: Literal["api", "session"]
+    user: LoginUser | None
+    organization: Named
+    role: str
+    permissions: list[str]
+    expires_at: datetime | None
+
+
+class ApiToken(Answer):
+    """An API token or a login session of the organization (never its secret)."""
+
+    id: str
+    name: str
+    kind: Literal["api", "session"]
+    role: str
+    user_id: str | None = Field(description="The user it belongs to (none: the organization's)")
+    created_by: str | None
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None = Field(description="To the minute")
+    revoked_at: datetime | None
+
+
+class ApiTokenWithSecret(ApiToken):
+    token: str = Field(description="The bearer token: shown this once, kept only as a digest")
+
+
+class ApiTokenList(Answer):
+    tokens: list[ApiToken]
+
+
+class Role(Answer):
+    name: str
+    builtin: bool = Field(description="admin, operator, viewer, auditor: fixed")
+    description: str | None
+    permissions: list[str]
+
+
+class RoleList(Answer):
+    roles: list[Role]
+    permissions: dict[str, str] = Field(description="Every permission there is, and what it allows")
+
+
+class Organization(Answer):
+    id: str
+    name: str
+    created_at: datetime
+    role: str = Field(description="The caller's role in it")
+
+
+class OrganizationList(Answer):
+    organizations: list[Organization]
+
+
+class NewOrganization(Organization):
+    admin_token: str | None = Field(
+        default=None,
+        description="For a caller that is a token of no user: an admin token of the new "
+        "organization, shown once",
+    )
+
+
 # -- schedules ---------------------------------------------------------------------------
 
 
@@ -617,3 +724,32 @@ class Schedule(Answer):
 
 class ScheduleList(Answer):
     schedules: list[Schedule]
+
+
+# -- secrets -----------------------------------------------------------------------------
+
+
+class Secret(Answer):
+    """A stored secret: what it is, never its value (write-only: no answer holds one)."""
+
+    name: str
+    version: int = Field(description="1 when stored, one more at each replacement")
+    key_id: str = Field(description="The organization's data key its value is encrypted under")
+    created_by: str
+    created_at: datetime
+    updated_by: str
+    updated_at: datetime
+
+
+class SecretList(Answer):
+    secrets: list[Secret]
+
+
+class SecretKeyRotated(Answer):
+    key_id: str = Field(description="The new data key; new and re-encrypted values use it")
+    rewrapped: int = Field(description="How many secrets were re-encrypted under it")
+    unreadable: list[str] = Field(
+        description="Secrets left as they were: they do not open (altered, or moved from "
+        "another name); set them again"
+    )
+    deleted_keys: int = Field(description="How many old data keys were deleted, now unused")

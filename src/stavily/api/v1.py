@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from stavily import audit, offload
 from stavily.api import schemas
 from stavily.api.agents_v1 import EventBody, SensorTrigger, do_event
-from stavily.api.deps import AppState, CredentialAgent, CurrentPrincipal, State
+from stavily.api.deps import AppState, CredentialAgent, State, permitted
 from stavily.api.json import JSONResponse
 from stavily.api.schemas import errors
 from stavily.audit.log import parse_since
@@ -18,6 +18,7 @@ from stavily.errors import Forbidden
 from stavily.fleet import create_agent, get_agent, list_agents
 from stavily.fleet.agents import agent_view, holding
 from stavily.plugins.pins import pin_steps
+from stavily.security import Principal
 from stavily.timeutil import utcnow
 from stavily.workflows import schedules
 from stavily.workflows import service as workflows
@@ -59,9 +60,8 @@ class RunRequest(BaseModel):
     responses=errors(401, 403, 409, 413, 422),
 )
 async def create_agent_route(
-    body: AgentCreate, principal: CurrentPrincipal, state: AppState
+    body: AgentCreate, principal: Annotated[Principal, permitted("agents:write")], state: AppState
 ) -> JSONResponse:
-    principal.require("agents:write")
     async with state.db.write() as conn:
         row, credential = await create_agent(
             conn,
@@ -77,7 +77,9 @@ async def create_agent_route(
 
 
 @router.get("/agents", tags=["agents"], response_model=schemas.AgentList, responses=errors(401))
-async def list_agents_route(principal: CurrentPrincipal, state: AppState) -> JSONResponse:
+async def list_agents_route(
+    principal: Annotated[Principal, permitted("agents:read")], state: AppState
+) -> JSONResponse:
     # Heartbeats not yet written are newer than any row: take them before reading rows,
     # so a flush finishing during the read cannot leave us with neither.
     pending = state.heartbeats.snapshot()
@@ -95,7 +97,7 @@ async def list_agents_route(principal: CurrentPrincipal, state: AppState) -> JSO
     responses=errors(401, 404, 422),
 )
 async def get_agent_route(
-    agent_id: str, principal: CurrentPrincipal, state: AppState
+    agent_id: str, principal: Annotated[Principal, permitted("agents:read")], state: AppState
 ) -> JSONResponse:
     pending = state.heartbeats.pending(agent_id)  # before the row: see list_agents_route
     async with state.db.read() as conn:
@@ -111,7 +113,7 @@ async def get_agent_route(
     responses=errors(401, 404, 422),
 )
 async def agent_plugins_route(
-    agent_id: str, principal: CurrentPrincipal, state: AppState
+    agent_id: str, principal: Annotated[Principal, permitted("agents:read")], state: AppState
 ) -> JSONResponse:
     """The registry versions the agent has, installs under way and installs that failed."""
     async with state.db.read() as conn:
@@ -148,7 +150,8 @@ async def _definition(request: Request, state: State) -> tuple[str, WorkflowDefi
 
 @router.get("/schemas/workflow", tags=["workflows"], response_model=dict[str, Any])
 async def workflow_schema_route() -> JSONResponse:
-    """The JSON Schema of a workflow definition, for editors and CI checks."""
+    """The JSON Schema of a workflow definition, for editors and CI checks: public (an
+    editor fetching it sends no token), and the same for every organization."""
     return JSONResponse(workflow_schema())
 
 
@@ -160,10 +163,9 @@ async def workflow_schema_route() -> JSONResponse:
     responses=errors(401, 403, 413, 422),
 )
 async def validate_workflow(
-    request: Request, principal: CurrentPrincipal, state: AppState
+    request: Request, principal: Annotated[Principal, permitted("workflows:write")], state: AppState
 ) -> JSONResponse:
     """Dry run: every problem (422), or what would run (200). Nothing is saved."""
-    principal.require("workflows:write")
     _, definition = await _definition(request, state)
     async with state.db.read() as conn:
         pins = await pin_steps(
@@ -199,12 +201,11 @@ async def validate_workflow(
     },
 )
 async def apply_workflow(
-    request: Request, principal: CurrentPrincipal, state: AppState
+    request: Request, principal: Annotated[Principal, permitted("workflows:write")], state: AppState
 ) -> JSONResponse:
     """Create the workflow or a new version of it (201). A definition the same as the
     latest version's once parsed (spacing, comments, key order and defaults written out
     do not count) makes no version: 200 with that version and `unchanged: true`."""
-    principal.require("workflows:write")
     source, definition = await _definition(request, state)
     async with state.db.write() as conn:
         pins = await pin_steps(
@@ -224,7 +225,9 @@ async def apply_workflow(
 @router.get(
     "/workflows", tags=["workflows"], response_model=schemas.WorkflowList, responses=errors(401)
 )
-async def list_workflows(principal: CurrentPrincipal, state: AppState) -> JSONResponse:
+async def list_workflows(
+    principal: Annotated[Principal, permitted("workflows:read")], state: AppState
+) -> JSONResponse:
     async with state.db.read() as conn:
         items = await workflows.list_all(conn, principal.organization_id)
     return JSONResponse({"workflows": items})
@@ -236,7 +239,9 @@ async def list_workflows(principal: CurrentPrincipal, state: AppState) -> JSONRe
     response_model=schemas.Workflow,
     responses=errors(401, 404, 422),
 )
-async def get_workflow(name: str, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
+async def get_workflow(
+    name: str, principal: Annotated[Principal, permitted("workflows:read")], state: AppState
+) -> JSONResponse:
     async with state.db.read() as conn:
         return JSONResponse(await workflows.get(conn, principal.organization_id, name))
 
@@ -249,9 +254,11 @@ async def get_workflow(name: str, principal: CurrentPrincipal, state: AppState) 
     responses=errors(401, 403, 404, 409, 413, 422),
 )
 async def run_workflow(
-    name: str, principal: CurrentPrincipal, state: AppState, body: RunRequest | None = None
+    name: str,
+    principal: Annotated[Principal, permitted("executions:run")],
+    state: AppState,
+    body: RunRequest | None = None,
 ) -> JSONResponse:
-    principal.require("executions:run")
     execution_id = await state.events.manual(
         principal.organization_id, name, (body or RunRequest()).inputs, principal.actor
     )
@@ -266,7 +273,9 @@ async def run_workflow(
     response_model=schemas.VersionList,
     responses=errors(401, 404, 422),
 )
-async def list_versions(name: str, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
+async def list_versions(
+    name: str, principal: Annotated[Principal, permitted("workflows:read")], state: AppState
+) -> JSONResponse:
     async with state.db.read() as conn:
         return JSONResponse(
             {"versions": await workflows.versions(conn, principal.organization_id, name)}
@@ -281,7 +290,7 @@ async def list_versions(name: str, principal: CurrentPrincipal, state: AppState)
 )
 async def get_version(
     name: str,
-    principal: CurrentPrincipal,
+    principal: Annotated[Principal, permitted("workflows:read")],
     state: AppState,
     version: int = Path(ge=1, le=2**31 - 1),  # the column is 32 bits; past it, 422 not 500
 ) -> JSONResponse:
@@ -298,7 +307,7 @@ async def get_version(
     responses=errors(401, 422),
 )
 async def list_executions(
-    principal: CurrentPrincipal,
+    principal: Annotated[Principal, permitted("executions:read")],
     state: AppState,
     workflow: str | None = None,
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
@@ -345,11 +354,12 @@ async def sensor_trigger(
         **errors(401, 403, 413, 422),
     },
 )
-async def send_event(body: EventBody, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
+async def send_event(
+    body: EventBody, principal: Annotated[Principal, permitted("executions:run")], state: AppState
+) -> JSONResponse:
     """An event from the API (`stavily event send`): it starts every workflow an `on:`
     rule of which matches it, once per idempotency key (the one given, else the
     payload's `id`)."""
-    principal.require("executions:run")
     key = idempotency_key(body.payload, body.idempotency_key)
     row, new = await state.events.receive(
         principal.organization_id, "api", body.type, body.payload, key, principal.actor
@@ -361,7 +371,7 @@ async def send_event(body: EventBody, principal: CurrentPrincipal, state: AppSta
     "/events", tags=["events"], response_model=schemas.EventList, responses=errors(401, 422)
 )
 async def list_events(
-    principal: CurrentPrincipal,
+    principal: Annotated[Principal, permitted("executions:read")],
     state: AppState,
     source: Literal["agent", "api", "manual", "webhook", "schedule"] | None = None,
     type: str | None = Query(default=None, max_length=200),
@@ -378,7 +388,9 @@ async def list_events(
     response_model=schemas.Event,
     responses=errors(401, 404, 422),
 )
-async def get_event(event_id: str, principal: CurrentPrincipal, state: AppState) -> JSONResponse:
+async def get_event(
+    event_id: str, principal: Annotated[Principal, permitted("executions:read")], state: AppState
+) -> JSONResponse:
     return JSONResponse(await state.events.get(principal.organization_id, event_id))
 
 
@@ -389,7 +401,9 @@ async def get_event(event_id: str, principal: CurrentPrincipal, state: AppState)
     responses=errors(401, 404, 422),
 )
 async def get_execution(
-    execution_id: str, principal: CurrentPrincipal, state: AppState
+    execution_id: str,
+    principal: Annotated[Principal, permitted("executions:read")],
+    state: AppState,
 ) -> JSONResponse:
     async with state.db.read() as conn:
         return JSONResponse(
@@ -404,10 +418,9 @@ async def get_execution(
     responses=errors(401, 403, 404, 409, 422),
 )
 async def cancel_execution(
-    execution_id: str, principal: CurrentPrincipal, state: AppState
+    execution_id: str, principal: Annotated[Principal, permitted("executions:run")], state: AppState
 ) -> JSONResponse:
     """Cancel a running or queued execution; its agents' late reports get 409."""
-    principal.require("executions:run")
     await state.engine.cancel(principal.organization_id, execution_id, principal.actor)
     return await _execution(state, principal, execution_id)
 
@@ -419,10 +432,9 @@ async def cancel_execution(
     responses=errors(401, 403, 404, 409, 422),
 )
 async def rerun_execution(
-    execution_id: str, principal: CurrentPrincipal, state: AppState
+    execution_id: str, principal: Annotated[Principal, permitted("executions:run")], state: AppState
 ) -> JSONResponse:
     """Run a failed or cancelled execution again from its failed steps."""
-    principal.require("executions:run")
     await state.engine.rerun(principal.organization_id, execution_id, principal.actor)
     return await _execution(state, principal, execution_id)
 
@@ -434,7 +446,9 @@ async def rerun_execution(
     responses=errors(401, 404, 422),
 )
 async def execution_logs(
-    execution_id: str, principal: CurrentPrincipal, state: AppState
+    execution_id: str,
+    principal: Annotated[Principal, permitted("executions:read")],
+    state: AppState,
 ) -> JSONResponse:
     async with state.db.read() as conn:
         logs = await state.engine.logs(conn, principal.organization_id, execution_id)
@@ -455,7 +469,7 @@ async def _execution(state: Any, principal: Any, execution_id: str) -> JSONRespo
     responses=errors(401, 403, 422),
 )
 async def list_audit(
-    principal: CurrentPrincipal,
+    principal: Annotated[Principal, permitted("audit:read")],
     state: AppState,
     subject_id: str | None = None,
     action: str | None = Query(
@@ -472,7 +486,6 @@ async def list_audit(
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> JSONResponse:
     """The newest records first, filtered by subject, action and time."""
-    principal.require("audit:read")
     since_at = parse_since(since) if since is not None else None
     async with state.db.read() as conn:
         records = await audit.list_records(

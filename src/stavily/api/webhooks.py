@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.types import Receive, Scope, Send
 
 from stavily.api import schemas
-from stavily.api.deps import AppState, CurrentPrincipal, State
+from stavily.api.deps import AppState, State, permitted
 from stavily.api.json import JSONResponse
 from stavily.api.schemas import errors
+from stavily.security import Principal
 from stavily.workflows.definition import Duration, parse_duration
 
 private = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"])
@@ -77,10 +78,12 @@ def base_url(request: Request, state: State) -> str:
     responses=errors(401, 403, 404, 413, 422),
 )
 async def create_webhook(
-    body: WebhookCreate, request: Request, principal: CurrentPrincipal, state: AppState
+    body: WebhookCreate,
+    request: Request,
+    principal: Annotated[Principal, permitted("workflows:write")],
+    state: AppState,
 ) -> JSONResponse:
     """A webhook for a workflow. Its secret is in this answer only."""
-    principal.require("workflows:write")
     hook = await state.webhooks.create(
         principal.organization_id,
         body.workflow,
@@ -97,7 +100,7 @@ async def create_webhook(
 @private.get("", response_model=schemas.WebhookList, responses=errors(401, 422))
 async def list_webhooks(
     request: Request,
-    principal: CurrentPrincipal,
+    principal: Annotated[Principal, permitted("workflows:read")],
     state: AppState,
     workflow: str | None = Query(default=None, max_length=200),
 ) -> JSONResponse:
@@ -107,7 +110,10 @@ async def list_webhooks(
 
 @private.get("/{hook_id}", response_model=schemas.Webhook, responses=errors(401, 404, 422))
 async def get_webhook(
-    hook_id: str, request: Request, principal: CurrentPrincipal, state: AppState
+    hook_id: str,
+    request: Request,
+    principal: Annotated[Principal, permitted("workflows:read")],
+    state: AppState,
 ) -> JSONResponse:
     return JSONResponse(
         await state.webhooks.get(principal.organization_id, hook_id, base_url(request, state))
@@ -122,13 +128,12 @@ async def get_webhook(
 async def rotate_webhook(
     hook_id: str,
     request: Request,
-    principal: CurrentPrincipal,
+    principal: Annotated[Principal, permitted("workflows:write")],
     state: AppState,
     body: WebhookRotate | None = None,
 ) -> JSONResponse:
     """A new secret, in this answer only; the replaced one is accepted for
     `keep_previous_for` more (24 h unless said), so senders can move over."""
-    principal.require("workflows:write")
     keep = timedelta(seconds=parse_duration((body or WebhookRotate()).keep_previous_for))
     hook = await state.webhooks.rotate(
         principal.organization_id, hook_id, principal.actor, base_url(request, state), keep
@@ -139,9 +144,10 @@ async def rotate_webhook(
 @private.delete(
     "/{hook_id}", status_code=204, response_model=None, responses=errors(401, 403, 404, 422)
 )
-async def delete_webhook(hook_id: str, principal: CurrentPrincipal, state: AppState) -> Response:
+async def delete_webhook(
+    hook_id: str, principal: Annotated[Principal, permitted("workflows:write")], state: AppState
+) -> Response:
     """Requests to its URL are refused from now (404) on every replica within 2 s."""
-    principal.require("workflows:write")
     await state.webhooks.delete(principal.organization_id, hook_id, principal.actor)
     return Response(status_code=204)
 

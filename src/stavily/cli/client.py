@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Callable
 from datetime import datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 from urllib.parse import quote
 
@@ -151,11 +153,54 @@ def base_url(url: str) -> str:
     return url or DEFAULT_URL
 
 
-class ApiClient:
-    """Blocking calls to `/api/v1`; every non-2xx answer raises CliError."""
+# -- logins saved by `stavily login` ---------------------------------------------------------
 
-    def __init__(self, url: str, token: str | None, timeout: float = 30) -> None:
+
+def logins_file() -> Path:
+    """Where `stavily login` keeps its sessions: one per server URL, readable only by
+    the user ($STAVILY_CONFIG_DIR, else $XDG_CONFIG_HOME/stavily, else ~/.config/stavily)."""
+    folder = os.environ.get("STAVILY_CONFIG_DIR")
+    if not folder:
+        config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+        folder = str(Path(config) / "stavily")
+    return Path(folder) / "logins.json"
+
+
+def saved_logins() -> dict[str, Any]:
+    try:
+        logins = json.loads(logins_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return logins if isinstance(logins, dict) else {}
+
+
+def save_login(url: str, login: dict[str, Any] | None) -> None:
+    """Keep (or, with None, forget) the session for `url`: written whole to a new file
+    made 0600, then renamed into place."""
+    logins = saved_logins()
+    if login is None:
+        logins.pop(base_url(url), None)
+    else:
+        logins[base_url(url)] = login
+    path = logins_file()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump(logins, handle, indent=2)
+    os.replace(temporary, path)
+
+
+class ApiClient:
+    """Blocking calls to `/api/v1`; every non-2xx answer raises CliError. With no token
+    given, the session `stavily login` saved for the URL, if any."""
+
+    def __init__(
+        self, url: str, token: str | None, timeout: float = 30, saved: bool = True
+    ) -> None:
         self.url = base_url(url)
+        if not token and saved:
+            token = saved_logins().get(self.url, {}).get("token")
         self.token = token
         headers = {"Accept": "application/json", "User-Agent": "stavily-cli"}
         if token:
@@ -229,9 +274,10 @@ class ApiClient:
         hint = None
         if status == 401:
             hint = (
-                "pass a valid API token with --token or STAVILY_TOKEN"
+                "log in again (stavily login), or pass a valid API token with --token or "
+                "STAVILY_TOKEN"
                 if self.token
-                else "no API token given: set STAVILY_TOKEN or pass --token"
+                else "not logged in: run stavily login, or set STAVILY_TOKEN or pass --token"
             )
         return CliError(message, exit_code_for(status), details, code=code, hint=hint)
 

@@ -16,6 +16,8 @@ from stavily.cli.events import app as event_app
 from stavily.cli.executions import app as execution_app
 from stavily.cli.plugins import app as plugin_app
 from stavily.cli.schedules import app as schedule_app
+from stavily.cli.secrets import app as secret_app
+from stavily.cli.users import login, logout, org_app, role_app, token_app, user_app, whoami
 from stavily.cli.webhooks import app as webhook_app
 from stavily.cli.workflows import app as workflow_app
 
@@ -36,6 +38,14 @@ app.add_typer(event_app, name="event")
 app.add_typer(plugin_app, name="plugin")
 app.add_typer(schedule_app, name="schedule")
 app.add_typer(webhook_app, name="webhook")
+app.add_typer(secret_app, name="secret")
+app.add_typer(user_app, name="user")
+app.add_typer(token_app, name="token")
+app.add_typer(role_app, name="role")
+app.add_typer(org_app, name="org")
+app.command()(login)
+app.command()(logout)
+app.command()(whoami)
 
 
 def _settings(**overrides: Any) -> Any:
@@ -59,15 +69,55 @@ def version() -> None:
     typer.echo(f"stavily {__version__}")
 
 
+def _check_tls(cert: Path | None, key: Path | None) -> None:
+    """A certificate and key uvicorn can serve with, or StartRefused saying which file is
+    wrong: unreadable, not PEM, an encrypted key (no one would type its password), or a
+    key that is not the certificate's."""
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from stavily.security.credentials import StartRefused
+
+    if cert is None and key is None:
+        return
+    if cert is None or key is None:
+        raise StartRefused(
+            "--tls-cert and --tls-key (STAVILY_TLS_CERT, STAVILY_TLS_KEY) go together"
+        )
+    try:
+        x509.load_pem_x509_certificates(cert.read_bytes())
+    except OSError as exc:
+        raise StartRefused(f"cannot read the TLS certificate {cert}: {exc.strerror}") from None
+    except ValueError:
+        raise StartRefused(f"the TLS certificate {cert} is not a PEM certificate") from None
+    try:
+        serialization.load_pem_private_key(key.read_bytes(), password=None)
+    except OSError as exc:
+        raise StartRefused(f"cannot read the TLS key {key}: {exc.strerror}") from None
+    except TypeError:
+        raise StartRefused(f"the TLS key {key} is encrypted: give it unencrypted") from None
+    except ValueError:
+        raise StartRefused(f"the TLS key {key} is not a PEM private key") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        problem = "is not the key of" if exc.reason == "KEY_VALUES_MISMATCH" else "cannot serve"
+        raise StartRefused(f"the TLS key {key} {problem} the certificate {cert}") from None
+
+
 def _preflight(settings: Any) -> None:
     """What would keep the server from starting, checked before it (and its workers)
-    start, so that `serve` says it in one line rather than in a traceback: a weak or
-    revoked bootstrap token, an agent JWT key too short or not the other replicas'.
-    Raises StartRefused. The server's start does the same again (a no-op by then)."""
+    start, so that `serve` says it in one line rather than in a traceback: a TLS
+    certificate or key that cannot serve, a weak or revoked bootstrap token, an agent JWT
+    key too short or not the other replicas'. Raises StartRefused. The server's start
+    does the same again (a no-op by then)."""
     from stavily.security import access, agent_tokens, sealing
     from stavily.store import migrate
     from stavily.store.db import Database
 
+    _check_tls(settings.tls_cert, settings.tls_key)
     access.check_bootstrap_token(settings.bootstrap_token)
 
     async def check() -> None:
@@ -100,10 +150,20 @@ def serve(
             min=1, max=64, help="Server processes, PostgreSQL only [env: STAVILY_WORKERS]"
         ),
     ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="PEM certificate (chain) to serve HTTPS with [env: STAVILY_TLS_CERT]"),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(help="The certificate's PEM private key [env: STAVILY_TLS_KEY]"),
+    ] = None,
 ) -> None:
     """Run the orchestrator (migrations run on start)."""
+    import structlog
     import uvicorn
 
+    from stavily.agent.runner import loopback
     from stavily.api.http import HttpProtocol
     from stavily.app import create_app
     from stavily.logging import configure
@@ -116,6 +176,8 @@ def serve(
         data_dir=data_dir,
         bootstrap_token=bootstrap_token,
         workers=workers,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     configure(settings.log_level)
     if settings.workers > 1 and settings.effective_database_url.startswith("sqlite"):
@@ -138,6 +200,14 @@ def serve(
         "log_level": "warning",
         "timeout_graceful_shutdown": 5,
     }
+    if settings.tls_cert is not None:
+        options.update(ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key)
+    elif not loopback(settings.host):
+        structlog.get_logger("stavily").warning(
+            "serving plain HTTP on a non-loopback address: credentials cross the network "
+            "in clear; give --tls-cert and --tls-key, or serve behind a TLS proxy",
+            host=settings.host,
+        )
     if settings.workers == 1:
         uvicorn.run(create_app(settings), **options)
         return
@@ -264,6 +334,23 @@ def agent_run(
             help="Seconds a plugin's requirements may take to install into its environment",
         ),
     ] = 600,
+    ca_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="PEM CA certificate the orchestrator's must chain to (a private CA); "
+            "default: the public CAs",
+            envvar="STAVILY_AGENT_CA_CERT",
+        ),
+    ] = None,
+    allow_insecure_http: Annotated[
+        bool,
+        typer.Option(
+            "--allow-insecure-http",
+            help="Allow a plain http:// URL to a host other than this machine: the "
+            "agent's credential then crosses the network in clear",
+            envvar="STAVILY_AGENT_ALLOW_INSECURE_HTTP",
+        ),
+    ] = False,
 ) -> None:
     """Run the reference agent: poll, run plugins, report, heartbeat.
 
@@ -274,10 +361,12 @@ def agent_run(
     from stavily.agent.runner import (
         AgentConfig,
         EnrollmentFailed,
+        TransportRefused,
         allow_env_patterns,
         default_credentials_file,
         resolve_credentials,
         run_agent,
+        tls_verify,
     )
     from stavily.cli.agents import parse_labels
     from stavily.cli.client import CliError, report
@@ -291,6 +380,7 @@ def agent_run(
         raise typer.Exit(error.exit_code) from None
     plugins = plugins_dir or Path("plugins")
     try:
+        verify = tls_verify(ca_cert)
         credentials = asyncio.run(
             resolve_credentials(
                 url=url,
@@ -300,9 +390,11 @@ def agent_run(
                 name=name,
                 labels=extra_labels,
                 path=credentials_file or default_credentials_file(plugins_dir),
+                verify=verify,
+                allow_insecure_http=allow_insecure_http,
             )
         )
-    except EnrollmentFailed as exc:
+    except (EnrollmentFailed, TransportRefused) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
     config = AgentConfig(
@@ -318,6 +410,8 @@ def agent_run(
         environment=environment,
         demo_mode=demo_mode,
         install_timeout=install_timeout,
+        ca_cert=ca_cert,
+        allow_insecure_http=allow_insecure_http,
     )
     raise typer.Exit(asyncio.run(run_agent(config)))
 

@@ -9,8 +9,13 @@ the agent reports (`mask`). The nonce is new for every step's rendering, so a ma
 cannot be forged by an input, a trigger or an earlier step's output.
 
 Sources: environment variables of the server, and only those the operator allowed
-(`SecretPolicy`): never the server's own settings. The encrypted store replaces the
-source here, behind the same functions.
+(`SecretPolicy`), never the server's own settings; and the organization's secret store
+(`{store: NAME}`, security.store). A store secret is read once, when its step is queued
+(`resolve`, audited as `secret.read`), and only if the step's configuration uses it; the
+instruction then keeps a copy sealed with the server's secrets key, which is what its
+hand-out reveals and its reports are masked with: no database read at hand-out, the same
+value for the agent and for the masking, and no read at all for a step with no store
+secret.
 """
 
 from __future__ import annotations
@@ -19,12 +24,18 @@ import base64
 import binascii
 import json
 import os
+import re
 import secrets as _random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, quote_plus
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from stavily.security.store import SecretStore
 
 _MARK_CHAR = "\u2063"  # INVISIBLE SEPARATOR: never in what a template author types
 _MARK = _MARK_CHAR + "secret:{}:{}" + _MARK_CHAR
@@ -33,6 +44,9 @@ MASK = "***"
 # short value's forms are common text.
 _DERIVED_FROM = 4
 _SETTINGS_PREFIX = "STAVILY_"
+# A name in the secret store (security.store).
+STORE_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,99}$"
+_STORE_NAME = re.compile(STORE_NAME)
 
 
 class SecretUnavailable(ValueError):
@@ -48,13 +62,20 @@ class SecretPolicy:
     prefix: str = "STAVILY_SECRET_"
     names: frozenset[str] = frozenset()
     settings: frozenset[str] = frozenset()  # the variables the server's settings read
+    store: SecretStore | None = None  # the secret store, where `{store: NAME}` is read
 
     @classmethod
     def of(
-        cls, prefix: str, names: str | Iterable[str], settings: Iterable[str] = ()
+        cls,
+        prefix: str,
+        names: str | Iterable[str],
+        settings: Iterable[str] = (),
+        store: SecretStore | None = None,
     ) -> SecretPolicy:
         listed = names.split(",") if isinstance(names, str) else names
-        return cls(prefix, frozenset(n.strip() for n in listed if n.strip()), frozenset(settings))
+        return cls(
+            prefix, frozenset(n.strip() for n in listed if n.strip()), frozenset(settings), store
+        )
 
     def problem(self, variable: str) -> str | None:
         """Why `variable` may not be read as a secret, or None."""
@@ -73,11 +94,26 @@ class SecretPolicy:
         )
 
 
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name a secret of the store, or None."""
+    if _STORE_NAME.match(name):
+        return None
+    return (
+        f"'{name}' is not a secret name: up to 100 letters, digits, '_', '.' or '-', "
+        "starting with a letter or '_'"
+    )
+
+
 def reference_problems(refs: Mapping[str, Mapping[str, Any]], policy: SecretPolicy) -> list[dict]:
     """A workflow's `secrets:` checked at apply: each problem with its path."""
     problems = []
     for name, ref in refs.items():
-        if ref.get("env"):
+        sources = [s for s in ("env", "store", "vault") if ref.get(s)]
+        if len(sources) > 1:
+            problems.append(
+                {"path": f"secrets.{name}", "message": "a secret has one source: env or store"}
+            )
+        elif ref.get("env"):
             problem = policy.problem(str(ref["env"]))
             if problem:
                 problems.append({"path": f"secrets.{name}.env", "message": problem})
@@ -85,11 +121,13 @@ def reference_problems(refs: Mapping[str, Mapping[str, Any]], policy: SecretPoli
             problems.append(
                 {
                     "path": f"secrets.{name}.vault",
-                    "message": "vault secrets are not served yet: use env",
+                    "message": "vault secrets are not served yet: use env or store",
                 }
             )
-        else:
-            problems.append({"path": f"secrets.{name}", "message": "a secret needs a source (env)"})
+        elif not ref.get("store"):
+            problems.append(
+                {"path": f"secrets.{name}", "message": "a secret needs a source (env or store)"}
+            )
     return problems
 
 
@@ -107,6 +145,14 @@ def marks(nonce: str, names: Iterable[str]) -> dict[str, str]:
 
 
 def _value(name: str, ref: Mapping[str, Any], policy: SecretPolicy) -> str:
+    if ref.get("store"):
+        sealed = ref.get("sealed")
+        if not sealed or policy.store is None:
+            raise SecretUnavailable(f"secret '{name}' was not read from the secret store")
+        try:
+            return policy.store.open_copy(name, str(sealed))
+        except ValueError as exc:
+            raise SecretUnavailable(f"secret '{name}': {exc}") from exc
     variable = ref.get("env")
     if not variable:
         raise SecretUnavailable(f"secret '{name}' has no source this orchestrator can read")
@@ -144,6 +190,55 @@ def _replace_strings(value: Any, replace: Callable[[str], str], keys: bool = Fal
     if isinstance(value, list):
         return [_replace_strings(v, replace, keys) for v in value]
     return value
+
+
+def _used(value: Any, nonce: str, names: Iterable[str]) -> set[str]:
+    """Which of `names` have their mark somewhere in `value`."""
+    whole = marks(nonce, names)
+    used: set[str] = set()
+    for text in _strings(value):
+        if _MARK_CHAR in text:
+            used.update(name for name, secret_mark in whole.items() if secret_mark in text)
+    return used
+
+
+async def resolve(
+    conn: AsyncConnection,
+    value: Any,
+    nonce: str,
+    refs: Mapping[str, Mapping[str, Any]],
+    policy: SecretPolicy,
+    organization_id: str,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """A step's secrets as its instruction keeps them, from its rendered configuration:
+    each store secret it uses read (one query) and sealed into its ref, those it does not
+    use left out; and what was read, for the audit: its name in the store -> its id.
+    SecretUnavailable if one it uses is not in the store. No read without a store secret."""
+    stored = {name: ref for name, ref in refs.items() if ref.get("store")}
+    if not stored:
+        return dict(refs), {}
+    used = _used(value, nonce, stored)
+    kept = {name: ref for name, ref in refs.items() if name not in stored or name in used}
+    if not used:
+        return kept, {}
+    if policy.store is None:
+        raise SecretUnavailable("this orchestrator has no secret store")
+    wanted = {name: str(stored[name]["store"]) for name in used}
+    try:
+        found = await policy.store.read(conn, organization_id, wanted.values())
+    except ValueError as exc:
+        raise SecretUnavailable(f"a secret of the store cannot be read: {exc}") from exc
+    read: dict[str, str] = {}
+    for name in sorted(used):
+        if wanted[name] not in found:
+            raise SecretUnavailable(
+                f"secret '{name}' is not available: there is no secret '{wanted[name]}' in "
+                "the secret store (stavily secret set)"
+            )
+        secret_id, secret = found[wanted[name]]
+        kept[name] = {**stored[name], "sealed": policy.store.seal_copy(name, secret)}
+        read[wanted[name]] = secret_id
+    return kept, read
 
 
 def check_rendered(

@@ -91,10 +91,57 @@ api_tokens = sa.Table(
     _id(),
     _org(),
     sa.Column("name", sa.String(200), nullable=False),
-    sa.Column("role", sa.String(20), nullable=False),
+    sa.Column("role", sa.String(40), nullable=False),
     sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
     _created(),
     sa.Column("revoked_at", UTCDateTime()),
+    # "api": an API token; "session": a user's login, ended by logout or disuse.
+    sa.Column("kind", sa.String(10), nullable=False, server_default="api"),
+    sa.Column("user_id", sa.String(40), sa.ForeignKey("users.id")),
+    sa.Column("created_by", sa.String(100)),
+    sa.Column("expires_at", UTCDateTime()),
+    sa.Column("last_used_at", UTCDateTime()),
+    sa.Index("ix_api_tokens_org", "organization_id", "kind"),
+    sa.Index("ix_api_tokens_user", "user_id"),
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    _id(),
+    sa.Column("username", sa.String(100), nullable=False, unique=True),
+    sa.Column("password_hash", sa.String(200), nullable=False),
+    sa.Column("failed_logins", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("locked_until", UTCDateTime()),
+    sa.Column("last_login_at", UTCDateTime()),
+    sa.Column("disabled_at", UTCDateTime()),
+    _created(),
+)
+
+memberships = sa.Table(
+    "memberships",
+    metadata,
+    sa.Column("user_id", sa.String(40), sa.ForeignKey("users.id"), primary_key=True),
+    sa.Column(
+        "organization_id", sa.String(40), sa.ForeignKey("organizations.id"), primary_key=True
+    ),
+    sa.Column("role", sa.String(40), nullable=False),
+    _created(),
+    sa.Index("ix_memberships_org", "organization_id"),
+)
+
+# Custom roles: an organization's own sets of permissions (security.roles).
+roles = sa.Table(
+    "roles",
+    metadata,
+    sa.Column(
+        "organization_id", sa.String(40), sa.ForeignKey("organizations.id"), primary_key=True
+    ),
+    sa.Column("name", sa.String(40), primary_key=True),
+    sa.Column("description", sa.String(500)),
+    sa.Column("permissions", sa.JSON, nullable=False),
+    _created(),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
 )
 
 agents = sa.Table(
@@ -505,4 +552,36 @@ leases = sa.Table(
     sa.Column("name", sa.String(100), primary_key=True),
     sa.Column("holder", sa.String(200), nullable=False),
     sa.Column("expires_at", UTCDateTime(), nullable=False),
+)
+
+# The secret store (security.store). An organization's data keys, each wrapped (sealed)
+# by the server's secrets key; the newest unretired one encrypts new values, the others
+# stay until no secret uses them.
+secret_keys = sa.Table(
+    "secret_keys",
+    metadata,
+    _id(),
+    _org(),
+    sa.Column("wrapped", sa.Text, nullable=False),
+    _created(),
+    sa.Column("retired_at", UTCDateTime()),
+    sa.Index("ix_secret_keys_org", "organization_id", "created_at"),
+)
+
+# Its secrets: AES-GCM under the data key `key_id`, bound to (organization, name).
+secrets = sa.Table(
+    "secrets",
+    metadata,
+    _id(),
+    _org(),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("key_id", sa.String(40), sa.ForeignKey("secret_keys.id"), nullable=False),
+    sa.Column("ciphertext", sa.Text, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("created_by", sa.String(100), nullable=False),
+    _created(),
+    sa.Column("updated_by", sa.String(100), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.UniqueConstraint("organization_id", "name"),
+    sa.Index("ix_secrets_key_id", "key_id"),
 )

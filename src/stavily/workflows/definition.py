@@ -24,7 +24,7 @@ from pydantic import (
 from stavily.errors import InvalidInput
 from stavily.plugins.versions import VersionRange
 from stavily.security.environment import refusal
-from stavily.security.secrets import SecretPolicy, reference_problems
+from stavily.security.secrets import STORE_NAME, SecretPolicy, reference_problems
 from stavily.workflows import messages
 from stavily.workflows.rules import Rule
 
@@ -280,6 +280,11 @@ class SecretRef(_Strict):
     """A named secret and where it comes from; the value never enters the database."""
 
     env: str | None = Field(default=None, description="An environment variable.")
+    store: str | None = Field(
+        default=None,
+        pattern=STORE_NAME,
+        description="A secret of the organization's secret store (stavily secret set).",
+    )
     vault: str | None = Field(default=None, description="A vault path (not served yet).")
     description: str | None = None
 

@@ -34,6 +34,7 @@ from stavily.ids import new_id
 from stavily.plugins.installs import Installs
 from stavily.security import secrets
 from stavily.security.secrets import SecretPolicy
+from stavily.security.store import SecretStore
 from stavily.store.db import Database
 from stavily.store.models import (
     ACTIVE_INSTRUCTION,
@@ -108,7 +109,11 @@ def _offers(rows: Iterable[Any], agent: AgentIdentity | None = None) -> Iterator
 
 class Engine:
     def __init__(
-        self, db: Database, settings: Settings, heartbeats: HeartbeatBuffer | None = None
+        self,
+        db: Database,
+        settings: Settings,
+        heartbeats: HeartbeatBuffer | None = None,
+        secret_store: SecretStore | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
@@ -117,7 +122,10 @@ class Engine:
         self.liveness = Liveness(db, settings, self.heartbeats)
         self.router = Router(settings.routing_prefer_seconds, settings.routing_sticky_seconds)
         self.secret_policy = SecretPolicy.of(
-            settings.secret_env_prefix, settings.secret_env_names, settings.variables()
+            settings.secret_env_prefix,
+            settings.secret_env_names,
+            settings.variables(),
+            secret_store,
         )
         self.render_limits = RenderLimits(
             settings.template_timeout, settings.template_max_output_bytes

@@ -564,6 +564,18 @@ class Progression:
         """Render the step's configuration and queue its first instruction."""
         refs = step["spec"].get("secrets") or {}
         config = await self._render(step["spec"]["config"], context)
+        refs, read = await secrets.resolve(
+            self.conn, config, nonce, refs, self.secret_policy, self.execution["organization_id"]
+        )
+        for name, secret_id in read.items():
+            self._audit(
+                "secret.read",
+                "secret",
+                secret_id,
+                name=name,
+                execution_id=self.execution["id"],
+                step=step["name"],
+            )
         secrets.check_rendered(config, nonce, refs, self.secret_policy)
         await self._queue_attempt(step, config, refs, nonce, delay=0.0)
 

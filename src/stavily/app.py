@@ -124,7 +124,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         heartbeats = HeartbeatBuffer(settings)
         registry = Registry(db, settings)
         await registry.start()
-        sealer = await sealing.sealer(db, settings.secrets_key, settings.data_dir)
+        sealer = await sealing.sealer(
+            db, settings.secrets_key, settings.data_dir, settings.secrets_key_previous
+        )
         secret_store = SecretStore(db, sealer)
         engine = Engine(db, settings, heartbeats, secret_store)
         watches = Watches(db, engine)

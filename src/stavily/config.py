@@ -42,9 +42,16 @@ class Settings(BaseSettings):
     secrets_key: str | None = Field(
         default=None,
         repr=False,
-        description="The key secrets kept in the database (webhook secrets) are sealed "
-        "with (AES-GCM; at least 32 characters), the same on every replica; unset: the "
+        description="The key what the server reads back from the database is sealed with "
+        "(AES-GCM; at least 32 characters): webhook secrets, the secret store's data keys; "
+        "the same on every replica; unset: the "
         "file secrets.key in data_dir, made on first start. Losing it loses those secrets.",
+    )
+    secrets_key_previous: str | None = Field(
+        default=None,
+        repr=False,
+        description="During a rotation of secrets_key, the key(s) it replaces, separated "
+        "by commas: what they sealed still opens until `stavily db rekey` re-seals it.",
     )
     public_url: str | None = Field(
         default=None,

@@ -46,3 +46,35 @@ def test_the_key_is_made_once_and_must_be_the_same_on_every_replica(tmp_path: Pa
             await db.dispose()
 
     asyncio.run(check())
+
+
+def test_previous_keys_open_and_reseal_moves_a_value_to_the_current_key() -> None:
+    old, new = "o" * 32, "n" * 32
+    sealed = Sealer(old).seal("whsec_abc", "hook_1")
+    rotating = Sealer(new, [old])
+    assert rotating.open(sealed, "hook_1") == "whsec_abc"
+    again = rotating.resealed(sealed, "hook_1")
+    assert again and Sealer(new).open(again, "hook_1") == "whsec_abc"
+    with pytest.raises(Unsealable):
+        Sealer(old).open(again, "hook_1")
+    assert rotating.resealed(again, "hook_1") is None  # already the current key's
+    with pytest.raises(Unsealable):
+        rotating.resealed(Sealer("x" * 32).seal("s", "hook_1"), "hook_1")
+    with pytest.raises(Unsealable):
+        rotating.open(sealed, "hook_2")
+
+
+def test_a_previous_key_must_be_long_enough(tmp_path: Path) -> None:
+    async def check() -> None:
+        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
+        try:
+            await migrate.upgrade(db)
+            with pytest.raises(StartRefused, match="STAVILY_SECRETS_KEY_PREVIOUS"):
+                await sealer(db, "n" * 32, tmp_path, "o" * 32 + ",short")
+            assert (await sealer(db, "n" * 32, tmp_path, " o" * 20 + ", ")).open(
+                Sealer("n" * 32).seal("s", "o"), "o"
+            ) == "s"
+        finally:
+            await db.dispose()
+
+    asyncio.run(check())

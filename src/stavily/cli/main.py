@@ -127,7 +127,9 @@ def _preflight(settings: Any) -> None:
             if settings.bootstrap_token:  # a generated one is printed by the server's start
                 await access.bootstrap(db, settings.bootstrap_token)
             await agent_tokens.signing_key(db, settings.agent_jwt_key, settings.data_dir)
-            await sealing.sealer(db, settings.secrets_key, settings.data_dir)
+            await sealing.sealer(
+                db, settings.secrets_key, settings.data_dir, settings.secrets_key_previous
+            )
         finally:
             await db.dispose()
 
@@ -236,6 +238,48 @@ def db_upgrade(database_url: DatabaseOpt = None, data_dir: DataDirOpt = None) ->
 
     asyncio.run(run())
     typer.echo("database is up to date")
+
+
+@db_app.command("rekey")
+def db_rekey(database_url: DatabaseOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Re-seal, with the current secrets key, what the database holds sealed under a
+    previous one (STAVILY_SECRETS_KEY_PREVIOUS); online, beside running servers."""
+    from stavily.security import rekey, sealing
+    from stavily.security.credentials import StartRefused
+    from stavily.store import migrate
+    from stavily.store.db import Database
+
+    settings = _settings(database_url=database_url, data_dir=data_dir)
+
+    async def run() -> rekey.Rekeyed:
+        db = Database(settings.effective_database_url, settings.database_pool_size)
+        try:
+            await migrate.upgrade(db)
+            sealer = await sealing.sealer(
+                db, settings.secrets_key, settings.data_dir, settings.secrets_key_previous
+            )
+            return await rekey.rekey(db, sealer)
+        finally:
+            await db.dispose()
+
+    try:
+        done = asyncio.run(run())
+    except StartRefused as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    kinds = ("data_key", "webhook", "instruction")
+    typer.echo(
+        "re-sealed with the current secrets key: "
+        + ", ".join(f"{done.resealed[kind]} {kind.replace('_', ' ')}(s)" for kind in kinds)
+    )
+    if done.unopenable:
+        typer.echo(
+            f"warning: {len(done.unopenable)} value(s) open with no configured key "
+            f"(altered, or sealed with a key not given): {', '.join(done.unopenable)}",
+            err=True,
+        )
+    elif settings.secrets_key_previous:
+        typer.echo("nothing needs the previous key now: STAVILY_SECRETS_KEY_PREVIOUS can go")
 
 
 @agent_app.command("run")

@@ -14,6 +14,7 @@ import hashlib
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,11 @@ async def check_fingerprint(
     source: str,
     name: str = FINGERPRINT_NAME,
     mismatch: str = MISMATCH,
+    previous: Sequence[str] = (),
 ) -> None:
-    """The first replica records its key's fingerprint; every other one must match it."""
+    """The first replica records its key's fingerprint; every other one must match it,
+    or replace it: a replica whose `previous` keys hold the recorded one records its own
+    (a rotation: the replicas still on the old key are refused from then on)."""
     mine = fingerprint(key)
     query = sa.select(server_keys.c.value).where(server_keys.c.name == name)
     async with db.read() as conn:
@@ -140,6 +144,17 @@ async def check_fingerprint(
         except IntegrityError:  # another replica recorded its own first: compare with it
             async with db.read() as conn:
                 stored = await conn.scalar(query)
+    if stored != mine and stored in {fingerprint(old) for old in previous}:
+        async with db.write() as conn:
+            changed = await conn.execute(
+                server_keys.update()
+                .where(server_keys.c.name == name, server_keys.c.value == stored)
+                .values(value=mine, created_at=utcnow())
+            )
+        if changed.rowcount:
+            log.warning("key rotated: the previous key's fingerprint replaced", key=name)
+        async with db.read() as conn:
+            stored = await conn.scalar(query)
     if stored != mine:
         raise StartRefused(mismatch.format(source=source))
 

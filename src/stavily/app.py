@@ -143,7 +143,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             agent_cache=CredentialCache(settings.credential_cache_seconds),
             agent_lookups=AgentLookups(db),
             token_cache=CredentialCache(settings.credential_cache_seconds),
-            token_use=TokenUse(),
+            # last use written often enough that a session in use never idles out
+            token_use=TokenUse(min(60.0, settings.session_idle_seconds / 4)),
             denials=Denials(db, organization_id),
             organization_id=organization_id,
             jwt_key=await agent_tokens.signing_key(db, settings.agent_jwt_key, settings.data_dir),

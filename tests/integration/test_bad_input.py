@@ -393,7 +393,11 @@ def test_openapi_document_lists_the_routes(world: World) -> None:
 def test_garbage_to_every_route_never_500(world: World, sweeper: Sweeper) -> None:
     for op in world.operations:
         for auth in AUTHS:
-            for which in ("real", "unknown", "other agent"):
+            # without a credential the ids are never looked up: one kind of them will do
+            kinds = (
+                ("real", "unknown", "other agent") if auth in ("admin", "agent") else ("unknown",)
+            )
+            for which in kinds:
                 if which != "unknown" and op.path.endswith(ACTIONS):
                     continue  # no body to garble: with a real id they do what they say
                 url = world.url(op, world.ids(op, which))

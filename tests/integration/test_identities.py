@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import sqlalchemy as sa
 
 from stavily.store.models import api_tokens, users
-from tests.harness import Orchestrator, fresh_database, on_database, serve
+from tests.harness import Orchestrator, api_token, fresh_database, on_database, serve
 
 PASSWORD = "correct horse battery staple"
 
@@ -340,3 +341,162 @@ def test_a_users_token_does_no_more_than_the_user_may(orch: Orchestrator, tmp_pa
     assert token.get("/api/v1/executions").status_code == 200
     orch.api.delete(f"/api/v1/users/{user_id}")
     assert token.get("/api/v1/executions").status_code == 401
+
+
+def test_every_refused_credential_is_audited_as_a_denied_attempt(orch: Orchestrator) -> None:
+    """Forged, malformed, revoked and expired tokens, a session after its logout, and
+    agent JWTs with `alg: none` or another key: each a 401 and an `auth.denied` record
+    naming its source and reason (in the token's organization when its row was found)."""
+    address = f"2001:db8:{uuid.uuid4().hex[:4]}::1"  # this test's own source
+    revoked = orch.api.post("/api/v1/tokens", json={"name": "gone", "role": "viewer"}).json()
+    assert orch.api.delete(f"/api/v1/tokens/{revoked['id']}").status_code == 204
+    soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    expired = orch.api.post(
+        "/api/v1/tokens", json={"name": "brief", "role": "viewer", "expires_at": soon}
+    ).json()
+    username, _ = _user(orch)
+    session = _login(orch, username).json()["token"]
+    assert orch.client(session).post("/api/v1/logout").status_code == 204
+    agent_id, _ = orch.create_agent(_name())
+    claims = {"sub": agent_id, "typ": "agent", "iat": int(time.time()), "exp": 2**31}
+    wrong_key = jwt.encode(claims, "not-the-servers-key-0123456789abcdef", algorithm="HS256")
+    unsigned = jwt.encode(claims, None, algorithm="none")
+    time.sleep(max(0.0, (datetime.fromisoformat(soon) - datetime.now(UTC)).total_seconds()))
+
+    api = [f"stv_forged_{'a' * 40}", "x" * 300, revoked["token"], expired["token"], session]
+    for token in api:
+        answer = httpx.get(
+            f"{orch.url}/api/v1/workflows",
+            headers={"Authorization": f"Bearer {token}", "X-Forwarded-For": address},
+        )
+        assert answer.status_code == 401, answer.text
+    for token in (wrong_key, unsigned):
+        answer = httpx.post(
+            f"{orch.url}/agents/v1/{agent_id}/heartbeat",
+            json={"agent_id": agent_id, "status": "online"},
+            headers={"Authorization": f"Bearer {token}", "X-Forwarded-For": address},
+        )
+        assert answer.status_code == 401, answer.text
+
+    denied = [r for r in _audit(orch, "auth.denied") if r["details"]["source"] == address]
+    by_kind: dict[str, list[str]] = {}
+    for record in denied:
+        by_kind.setdefault(record["subject_type"], []).append(record["details"]["reason"])
+    reasons = by_kind.get("api_token", [])
+    # one record per reason and token: the forged and the malformed share theirs
+    assert sorted(reasons) == ["token expired"] + ["unknown or revoked token"] * 3, denied
+    subjects = {r["subject_id"] for r in denied if r["subject_type"] == "api_token"}
+    assert {revoked["id"], expired["id"], "unknown"} <= subjects, subjects
+    agent_reasons = by_kind.get("agent_credential", [])
+    assert len(agent_reasons) == 2, denied
+    assert all(r.startswith("invalid agent token") for r in agent_reasons), agent_reasons
+    assert all(r["actor"] == "anonymous" for r in denied)
+    # the same refusal again within the period adds no record (a flood fills no log)
+    httpx.get(
+        f"{orch.url}/api/v1/workflows",
+        headers={"Authorization": f"Bearer {api[0]}", "X-Forwarded-For": address},
+    )
+    again = [r for r in _audit(orch, "auth.denied") if r["details"]["source"] == address]
+    assert len(again) == len(denied)
+
+
+def test_no_one_changes_a_user_or_token_that_may_do_more_than_they(orch: Orchestrator) -> None:
+    """A help desk (users:write, tokens:write) resets the password of a user who may do
+    no more than it, but not an admin's: it cannot reset, disable, demote or remove an
+    admin, nor revoke their tokens, nor redefine or delete a role granting more."""
+    desk = f"desk-{uuid.uuid4().hex[:6]}"
+    granted = ["users:read", "users:write", "tokens:read", "tokens:write", "roles:write"]
+    assert orch.api.put(f"/api/v1/roles/{desk}", json={"permissions": granted}).status_code == 201
+    # a role that grants nothing is a role all the same: it can be given
+    empty = f"empty-{uuid.uuid4().hex[:6]}"
+    assert orch.api.put(f"/api/v1/roles/{empty}", json={"permissions": []}).status_code == 201
+    _, plain_id = _user(orch, empty)
+    helper = orch.client(api_token(orch, desk))
+    _, admin_id = _user(orch, "admin")
+    for change in (
+        {"password": "a new password, long enough"},
+        {"disabled": True},
+        {"role": "viewer"},
+    ):
+        refused = helper.patch(f"/api/v1/users/{admin_id}", json=change)
+        assert refused.status_code == 403, refused.text
+        assert "may do what you may not" in refused.json()["error"]["message"]
+    assert helper.delete(f"/api/v1/users/{admin_id}").status_code == 403
+    assert orch.api.get(f"/api/v1/users/{admin_id}").json()["role"] == "admin"  # unchanged
+    reset = helper.patch(f"/api/v1/users/{plain_id}", json={"password": "reset by the desk!"})
+    assert reset.status_code == 200, reset.text
+
+    admins = orch.api.post("/api/v1/tokens", json={"name": "ci", "role": "admin"}).json()
+    assert helper.delete(f"/api/v1/tokens/{admins['id']}").status_code == 403
+    assert orch.client(admins["token"]).get("/api/v1/workflows").status_code == 200
+    mine = helper.post("/api/v1/tokens", json={"name": "mine", "role": empty}).json()
+    assert helper.delete(f"/api/v1/tokens/{mine['id']}").status_code == 204
+
+    wide = f"wide-{uuid.uuid4().hex[:6]}"
+    made = orch.api.put(f"/api/v1/roles/{wide}", json={"permissions": ["secrets:write"]})
+    assert made.status_code == 201
+    narrowed = helper.put(f"/api/v1/roles/{wide}", json={"permissions": ["users:read"]})
+    assert narrowed.status_code == 403, narrowed.text
+    assert helper.delete(f"/api/v1/roles/{wide}").status_code == 403
+
+
+def test_a_wrong_current_password_counts_as_a_failed_login(orch: Orchestrator) -> None:
+    """A stolen session cannot guess its user's password: each wrong one is audited and
+    they lock the user out like failed logins."""
+    username, user_id = _user(orch)
+    session = _session(orch, username)
+    for _ in range(3):
+        wrong = session.put(
+            "/api/v1/me/password",
+            json={"current_password": "a guess at it", "new_password": "whatever it is now"},
+        )
+        assert wrong.status_code == 403, wrong.text
+    locked = session.put(
+        "/api/v1/me/password", json={"current_password": PASSWORD, "new_password": "x" * 20}
+    )
+    assert locked.status_code == 429, locked.text
+    assert _login(orch, username).status_code == 429  # the lock is the user's
+    failed = [r for r in _audit(orch, "user.login_failed") if r["subject_id"] == user_id]
+    assert len(failed) == 3, failed
+
+
+def test_unknown_names_are_locked_out_like_users_and_audited(orch: Orchestrator) -> None:
+    """A lockout does not tell whether a name exists: an unknown one is locked after as
+    many failures, and each refusal is a denied attempt in the audit log."""
+    nobody = _name("nobody")
+    for _ in range(3):
+        assert _login(orch, nobody, "not the password at all").status_code == 401
+    locked = _login(orch, nobody, "not the password at all")
+    assert locked.status_code == 429 and int(locked.headers["Retry-After"]) >= 1
+    denied = [r for r in _audit(orch, "auth.denied") if r["subject_id"] == nobody]
+    reasons = {r["details"]["reason"] for r in denied}
+    assert "wrong username or password" in reasons, denied
+    assert any(reason.startswith("too many failed logins") for reason in reasons), denied
+
+
+def test_applying_a_workflow_that_uses_secrets_needs_secrets_use(orch: Orchestrator) -> None:
+    """workflows:write alone cannot be turned into reading every secret."""
+    writer = f"writer-{uuid.uuid4().hex[:6]}"
+    granted = ["workflows:read", "workflows:write"]
+    assert orch.api.put(f"/api/v1/roles/{writer}", json={"permissions": granted}).status_code == 201
+    name = _name("uses")
+    source = (
+        f"name: {name}\nsecrets: {{token: {{store: deploy_key}}}}\n"
+        "actions: {steps: [{name: a, plugin: echo, config: {t: '{{ secrets.token }}'}}]}\n"
+    )
+    yaml = {"Content-Type": "application/yaml"}
+    refused = orch.client(api_token(orch, writer)).post(
+        "/api/v1/workflows", content=source, headers=yaml
+    )
+    assert refused.status_code == 403, refused.text
+    assert "secrets:use" in refused.json()["error"]["message"]
+    assert orch.api.get(f"/api/v1/workflows/{name}").status_code == 404  # nothing written
+    plain = source.replace("secrets: {token: {store: deploy_key}}\n", "").replace(
+        "{t: '{{ secrets.token }}'}", "{t: x}"
+    )
+    made = orch.client(api_token(orch, writer)).post(
+        "/api/v1/workflows", content=plain, headers=yaml
+    )
+    assert made.status_code == 201, made.text
+    operator = orch.client(api_token(orch, "operator"))
+    assert operator.post("/api/v1/workflows", content=source, headers=yaml).status_code == 201

@@ -129,7 +129,12 @@ def test_an_organization_is_made_listed_and_renamed(orch: Orchestrator) -> None:
     username = f"both-{uuid.uuid4().hex[:6]}"
     body = {"username": username, "password": PASSWORD, "role": "viewer"}
     _made(orch.api.post("/api/v1/users", json=body))
-    _made(admin.post("/api/v1/users", json={"username": username, "role": "operator"}))
+    joining = {"username": username, "role": "operator"}
+    unasked = admin.post("/api/v1/users", json=joining)  # no one takes in another's user
+    assert unasked.status_code == 422 and "their own password" in unasked.text
+    wrong = admin.post("/api/v1/users", json={**joining, "password": "not theirs at all"})
+    assert wrong.status_code == 403
+    _made(admin.post("/api/v1/users", json={**joining, "password": PASSWORD}))  # they agree
     login = orch.client().post(
         "/api/v1/login",
         json={"username": username, "password": PASSWORD, "organization": f"{name}-2"},

@@ -6,6 +6,7 @@ loopback (uvicorn's proxy headers), as it would from a proxy on its host."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -16,7 +17,8 @@ import httpx
 import pytest
 
 from stavily.workflows.webhooks import sign
-from tests.harness import PG_URL, Orchestrator, api_token, fresh_database, serve
+from tests.e2e.support import ADMIN_TOKEN, CLI, Processes, base_env, wait_healthy
+from tests.harness import PG_URL, Orchestrator, api_token, free_port, fresh_database, serve
 
 REDIS_URL = os.environ.get("STAVILY_TEST_REDIS_URL")
 NEEDS_REDIS = pytest.mark.skipif(
@@ -172,12 +174,29 @@ def deliver(
     )
 
 
-def test_a_webhook_past_its_limit_gets_429_from_any_sender(limited: Orchestrator) -> None:
+def test_a_webhook_past_its_limit_gets_429_per_sender(limited: Orchestrator) -> None:
     hook, other = webhook(limited), webhook(limited)
-    answers = [deliver(limited, hook, source()).status_code for _ in range(3)]
+    sender = source()
+    answers = [deliver(limited, hook, sender).status_code for _ in range(3)]
     assert answers == [202] * 3
-    assert_limited(deliver(limited, hook, source()), 3, 60, "too many deliveries to this webhook")
-    assert deliver(limited, other, source()).status_code == 202
+    assert_limited(deliver(limited, hook, sender), 3, 60, "too many deliveries to this webhook")
+    assert deliver(limited, other, sender).status_code == 202  # another webhook
+    assert deliver(limited, hook, source()).status_code == 202  # another sender
+
+
+def test_unsigned_requests_to_a_webhook_block_their_source_not_the_sender(
+    limited: Orchestrator,
+) -> None:
+    hook, other, forger, sender = webhook(limited), webhook(limited), source(), source()
+    unsigned = {"Content-Type": "application/json", "X-Forwarded-For": forger}
+    answers = [  # three: the webhook limit (per sender) is 3, the refused-credential one 4
+        httpx.post(str(hook["url"]), content=b"{}", headers=unsigned).status_code for _ in range(3)
+    ]
+    answers.append(httpx.post(str(other["url"]), content=b"{}", headers=unsigned).status_code)
+    assert answers == [401] * 4  # no signature at all: refused, and counted as a guess
+    blocked = httpx.post(str(other["url"]), content=b"{}", headers=unsigned)
+    assert_limited(blocked, 4, 60, "refused credentials")
+    assert deliver(limited, hook, sender).status_code == 202  # its budget is untouched
 
 
 @NEEDS_REDIS
@@ -210,6 +229,49 @@ def test_two_replicas_share_one_budget_through_redis(tmp_path: Path) -> None:
         assert_limited(client(first, address, good).get("/healthz"), 3, 60, "refused credentials")
         assert client(second, address, "stv_wrong_3").get("/api/v1/agents").status_code == 401
         assert_limited(client(second, address, good).get("/healthz"), 3, 60, "refused credentials")
+
+
+@NEEDS_REDIS
+@pytest.mark.skipif(not PG_URL, reason="STAVILY_TEST_DATABASE_URL is not set: replicas need it")
+def test_two_serve_processes_share_one_budget_through_redis(tmp_path: Path) -> None:
+    """Two `stavily serve` processes on one database and one Redis: a token's requests,
+    alternating between them, get one budget between the two; a token of its own on each
+    would have had twice as many."""
+    with fresh_database("postgresql", tmp_path) as url, contextlib.ExitStack() as stack:
+        processes = Processes(tmp_path / "processes")
+        stack.callback(processes.close)
+        env = {
+            **base_env(),
+            "STAVILY_DATABASE_URL": url,
+            "STAVILY_BOOTSTRAP_TOKEN": ADMIN_TOKEN,
+            "STAVILY_REDIS_URL": str(REDIS_URL),
+            "STAVILY_API_RATE_LIMIT": "10/minute",
+            "STAVILY_AGENT_JWT_KEY": "replicas-share-this-key-0123456789abcdef",
+            "STAVILY_SECRETS_KEY": "replicas-share-this-key-0123456789abcdef",
+        }
+        servers = {}
+        for name in ("a", "b"):  # started together, as replicas are
+            port = free_port()
+            servers[f"http://127.0.0.1:{port}"] = processes.start(
+                f"serve-{name}",
+                [*CLI, "serve", "--port", str(port)],
+                {**env, "STAVILY_DATA_DIR": str(tmp_path / name)},
+            )
+        for served, server in servers.items():
+            wait_healthy(served, server)
+        urls = list(servers)
+        made = httpx.post(
+            f"{urls[0]}/api/v1/tokens",
+            json={"name": "shared", "role": "viewer"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
+        assert made.status_code == 201, made.text
+        headers = {"Authorization": f"Bearer {made.json()['token']}"}
+        answers = [
+            httpx.get(f"{urls[n % 2]}/api/v1/agents", headers=headers).status_code
+            for n in range(20)
+        ]
+        assert answers == [200] * 10 + [429] * 10, answers
 
 
 def test_with_redis_down_the_api_answers_and_limits_hold_in_memory(tmp_path: Path) -> None:

@@ -15,7 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 from starlette.types import Receive, Scope, Send
 
 from stavily.api import schemas
-from stavily.api.deps import CurrentAgent, ReportingAgent, State, agent_for, bearer_of, state_of
+from stavily.api.deps import (
+    CurrentAgent,
+    ReportingAgent,
+    State,
+    agent_for,
+    bearer_of,
+    peer,
+    state_of,
+)
 from stavily.api.errors import error_body
 from stavily.api.json import JSONResponse, send_json
 from stavily.api.ratelimits import rate_limited
@@ -466,7 +474,7 @@ async def serve_fast(scope: Scope, receive: Receive, send: Send, body: bytes | N
             params = _poll_params(query)
             if params is None:
                 return False
-            agent = await agent_for(state, _credential(scope), agent_id, source=_peer(scope))
+            agent = await agent_for(state, _credential(scope), agent_id, source=peer(scope))
             answer = await do_poll(state, agent, *params, not query, receive)
         elif body is None or method not in ("PUT", "POST"):
             return False
@@ -474,21 +482,21 @@ async def serve_fast(scope: Scope, receive: Receive, send: Send, body: bytes | N
             update = _model(ProgressUpdate, body)
             if update is None:
                 return False
-            agent = await agent_for(state, _credential(scope), agent_id, source=_peer(scope))
+            agent = await agent_for(state, _credential(scope), agent_id, source=peer(scope))
             answer = await do_progress(state, agent, tail[1], update)
         elif len(tail) == 3 and tail[0] == "instructions" and tail[1] and tail[2] == "result":
             report, piggyback = _model(ResultReport, body), _FLAGS.get(query.get("next", "0"))
             if method != "POST" or report is None or piggyback is None:
                 return False
             agent = await agent_for(
-                state, _credential(scope), agent_id, limited=False, source=_peer(scope)
+                state, _credential(scope), agent_id, limited=False, source=peer(scope)
             )
             answer = await do_result(state, agent, tail[1], report, body, piggyback)
         elif tail == ["heartbeat"] and method == "POST":
             beat = _model(Heartbeat, body)
             if beat is None:
                 return False
-            agent = await agent_for(state, _credential(scope), agent_id, source=_peer(scope))
+            agent = await agent_for(state, _credential(scope), agent_id, source=peer(scope))
             answer = await do_heartbeat(state, agent, beat, _header(scope, b"user-agent"))
         else:
             return False
@@ -499,11 +507,6 @@ async def serve_fast(scope: Scope, receive: Receive, send: Send, body: bytes | N
         return True
     await send_json(send, answer)
     return True
-
-
-def _peer(scope: Scope) -> str:
-    client = scope.get("client")
-    return client[0] if client else "unknown"
 
 
 def _model(model: type[ModelT], body: bytes) -> ModelT | None:
@@ -530,7 +533,7 @@ async def refuse_result(
     digest = hashlib.sha256(body or problem.encode()).hexdigest()
     try:
         agent = await agent_for(
-            state, _credential(scope), agent_id, limited=False, source=_peer(scope)
+            state, _credential(scope), agent_id, limited=False, source=peer(scope)
         )
         state.heartbeats.touch(agent.id)
         await state.engine.result(agent, instruction_id, report, digest)

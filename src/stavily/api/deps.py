@@ -147,7 +147,7 @@ async def current_principal(request: Request, credential: APIToken) -> Principal
             state.settings.session_idle_seconds,
         )
     except StavilyError as exc:
-        source = _source(request)
+        source = peer(request)
         refusals.warning("API token refused", source, reason=exc.message)
         if credential and isinstance(exc, Unauthorized):  # no credential is no attempt
             await state.denials.record(source, "api_token", exc)
@@ -184,24 +184,27 @@ async def reporting_agent(
     request: Request, agent_id: str, credential: AgentCredential
 ) -> AgentIdentity:
     return await agent_for(
-        state_of(request), credential, agent_id, limited=False, source=_source(request)
+        state_of(request), credential, agent_id, limited=False, source=peer(request)
     )
 
 
 async def current_agent(
     request: Request, agent_id: str, credential: AgentCredential
 ) -> AgentIdentity:
-    return await agent_for(state_of(request), credential, agent_id, source=_source(request))
+    return await agent_for(state_of(request), credential, agent_id, source=peer(request))
 
 
 async def credential_agent(request: Request, credential: AgentCredential) -> AgentIdentity:
     """The agent behind the credential, for a route whose path names no agent (its body
     does: the route checks it)."""
-    return await agent_for(state_of(request), credential, None, source=_source(request))
+    return await agent_for(state_of(request), credential, None, source=peer(request))
 
 
-def _source(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+def peer(scope: Any) -> str:
+    """The caller's address: an ASGI scope's, or a Request's (uvicorn has applied
+    X-Forwarded-For from the proxies it trusts)."""
+    client = scope.get("client")
+    return client[0] if client else "unknown"
 
 
 def permitted(permission: str) -> Any:

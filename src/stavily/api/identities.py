@@ -9,10 +9,10 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from stavily.api import schemas
-from stavily.api.deps import AppState, Authenticated, State, permitted
+from stavily.api.deps import AppState, Authenticated, State, peer, permitted
 from stavily.api.json import JSONResponse
 from stavily.api.schemas import errors
-from stavily.errors import Unauthorized
+from stavily.errors import Forbidden, RateLimited, Unauthorized
 from stavily.security import Principal, identities, roles
 from stavily.security.identities import MAX_PASSWORD, LoginPolicy
 
@@ -47,7 +47,9 @@ class UserCreate(BaseModel):
 
     username: str = Field(min_length=1, max_length=100)
     password: Password | None = Field(
-        default=None, description="For a new user; leave out to add an existing one."
+        default=None,
+        description="A new user's password; for an existing user (another organization's), "
+        "their own, typed by them: they join by it.",
     )
     role: RoleName
 
@@ -72,10 +74,6 @@ class TokenCreate(BaseModel):
     )
 
 
-def _source(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
-
-
 def _policy(state: State) -> LoginPolicy:
     settings = state.settings
     return LoginPolicy(
@@ -87,11 +85,9 @@ def _policy(state: State) -> LoginPolicy:
 
 
 def _forget(state: State) -> None:
-    """A change to who may do what applies at once here (and, told through the
-    database, on the other replicas)."""
+    """A change to who may do what applies at once here; the other replicas hear of it
+    from its transaction (store.notify.announce_credentials_changed)."""
     state.token_cache.clear()
-    if state.engine.channel is not None:
-        state.engine.channel.publish_credentials_changed()
 
 
 # -- logins ---------------------------------------------------------------------------------
@@ -107,14 +103,21 @@ async def login(body: LoginRequest, request: Request, state: AppState) -> JSONRe
     """A session for a user: its token goes in `Authorization: Bearer` like an API
     token's. Wrong names and wrong passwords are refused alike; failed logins in a row
     lock the user out for a while (429 with `Retry-After`)."""
-    source = _source(request)
+    source = peer(request)
     await state.rate_limits.hit("login", source)
     try:
         session = await identities.login(
             state.db, _policy(state), body.username, body.password, body.organization, source
         )
+    except identities.UnknownUser as exc:  # a known user's failures are audited as theirs
+        await state.denials.record(source, "login", exc, body.username.strip().lower()[:100])
+        await state.rate_limits.failed(source)
+        raise
     except Unauthorized:
         await state.rate_limits.failed(source)
+        raise
+    except RateLimited as exc:  # locked out: refused, and recorded
+        await state.denials.record(source, "login", exc, body.username.strip().lower()[:100])
         raise
     return JSONResponse(session)
 
@@ -148,14 +151,22 @@ async def me(principal: Authenticated, state: AppState) -> JSONResponse:
     )
 
 
-@router.put("/me/password", status_code=204, tags=["users"], responses=errors(401, 403, 413, 422))
+@router.put(
+    "/me/password", status_code=204, tags=["users"], responses=errors(401, 403, 413, 422, 429)
+)
 async def change_password(
-    body: PasswordChange, principal: Authenticated, state: AppState
+    body: PasswordChange, principal: Authenticated, request: Request, state: AppState
 ) -> Response:
-    """A user's own new password; their other sessions end."""
-    await identities.change_own_password(
-        state.db, principal, body.current_password, body.new_password
-    )
+    """A user's own new password; their other sessions end. A wrong current password
+    counts as a failed login (audited; the user is locked out after as many)."""
+    source = peer(request)
+    try:
+        await identities.change_own_password(
+            state.db, _policy(state), principal, body.current_password, body.new_password, source
+        )
+    except Forbidden:
+        await state.rate_limits.failed(source)
+        raise
     _forget(state)
     return Response(status_code=204)
 
@@ -176,16 +187,26 @@ async def list_users(
     status_code=201,
     tags=["users"],
     response_model=schemas.User,
-    responses=errors(401, 409, 413, 422),
+    responses=errors(401, 403, 409, 413, 422, 429),
 )
 async def add_user(
     body: UserCreate,
     principal: Annotated[Principal, permitted("users:write")],
+    request: Request,
     state: AppState,
 ) -> JSONResponse:
-    """A new user with a password, or (no password) an existing user made a member of
-    this organization; with a role no more powerful than the caller's."""
-    user = await identities.add_user(state.db, principal, body.username, body.password, body.role)
+    """A new user with a password, or an existing user (of another organization) made a
+    member of this one by their own password, typed by them; with a role no more
+    powerful than the caller's. A wrong password for an existing user counts as their
+    failed login."""
+    source = peer(request)
+    try:
+        user = await identities.add_user(
+            state.db, _policy(state), principal, body.username, body.password, body.role, source
+        )
+    except Forbidden:
+        await state.rate_limits.failed(source)
+        raise
     return JSONResponse(user, status_code=201)
 
 

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stavily.api.errors import error_response
-from stavily.api.ratelimits import RateLimits
+from stavily.api.ratelimits import RateLimits, source_of
 from stavily.errors import RateLimited
 
 _SLASHES = re.compile(r"/{2,}")
@@ -91,7 +91,8 @@ class EdgeMiddleware:
         try:
             await limits.admit(api, source)
             if api == "hooks" and path.count("/") == 2:
-                await limits.hit("webhook", path[7:107])
+                # per sender: a flood of forged requests does not spend the real sender's
+                await limits.hit("webhook", f"{path[7:107]}:{source_of(source)}")
         except RateLimited as exc:
             await error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)(
                 scope, receive, send
@@ -217,13 +218,17 @@ def _api(path: str) -> str:
 
 def _counting_refusals(send: Send, scope: Scope, limits: RateLimits, source: str) -> Send:
     """`send`, counting a 401 against the source when the request presented a credential
-    (none at all is no guess: a client that forgot its token is not blocked for it)."""
+    (none at all is no guess: a client that forgot its token is not blocked for it), or
+    was sent to a webhook (which only signed requests may call)."""
+    hook = scope["path"].startswith("/hooks/")
 
     async def counting(message: Message) -> None:
         if message["type"] == "http.response.start" and message["status"] == 401:
             credential = next((v for n, v in scope["headers"] if n in _CREDENTIALS), None)
             if credential is not None:
                 await limits.failed(source, credential.decode("latin-1"))
+            elif hook:
+                await limits.failed(source)
         await send(message)
 
     return counting

@@ -205,8 +205,12 @@ async def apply_workflow(
 ) -> JSONResponse:
     """Create the workflow or a new version of it (201). A definition the same as the
     latest version's once parsed (spacing, comments, key order and defaults written out
-    do not count) makes no version: 200 with that version and `unchanged: true`."""
+    do not count) makes no version: 200 with that version and `unchanged: true`. A
+    workflow that uses secrets needs `secrets:use` too: its steps are handed the values."""
     source, definition = await _definition(request, state)
+    if definition.secrets and "secrets:use" not in principal.permissions:
+        names = ", ".join(sorted(definition.secrets))
+        raise Forbidden(f"this workflow uses secrets ({names}): applying it needs secrets:use")
     async with state.db.write() as conn:
         pins = await pin_steps(
             conn, principal.organization_id, definition, state.settings.unregistered_plugins

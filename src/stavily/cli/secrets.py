@@ -31,7 +31,6 @@ from stavily.cli.client import (
     table,
     when,
 )
-from stavily.security.secrets import name_problem
 
 app = typer.Typer(
     help="Secrets: values workflows use as {store: NAME}, encrypted at rest, never shown "
@@ -111,6 +110,8 @@ def set_secret(
 
     Without an option, the value is read from standard input (asked for, hidden, on a
     terminal)."""
+    from stavily.security.secrets import name_problem  # server code: loaded when used
+
     problem = name_problem(name)
     if problem:
         fail(problem)

@@ -30,7 +30,6 @@ from stavily.cli.client import (
     table,
     when,
 )
-from stavily.workflows.definition import parse_duration
 
 user_app = typer.Typer(help="Users of this organization and their roles.", no_args_is_help=True)
 token_app = typer.Typer(
@@ -158,7 +157,10 @@ def add_user(
     username: Annotated[str, typer.Argument(help="Lower-case letters, digits, . _ @ -")],
     role: Annotated[str, typer.Option("--role", help="admin, operator, viewer, auditor or custom")],
     existing: Annotated[
-        bool, typer.Option("--existing", help="Add a user another organization has (no password)")
+        bool,
+        typer.Option(
+            "--existing", help="Add a user another organization has: they type their password"
+        ),
     ] = False,
     password_stdin: PasswordStdin = False,
     url: UrlOpt = DEFAULT_URL,
@@ -166,10 +168,12 @@ def add_user(
     output: OutputOpt = Output.table,
 ) -> None:
     """A new user with a password (asked twice), or with --existing a user of another
-    organization made a member of yours."""
-    body: dict[str, Any] = {"username": username, "role": role}
-    if not existing:
-        body["password"] = _password(password_stdin, confirm=True)
+    organization made a member of yours: they agree by typing their own password."""
+    if existing:
+        password = _password(password_stdin, f"Password of {username} (they type it)")
+    else:
+        password = _password(password_stdin, confirm=True)
+    body: dict[str, Any] = {"username": username, "role": role, "password": password}
     with ApiClient(url, token) as client:
         user = client.post("/users", json=body)
     if output is Output.json:
@@ -257,6 +261,8 @@ def _expiry(text: str | None) -> str | None:
     if text is None:
         return None
     try:
+        from stavily.workflows.definition import parse_duration  # loaded when used
+
         return (datetime.now(UTC) + timedelta(seconds=parse_duration(text))).isoformat()
     except ValueError:
         pass

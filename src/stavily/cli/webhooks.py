@@ -33,8 +33,6 @@ from stavily.cli.client import (
     when,
 )
 from stavily.cli.workflows import parse_inputs
-from stavily.workflows.definition import parse_duration
-from stavily.workflows.webhooks import sign
 
 app = typer.Typer(
     help="Webhooks: a URL per workflow whose signed requests start it (docs/triggers.md).",
@@ -52,6 +50,8 @@ _SIGNING = (
 
 def _keep(text: str) -> str:
     try:
+        from stavily.workflows.definition import parse_duration  # loaded when used
+
         seconds = parse_duration(text)
     except ValueError as exc:
         fail(f"--keep-previous-for: {exc}")
@@ -319,6 +319,8 @@ def send(
     output: OutputOpt = Output.table,
 ) -> None:
     """Sign a test request with the secret and POST it to the hook, as a sender would."""
+    from stavily.workflows.webhooks import sign  # server code: loaded when used
+
     body = _body(payload, payload_file)
     headers = {
         "Content-Type": "application/json",

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stavily import audit
-from stavily.errors import Forbidden, Unauthorized
+from stavily.errors import Forbidden, StavilyError, Unauthorized
 from stavily.ids import new_id
 from stavily.security import roles
 from stavily.security.credentials import CredentialCache, StartRefused, digest, generate
@@ -21,7 +21,6 @@ from stavily.store.notify import announce_credentials_changed
 from stavily.timeutil import utcnow
 
 DEFAULT_ORGANIZATION = "default"
-ROLES = tuple(roles.BUILTIN_ROLES)
 
 
 @dataclass(frozen=True)
@@ -44,9 +43,6 @@ class Principal:
             return f"user:{self.username}"
         return f"token:{self.token_id}"
 
-    def allows(self, permission: str) -> bool:
-        return permission in self.permissions
-
     def require(self, permission: str) -> None:
         if permission not in self.permissions:
             raise Forbidden(f"role '{self.role}' may not do '{permission}'")
@@ -63,18 +59,20 @@ class TokenRefused(Unauthorized):
 
 class Denials:
     """Refused credentials, recorded in the audit log as denied attempts (`auth.denied`):
-    at most one record per source address, kind and reason every `period` seconds, with
+    at most one record per source address, kind, reason and subject (the token or agent,
+    when known) every `period` seconds, with
     how many were refused since the last one, so that a flood cannot fill the log (a
     source refused too often is rate limited before it gets here)."""
 
     def __init__(self, db: Database, default_organization: str, period: float = 10.0) -> None:
         self.db, self.default_organization, self.period = db, default_organization, period
-        self._seen: dict[tuple[str, str, str], tuple[float, int]] = {}  # -> (written, since)
+        self._seen: dict[tuple[str, str, str, str], tuple[float, int]] = {}  # -> (written, since)
 
     async def record(
-        self, source: str, kind: str, error: Unauthorized | Forbidden, subject: str | None = None
+        self, source: str, kind: str, error: StavilyError, subject: str | None = None
     ) -> None:
-        key = (source, kind, error.message)
+        subject_id = getattr(error, "token_id", None) or subject or "unknown"
+        key = (source, kind, error.message, subject_id)
         now = time.monotonic()
         written, since = self._seen.get(key, (-self.period, 0))
         if now - written < self.period:
@@ -84,7 +82,6 @@ class Denials:
             self._seen.clear()
         self._seen[key] = (now, 0)
         organization = getattr(error, "organization_id", None) or self.default_organization
-        subject_id = getattr(error, "token_id", None) or subject or "unknown"
         details = {"kind": kind, "reason": error.message, "source": source}
         if since:
             details["refused_since_last_record"] = since

@@ -7,7 +7,11 @@ by `session_idle_seconds` unused or `session_max_seconds` after the login. Faile
 in a row lock the user out for a while that doubles with each further failure.
 
 No one hands out more than they may do: a role given to a user or a token must grant
-nothing its giver's role does not (`roles.exceeding`).
+nothing its giver's role does not (`roles.exceeding`); and no one changes, resets,
+removes or revokes a user, token or role that may do more than they may.
+
+Unknown usernames are locked out like known ones (their failures are counted in memory),
+so a lockout tells nothing of whether a name exists.
 """
 
 from __future__ import annotations
@@ -104,7 +108,7 @@ async def check_role(conn: AsyncConnection, giver: Principal, role: str) -> froz
     """The permissions of `role` in the giver's organization: InvalidInput for a role it
     does not have, Forbidden for one granting what the giver may not do."""
     granted = await permissions_of(conn, giver.organization_id, role)
-    if not granted and roles.builtin(role) is None:
+    if not granted and roles.builtin(role) is None and not await _custom_role(conn, giver, role):
         raise InvalidInput(
             f"no role '{role}' in this organization",
             [{"path": "role", "message": "unknown role"}],
@@ -113,6 +117,25 @@ async def check_role(conn: AsyncConnection, giver: Principal, role: str) -> froz
     if beyond:
         raise Forbidden(f"role '{role}' grants what you may not do: {', '.join(beyond)}")
     return granted
+
+
+async def _custom_role(conn: AsyncConnection, by: Principal, name: str) -> bool:
+    query = sa.select(role_table.c.name).where(
+        role_table.c.organization_id == by.organization_id, role_table.c.name == name
+    )
+    return await conn.scalar(query) is not None
+
+
+async def not_above(conn: AsyncConnection, by: Principal, role: str | None, what: str) -> None:
+    """Forbidden when `role` grants what `by` may not do: `what` (a user, a token, a role)
+    is changed only by someone who may do as much."""
+    granted = await permissions_of(conn, by.organization_id, role) if role else frozenset()
+    beyond = roles.exceeding(granted, by.permissions)
+    if beyond:
+        raise Forbidden(
+            f"{what} may do what you may not ({', '.join(beyond)}): only someone who may do "
+            "as much can change it"
+        )
 
 
 # -- users ----------------------------------------------------------------------------------
@@ -162,37 +185,64 @@ async def get_user(conn: AsyncConnection, organization_id: str, user_id: str) ->
 
 
 async def add_user(
-    db: Database, by: Principal, username: str, password: str | None, role: str
+    db: Database,
+    policy: LoginPolicy,
+    by: Principal,
+    username: str,
+    password: str | None,
+    role: str,
+    source: str,
 ) -> dict[str, Any]:
-    """A new user, or an existing one (no password given) made a member of the caller's
-    organization, with `role`."""
+    """A new user with `password`, or an existing one (another organization's) made a
+    member of the caller's organization, with `role`. An existing user joins only by
+    their own password, typed by them: no organization takes in someone else's user
+    unasked (a wrong one counts as their failed login)."""
     name = check_username(username)
     if password is not None:
         check_password(password)
+    async with db.read() as conn:
+        existing = (
+            await conn.execute(
+                sa.select(users.c.id, users.c.password_hash, users.c.locked_until).where(
+                    users.c.username == name
+                )
+            )
+        ).first()
+    if existing is None:
+        if password is None:
+            raise InvalidInput(
+                f"no user '{name}' yet: give a password to create one",
+                [{"path": "password", "message": "required for a new user"}],
+            )
         password_hash = await hash_password(password)
+    else:
+        if password is None:
+            raise InvalidInput(
+                f"user '{name}' exists: they join this organization by giving their own "
+                "password (stavily user add NAME --existing, typed by them)",
+                [{"path": "password", "message": "the user's own password"}],
+            )
+        _refuse_if_locked(existing.locked_until, utcnow())
+        if not await _verify(existing.password_hash, password):
+            await _failed(db, policy, existing.id, name, source)
+            raise Forbidden(f"that is not the password of user '{name}'")
     async with db.write() as conn:
         await check_role(conn, by, role)
-        user_id = await conn.scalar(sa.select(users.c.id).where(users.c.username == name))
         now = utcnow()
-        if user_id is None:
-            if password is None:
-                raise InvalidInput(
-                    f"no user '{name}' yet: give a password to create one",
-                    [{"path": "password", "message": "required for a new user"}],
-                )
+        if existing is None:
             user_id = new_id("usr")
-            await conn.execute(
-                users.insert().values(
-                    id=user_id, username=name, password_hash=password_hash, created_at=now
-                )
-            )
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(
+                        users.insert().values(
+                            id=user_id, username=name, password_hash=password_hash, created_at=now
+                        )
+                    )
+            except IntegrityError:  # the same name made at the same moment
+                raise Conflict(f"user '{name}' was just created: try again") from None
             action = "user.created"
-        elif password is not None:
-            raise Conflict(
-                f"user '{name}' exists: leave out the password to add them to this organization"
-            )
         else:
-            action = "user.added"
+            user_id, action = existing.id, "user.added"
         try:
             async with conn.begin_nested():
                 await conn.execute(
@@ -250,7 +300,9 @@ async def update_user(
         check_password(password)
         password_hash = await hash_password(password)
     async with db.write() as conn:
-        await get_user(conn, by.organization_id, user_id)
+        target = await get_user(conn, by.organization_id, user_id)
+        if user_id != by.user_id:
+            await not_above(conn, by, target["role"], "this user")
         changes: dict[str, Any] = {}
         if role is not None:
             await check_role(conn, by, role)
@@ -309,6 +361,7 @@ async def remove_user(db: Database, by: Principal, user_id: str) -> None:
         raise Conflict("you cannot remove yourself: another admin can")
     async with db.write() as conn:
         view = await get_user(conn, by.organization_id, user_id)
+        await not_above(conn, by, view["role"], "this user")
         await conn.execute(
             memberships.delete().where(
                 memberships.c.user_id == user_id,
@@ -341,13 +394,27 @@ async def remove_user(db: Database, by: Principal, user_id: str) -> None:
         )
 
 
-async def change_own_password(db: Database, me: Principal, current: str, new: str) -> None:
+async def change_own_password(
+    db: Database, policy: LoginPolicy, me: Principal, current: str, new: str, source: str
+) -> None:
+    """A wrong current password counts as a failed login: it is audited, and locks the
+    user out like one (a stolen session cannot guess the password)."""
     if me.user_id is None:
         raise InvalidInput("this token belongs to no user: there is no password to change")
     check_password(new)
     async with db.read() as conn:
-        stored = await conn.scalar(sa.select(users.c.password_hash).where(users.c.id == me.user_id))
-    if stored is None or not await _verify(stored, current):
+        user = (
+            await conn.execute(
+                sa.select(users.c.password_hash, users.c.locked_until).where(
+                    users.c.id == me.user_id
+                )
+            )
+        ).first()
+    if user is None:
+        raise Forbidden("the current password is wrong")
+    _refuse_if_locked(user.locked_until, utcnow())
+    if not await _verify(user.password_hash, current):
+        await _failed(db, policy, me.user_id, me.username or "", source)
         raise Forbidden("the current password is wrong")
     password_hash = await hash_password(new)
     async with db.write() as conn:
@@ -427,17 +494,19 @@ async def login(
             )
         ).first()
     now = utcnow()
-    if user is not None and user.locked_until is not None and user.locked_until > now:
-        wait = max(1, int((user.locked_until - now).total_seconds()) + 1)
-        raise RateLimited(f"too many failed logins: try again in {wait} s", retry_after=wait)
+    _refuse_if_locked(user.locked_until if user else _unknown.locked_until(name), now)
     valid = await _verify(user.password_hash if user else None, password[:MAX_PASSWORD])
     if user is None:
-        raise Unauthorized(WRONG_LOGIN)
+        _unknown.failed(name, policy, now)
+        raise UnknownUser(WRONG_LOGIN)
     if not valid:
         await _failed(db, policy, user.id, name, source)
         raise Unauthorized(WRONG_LOGIN)
     if user.disabled_at is not None:
         raise Unauthorized("this user is disabled")
+    rehashed = None  # hashed before the transaction: a write lock is not held for it
+    if _hasher.check_needs_rehash(user.password_hash):
+        rehashed = await hash_password(password)
     async with db.write() as conn:
         member = await _membership(conn, user.id, organization)
         expires_at = now + timedelta(seconds=policy.max_seconds)
@@ -452,8 +521,8 @@ async def login(
             expires_at=expires_at,
         )
         values: dict[str, Any] = {"failed_logins": 0, "locked_until": None, "last_login_at": now}
-        if _hasher.check_needs_rehash(user.password_hash):
-            values["password_hash"] = await hash_password(password)
+        if rehashed is not None:
+            values["password_hash"] = rehashed
         await conn.execute(users.update().where(users.c.id == user.id).values(**values))
         await audit.append(
             conn,
@@ -477,6 +546,38 @@ async def login(
         "organization": {"id": member.organization_id, "name": member.name},
         "role": member.role,
     }
+
+
+class UnknownUser(Unauthorized):
+    """A login with a name no user has: answered as a wrong password is."""
+
+
+def _refuse_if_locked(locked_until: datetime | None, now: datetime) -> None:
+    if locked_until is not None and locked_until > now:
+        wait = max(1, int((locked_until - now).total_seconds()) + 1)
+        raise RateLimited(f"too many failed logins: try again in {wait} s", retry_after=wait)
+
+
+class _UnknownNames:
+    """Failed logins with names no user has, counted in memory like a user's in the
+    database: a name is locked out after as many, for as long."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._failures: dict[str, tuple[int, datetime | None]] = {}
+
+    def locked_until(self, name: str) -> datetime | None:
+        return self._failures.get(name, (0, None))[1]
+
+    def failed(self, name: str, policy: LoginPolicy, now: datetime) -> None:
+        if len(self._failures) >= self.max_entries:
+            self._failures.clear()
+        failures = self._failures.get(name, (0, None))[0] + 1
+        lock = policy.lockout(failures)
+        self._failures[name] = (failures, now + timedelta(seconds=lock) if lock else None)
+
+
+_unknown = _UnknownNames()
 
 
 async def _membership(conn: AsyncConnection, user_id: str, organization: str | None) -> Any:
@@ -645,6 +746,11 @@ async def revoke_token(db: Database, by: Principal, token_id: str) -> None:
         view = await get_token(conn, by.organization_id, token_id)
         if view["revoked_at"] is not None:
             return
+        own = token_id == by.token_id or (
+            by.user_id is not None and view.get("user_id") == by.user_id
+        )
+        if not own:
+            await not_above(conn, by, view["role"], "this token")
         await conn.execute(
             api_tokens.update().where(api_tokens.c.id == token_id).values(revoked_at=utcnow())
         )
@@ -716,17 +822,22 @@ async def put_role(
     async with db.write() as conn:
         exists = await conn.scalar(sa.select(role_table.c.name).where(key))
         if exists is None:
-            await conn.execute(
-                role_table.insert().values(
-                    organization_id=by.organization_id,
-                    name=name,
-                    description=description,
-                    permissions=granted,
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(
+                        role_table.insert().values(
+                            organization_id=by.organization_id,
+                            name=name,
+                            description=description,
+                            permissions=granted,
+                            created_at=now,
+                            updated_at=now,
+                        )
+                    )
+            except IntegrityError:  # the same role defined at the same moment
+                raise Conflict(f"role '{name}' was just defined: try again") from None
         else:
+            await not_above(conn, by, name, f"role '{name}'")
             await conn.execute(
                 role_table.update()
                 .where(key)
@@ -758,6 +869,7 @@ async def delete_role(db: Database, by: Principal, name: str) -> None:
     async with db.write() as conn:
         if await conn.scalar(sa.select(role_table.c.name).where(key)) is None:
             raise NotFound(f"no role '{name}'")
+        await not_above(conn, by, name, f"role '{name}'")
         members = await conn.scalar(
             sa.select(sa.func.count())
             .select_from(memberships)

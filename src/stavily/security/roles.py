@@ -24,6 +24,7 @@ PERMISSIONS: dict[str, str] = {
     "plugins:write": "publish plugins, pin versions and roll them out",
     "secrets:read": "see the names of stored secrets (never their values)",
     "secrets:write": "store, replace and delete secrets and rotate their key",
+    "secrets:use": "apply workflows that use secrets (their steps are handed the values)",
     "audit:read": "read the audit log",
     "tokens:read": "see the organization's API tokens and sessions",
     "tokens:write": "create and revoke API tokens",
@@ -47,7 +48,7 @@ _READ = frozenset(
 )
 BUILTIN_ROLES: dict[str, frozenset[str]] = {
     "admin": frozenset(PERMISSIONS),
-    "operator": _READ | {"workflows:write", "executions:run", "secrets:read"},
+    "operator": _READ | {"workflows:write", "executions:run", "secrets:read", "secrets:use"},
     "viewer": _READ,
     "auditor": _READ | {"audit:read"},
 }

@@ -393,15 +393,16 @@ def test_openapi_document_lists_the_routes(world: World) -> None:
 def test_garbage_to_every_route_never_500(world: World, sweeper: Sweeper) -> None:
     for op in world.operations:
         for auth in AUTHS:
-            # without a credential the ids are never looked up: one kind of them will do
-            kinds = (
-                ("real", "unknown", "other agent") if auth in ("admin", "agent") else ("unknown",)
-            )
+            # without a credential the ids are never looked up and the body is refused
+            # whatever it holds: one kind of ids, and the kinds of body that are not JSON
+            # objects (the framework may read a body before the credential), will do
+            credential = auth in ("admin", "agent")
+            kinds = ("real", "unknown", "other agent") if credential else ("unknown",)
             for which in kinds:
                 if which != "unknown" and op.path.endswith(ACTIONS):
                     continue  # no body to garble: with a real id they do what they say
                 url = world.url(op, world.ids(op, which))
-                bodies = BODIES if op.has_body else BODIES[:4] + BODIES[-1:]
+                bodies = BODIES if op.has_body and credential else BODIES[:4] + BODIES[-1:]
                 for body in bodies:
                     label = f"[{auth}, {which} ids, {body[0]}]"
                     sweeper(label, op.method, url, world.headers(auth), body)

@@ -98,7 +98,7 @@ class EdgeMiddleware:
                 scope, receive, send
             )
             return
-        send = _counting_refusals(send, scope, limits, source)
+        send = _counting_refusals(send, scope, limits, source, api == "hooks")
         if self.hooks is not None and api == "hooks":
             await self.hooks(scope, receive, send)
             return
@@ -216,11 +216,12 @@ def _api(path: str) -> str:
     return "hooks" if path.startswith("/hooks/") else "api"
 
 
-def _counting_refusals(send: Send, scope: Scope, limits: RateLimits, source: str) -> Send:
+def _counting_refusals(
+    send: Send, scope: Scope, limits: RateLimits, source: str, hook: bool
+) -> Send:
     """`send`, counting a 401 against the source when the request presented a credential
     (none at all is no guess: a client that forgot its token is not blocked for it), or
     was sent to a webhook (which only signed requests may call)."""
-    hook = scope["path"].startswith("/hooks/")
 
     async def counting(message: Message) -> None:
         if message["type"] == "http.response.start" and message["status"] == 401:

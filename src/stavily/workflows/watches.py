@@ -437,19 +437,19 @@ class Events:
         return "no workflow's rule matched: recorded, it started nothing"
 
     async def _existing(self, organization_id: str, source: str, key: str | None) -> dict[str, Any]:
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(events).where(
-                        events.c.organization_id == organization_id,
-                        events.c.source == source,
-                        events.c.idempotency_key == key,
-                    )
-                )
-            ).first()
-        if row is None:  # cannot happen: the key conflicted with it
-            raise Conflict("the event conflicted with one that is gone")
-        return _event_view(row._mapping)
+        query = sa.select(events).where(
+            events.c.organization_id == organization_id,
+            events.c.source == source,
+            events.c.idempotency_key == key,
+        )
+        # on SQLite the first may sit in a group commit not yet committed, which only the
+        # writer's connection sees (and leaving write() waits for that commit)
+        for connect in (self.db.read, self.db.write):
+            async with connect() as conn:
+                row = (await conn.execute(query)).first()
+            if row is not None:
+                return _event_view(row._mapping)
+        raise Conflict("the event conflicted with one that is gone")
 
     async def list(
         self,

@@ -103,21 +103,21 @@ async def login(body: LoginRequest, request: Request, state: AppState) -> JSONRe
     """A session for a user: its token goes in `Authorization: Bearer` like an API
     token's. Wrong names and wrong passwords are refused alike; failed logins in a row
     lock the user out for a while (429 with `Retry-After`)."""
-    source = peer(request)
+    source, name = peer(request), body.username.strip().lower()[:100]
     await state.rate_limits.hit("login", source)
     try:
         session = await identities.login(
             state.db, _policy(state), body.username, body.password, body.organization, source
         )
     except identities.UnknownUser as exc:  # a known user's failures are audited as theirs
-        await state.denials.record(source, "login", exc, body.username.strip().lower()[:100])
+        await state.denials.record(source, "login", exc, name)
         await state.rate_limits.failed(source)
         raise
     except Unauthorized:
         await state.rate_limits.failed(source)
         raise
     except RateLimited as exc:  # locked out: refused, and recorded
-        await state.denials.record(source, "login", exc, body.username.strip().lower()[:100])
+        await state.denials.record(source, "login", exc, name)
         raise
     return JSONResponse(session)
 

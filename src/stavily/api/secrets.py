@@ -9,12 +9,12 @@ from fastapi import APIRouter, Path, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from stavily.api import schemas
-from stavily.api.deps import AppState, State, permitted
+from stavily.api.deps import AppState, permitted
 from stavily.api.json import JSONResponse
 from stavily.api.schemas import errors
 from stavily.security import Principal
 from stavily.security.secrets import STORE_NAME
-from stavily.security.store import MAX_VALUE_BYTES, SecretStore
+from stavily.security.store import MAX_VALUE_BYTES
 
 router = APIRouter(prefix="/api/v1/secrets", tags=["secrets"])
 
@@ -33,10 +33,6 @@ class SecretValue(BaseModel):
     )
 
 
-def _store(state: State) -> SecretStore:
-    return state.secret_store
-
-
 @router.put(
     "/{name}",
     response_model=schemas.Secret,
@@ -49,7 +45,7 @@ async def put_secret(
     name: NameArg, body: SecretValue, principal: Writer, state: AppState
 ) -> JSONResponse:
     """Store a value under `name` (201), or replace its value (200)."""
-    view, created = await _store(state).put(
+    view, created = await state.secret_store.put(
         principal.organization_id, name, body.value, principal.actor
     )
     return JSONResponse(view, status_code=201 if created else 200)
@@ -58,20 +54,20 @@ async def put_secret(
 @router.get("", response_model=schemas.SecretList, responses=errors(401, 403, 429))
 async def list_secrets(principal: Reader, state: AppState) -> JSONResponse:
     """The organization's secrets: names and metadata."""
-    return JSONResponse({"secrets": await _store(state).list(principal.organization_id)})
+    return JSONResponse({"secrets": await state.secret_store.list(principal.organization_id)})
 
 
 @router.post("/rotate", response_model=schemas.SecretKeyRotated, responses=errors(401, 403, 429))
 async def rotate_secret_key(principal: Writer, state: AppState) -> JSONResponse:
     """A new data key for the organization: every secret is re-encrypted under it, and
     the old keys are deleted once unused. Workflows run on meanwhile."""
-    return JSONResponse(await _store(state).rotate(principal.organization_id, principal.actor))
+    return JSONResponse(await state.secret_store.rotate(principal.organization_id, principal.actor))
 
 
 @router.get("/{name}", response_model=schemas.Secret, responses=errors(401, 403, 404, 422, 429))
 async def get_secret(name: NameArg, principal: Reader, state: AppState) -> JSONResponse:
     """A secret's metadata; its value is never shown."""
-    return JSONResponse(await _store(state).get(principal.organization_id, name))
+    return JSONResponse(await state.secret_store.get(principal.organization_id, name))
 
 
 @router.delete(
@@ -79,5 +75,5 @@ async def get_secret(name: NameArg, principal: Reader, state: AppState) -> JSONR
 )
 async def delete_secret(name: NameArg, principal: Writer, state: AppState) -> Response:
     """Steps queued from now on that use it fail; instructions already queued keep theirs."""
-    await _store(state).delete(principal.organization_id, name, principal.actor)
+    await state.secret_store.delete(principal.organization_id, name, principal.actor)
     return Response(status_code=204)

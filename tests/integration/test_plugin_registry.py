@@ -5,6 +5,7 @@ agents fetch, and every bad input refused with nothing half-written."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import hashlib
 import io
 import os
@@ -99,6 +100,22 @@ def test_the_same_version_with_other_content_is_a_conflict(
     assert "publish a new version" in refused.json()["error"]["message"]
     version = orch.api.get(f"/api/v1/plugins/{plugin_id}/versions/1.0.0").json()
     assert version["sha256"] == sha  # unchanged
+
+
+def test_the_same_version_published_at_once_is_one_version(
+    orch: Orchestrator, tmp_path: Path
+) -> None:
+    """Concurrent publishes of the same content: one creates the version, the others
+    answer with it (never a 500, whether or not the first has committed yet)."""
+    plugin_id = unique("raced")
+    folder = make_plugin(tmp_path / "p", plugin_id)
+    clients = [orch.client(orch.token) for _ in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda client: publish(client, folder), clients))
+    assert sorted(a.status_code for a in answers) == [200, 200, 200, 201], [a.text for a in answers]
+    assert len({a.json()["sha256"] for a in answers}) == 1
+    listed = _versions(orch, plugin_id).json()["versions"]
+    assert [v["version"] for v in listed] == ["1.0.0"]
 
 
 def test_each_version_is_signed_with_a_published_key(orch: Orchestrator, tmp_path: Path) -> None:

@@ -333,7 +333,7 @@ class Registry:
         return version_view(existing)
 
     async def _existing(self, organization_id: str, plugin_id: str, version: str) -> Any:
-        async with self.db.read() as conn:
+        async with self.db.read_latest() as conn:  # the other may not be committed yet
             return await version_row(conn, organization_id, plugin_id, version)
 
     async def _upsert_plugin(

@@ -142,7 +142,7 @@ async def check_fingerprint(
                 )
             stored = mine
         except IntegrityError:  # another replica recorded its own first: compare with it
-            async with db.read() as conn:
+            async with db.read_latest() as conn:
                 stored = await conn.scalar(query)
     if stored != mine and stored in {fingerprint(old) for old in previous}:
         async with db.write() as conn:

@@ -270,6 +270,19 @@ class Database:
             yield conn
 
     @asynccontextmanager
+    async def read_latest(self) -> AsyncIterator[AsyncConnection]:
+        """A read that sees what another request wrote a moment ago, for the row an
+        IntegrityError says exists. On SQLite that write may sit in a group commit not
+        yet committed, which only the writer's connection sees (and leaving it waits for
+        that commit); elsewhere a plain read sees it."""
+        if self._sync_writer is None:
+            async with self.read() as conn:
+                yield conn
+            return
+        async with self.write() as conn:
+            yield conn
+
+    @asynccontextmanager
     async def single_statements(self) -> AsyncIterator[AsyncConnection]:
         """For work done in statements that each stand alone. PostgreSQL: each statement
         commits on its own, with no BEGIN and COMMIT round trips; SQLite: write()."""

@@ -442,14 +442,11 @@ class Events:
             events.c.source == source,
             events.c.idempotency_key == key,
         )
-        # on SQLite the first may sit in a group commit not yet committed, which only the
-        # writer's connection sees (and leaving write() waits for that commit)
-        for connect in (self.db.read, self.db.write):
-            async with connect() as conn:
-                row = (await conn.execute(query)).first()
-            if row is not None:
-                return _event_view(row._mapping)
-        raise Conflict("the event conflicted with one that is gone")
+        async with self.db.read_latest() as conn:  # the first may not be committed yet
+            row = (await conn.execute(query)).first()
+        if row is None:  # cannot happen: the key conflicted with it
+            raise Conflict("the event conflicted with one that is gone")
+        return _event_view(row._mapping)
 
     async def list(
         self,

@@ -13,7 +13,7 @@ from stavily.api.deps import AppState, Authenticated, State, peer, permitted
 from stavily.api.json import JSONResponse
 from stavily.api.schemas import errors
 from stavily.errors import Forbidden, RateLimited, Unauthorized
-from stavily.security import Principal, identities, roles
+from stavily.security import Principal, identities, organizations, roles
 from stavily.security.identities import MAX_PASSWORD, LoginPolicy
 
 router = APIRouter(prefix="/api/v1")
@@ -134,7 +134,7 @@ async def logout(principal: Authenticated, state: AppState) -> Response:
 async def me(principal: Authenticated, state: AppState) -> JSONResponse:
     """Who this credential acts as, where, and what it may do."""
     async with state.db.read() as conn:
-        organization = await identities.organization_name(conn, principal.organization_id)
+        organization = await organizations.organization_name(conn, principal.organization_id)
     user = None
     if principal.user_id is not None:
         user = {"id": principal.user_id, "username": principal.username}
@@ -396,7 +396,7 @@ async def list_organizations(
 ) -> JSONResponse:
     """The organizations the caller belongs to (a token: its own), with the role in each."""
     async with state.db.read() as conn:
-        listed = await identities.list_organizations(conn, principal)
+        listed = await organizations.list_organizations(conn, principal)
     return JSONResponse({"organizations": listed})
 
 
@@ -414,7 +414,7 @@ async def create_organization(
 ) -> JSONResponse:
     """A new, empty organization: its resources are its own. The calling user is its
     admin; a token of no user gets an admin token for it, in this answer only."""
-    made = await identities.create_organization(state.db, principal, body.name)
+    made = await organizations.create_organization(state.db, principal, body.name)
     return JSONResponse(made, status_code=201)
 
 
@@ -431,5 +431,7 @@ async def rename_organization(
     state: AppState,
 ) -> JSONResponse:
     """Rename the caller's organization."""
-    renamed = await identities.rename_organization(state.db, principal, organization_id, body.name)
+    renamed = await organizations.rename_organization(
+        state.db, principal, organization_id, body.name
+    )
     return JSONResponse(renamed)

@@ -47,7 +47,7 @@ def create(orch: Orchestrator, name: str, **fields: Any) -> dict[str, Any]:
 def post(
     hook: dict[str, Any],
     body: bytes,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, Any] | None = None,
     secret: str | None = None,
     at: int | None = None,
     signed: bool = True,
@@ -58,18 +58,18 @@ def post(
     return httpx.post(hook["url"], content=body, headers={**given, **(headers or {})})
 
 
-def github(hook: dict[str, Any], body: bytes, delivery: str, secret: str | None = None) -> Any:
+def github(
+    hook: dict[str, Any], body: bytes, delivery: str | None, secret: str | None = None
+) -> Any:
     digest = hmac.new((secret or hook["secret"]).encode(), body, hashlib.sha256).hexdigest()
-    return httpx.post(
-        hook["url"],
-        content=body,
-        headers={
-            "Content-Type": "application/json",
-            "X-Hub-Signature-256": f"sha256={digest}",
-            "X-GitHub-Delivery": delivery,
-            "X-GitHub-Event": "push",
-        },
-    )
+    headers = {
+        "Content-Type": "application/json",
+        "X-Hub-Signature-256": f"sha256={digest}",
+        "X-GitHub-Event": "push",
+    }
+    if delivery is not None:
+        headers["X-GitHub-Delivery"] = delivery
+    return httpx.post(hook["url"], content=body, headers=headers)
 
 
 def processed(orch: Orchestrator, event_id: str, timeout: float = 15) -> dict[str, Any]:
@@ -128,6 +128,10 @@ def test_github_signature_and_delivery_id(orchestrator: Orchestrator) -> None:
     # GitHub redelivers with the same delivery id: nothing new
     again = github(hook, body, delivery)
     assert again.status_code == 200 and again.json()["event_id"] == event["id"]
+    # with no delivery id the signature is the key: the same request again is a replay
+    first, again = (github(hook, b'{"n": 7}', None) for _ in range(2))
+    assert (first.status_code, again.status_code) == (202, 200), again.text
+    assert again.json()["event_id"] == first.json()["event_id"]
     wrong = github(hook, body, str(uuid.uuid4()), secret="whsec_not-it")
     assert wrong.status_code == 401
     assert "does not match" in wrong.json()["error"]["message"]
@@ -156,6 +160,9 @@ def test_bad_signatures_are_refused_and_recorded(orchestrator: Orchestrator) -> 
         "wrong secret": (post(hook, body, secret="whsec_wrong"), "does not match"),
         "unsigned": (post(hook, body, signed=False), "not signed"),
         "malformed": (post(hook, body, {"X-Stavily-Signature": "v1=abc"}), "must be t="),
+        # a time no number type holds, or digits that are not ASCII: refused, never a 500
+        "huge time": (post(hook, body, {"X-Stavily-Signature": f"t={'9' * 400},v1=ab"}), "t="),
+        "odd digits": (post(hook, body, {"X-Stavily-Signature": b"t=\xb2,v1=ab"}), "t="),
         "bad github": (
             post(hook, body, {"X-Hub-Signature-256": "sha1=abc"}, signed=False),
             "X-Hub-Signature-256 must be",
@@ -286,6 +293,10 @@ def test_the_idempotency_key_from_a_body_field(orchestrator: Orchestrator) -> No
     # a new signature (another second, another body) but the same delivery: a duplicate
     second = post(hook, b'{"delivery": {"id": "d-1"}, "n": 2}', at=int(time.time()) - 5)
     assert (first.status_code, second.status_code) == (202, 200)
+    # an Idempotency-Key header comes before the body's field
+    keyed = [post(hook, b'{"delivery": {"id": "d-1"}, "n": 4}', {"Idempotency-Key": "k-4"})]
+    keyed.append(post(hook, b'{"delivery": {"id": "d-2"}, "n": 5}', {"Idempotency-Key": "k-4"}))
+    assert [r.status_code for r in keyed] == [202, 200], keyed[1].text
     missing = post(hook, b'{"n": 3}')
     assert missing.status_code == 422 and "delivery.id" in missing.json()["error"]["message"]
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import re
 import secrets as _random
 import time
 from dataclasses import dataclass
@@ -59,6 +60,10 @@ _ON_THREAD = 64 * 1024
 REFUSALS_RECORDED = 10
 # an accepted event no replica has processed after this long is taken up by any
 ORPHANED_AFTER = 5.0
+# `t=` of our signature: ASCII digits only, no more than a unix time has for millennia
+_UNIX_SECONDS = re.compile(r"[0-9]{1,12}")
+# headers naming a delivery, in the order they are read as its idempotency key
+_DELIVERY_HEADERS = (b"x-github-delivery", b"x-stavily-delivery", b"idempotency-key")
 _EVENT_TYPE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-/")
 
 
@@ -101,9 +106,10 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
 
 def verify(hook: Hook, headers: dict[bytes, bytes], body: bytes, now: float) -> str | None:
     """Check the request's signature; the idempotency key its headers give (GitHub's
-    delivery id, else ours), else, for our scheme, the signature itself: the same signed
-    request again within the tolerance window is a replay and starts nothing. Raises
-    Unauthorized saying what is wrong."""
+    delivery id, else ours, else Idempotency-Key), else the signature itself: the same
+    signed request again is a replay and starts nothing (ours carries its time, so only
+    within the tolerance window; GitHub's does not, so ever). Raises Unauthorized saying
+    what is wrong."""
     ours = headers.get(b"x-stavily-signature")
     given = headers.get(b"x-stavily-delivery") or headers.get(b"idempotency-key")
     if ours is not None:
@@ -112,7 +118,7 @@ def verify(hook: Hook, headers: dict[bytes, bytes], body: bytes, now: float) -> 
             name, _, value = part.strip().partition("=")
             fields.setdefault(name, []).append(value)
         stamps, signatures = fields.get("t", []), fields.get("v1", [])
-        if len(stamps) != 1 or not stamps[0].isdigit() or not signatures:
+        if len(stamps) != 1 or not _UNIX_SECONDS.fullmatch(stamps[0]) or not signatures:
             raise Unauthorized(
                 "X-Stavily-Signature must be t=<unix seconds>,v1=<hex HMAC-SHA256 of '<t>.<body>'>"
             )
@@ -137,7 +143,8 @@ def verify(hook: Hook, headers: dict[bytes, bytes], body: bytes, now: float) -> 
             _same(value, hmac.new(s, body, hashlib.sha256).hexdigest()) for s in hook.secrets
         ):
             raise Unauthorized("the signature does not match this webhook's secret")
-        return _key_header(headers.get(b"x-github-delivery") or given)
+        key = _key_header(headers.get(b"x-github-delivery") or given)
+        return key or f"sig:gh:{value.strip().lower()[:64]}"
     raise Unauthorized(
         "the request is not signed: send X-Stavily-Signature (t=<unix seconds>,v1=<hex>) "
         "or X-Hub-Signature-256 (sha256=<hex>)"
@@ -490,9 +497,7 @@ class Intake:
     ) -> tuple[str | None, dict]:
         key = verify(hook, headers, body, time.time())
         payload = parse_body(body, self.max_depth)
-        if hook.idempotency_field and not (
-            headers.get(b"x-github-delivery") or headers.get(b"x-stavily-delivery")
-        ):
+        if hook.idempotency_field and not any(headers.get(h) for h in _DELIVERY_HEADERS):
             key = field_key(payload, hook.idempotency_field)
         return key, payload
 

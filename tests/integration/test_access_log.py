@@ -12,7 +12,8 @@ from tests.harness import Orchestrator, SimAgent
 
 
 def _access(logs: list[dict]) -> list[dict]:
-    return [entry for entry in logs if entry["event"] in ("request", "agent requests")]
+    names = ("request", "request refused", "agent requests")
+    return [entry for entry in logs if entry["event"] in names]
 
 
 def test_requests_are_logged_without_credentials_and_agents_only_when_refused(
@@ -28,6 +29,10 @@ def test_requests_are_logged_without_credentials_and_agents_only_when_refused(
         refused = orchestrator.agent_client("stva_unknown")
         assert refused.post(f"/agents/v1/{agent.id}/heartbeat", json=beat).status_code == 401
         assert orchestrator.api.get("/healthz").is_success
+        # a flood of refused requests from the same source: counted, not a line each (the
+        # same credential, which blocks no one: a new one each time would block the source)
+        wrong = orchestrator.client("stv_wrong_" + "x" * 40)
+        assert all(wrong.get("/api/v1/agents").status_code == 401 for _ in range(20))
         time.sleep(0.05)
     lines = _access(logs)
     listed = [e for e in lines if e.get("path") == "/api/v1/agents"]

@@ -6,7 +6,10 @@ credential. Agents make almost all of a server's requests (10,000 agents heartbe
 2,000 a second), so only their refused or failed ones are logged one by one; the rest are
 counted and summed up in one line a minute, by status class. Webhook deliveries the same
 (each accepted one is an event, listed by `stavily event list`), and answers refused for a
-rate limit (429), wherever they went.
+rate limit (429), wherever they went. Refused credentials (401, 403), wherever they went,
+and the agents' and webhooks' other refused requests are logged throttled: a line per
+source and status every 10 s at most, and no more than 50 such lines in 10 s in all, the
+rest counted (stavily.logging.Throttled), so a flood cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections import Counter
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from stavily.logging import Throttled
 
 log = structlog.get_logger("stavily.access")
 
@@ -32,6 +37,7 @@ class AccessLog:
             # a flood that is rate limited would otherwise write a line per request
             "429": ("requests rate limited", Counter[str](), [time.monotonic()]),
         }
+        self._refused = Throttled(log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,11 +75,15 @@ class AccessLog:
         if path in ("/healthz", "/health") and status < 400:
             return  # probes, every few seconds
         client = scope.get("client")
-        (log.warning if status >= 500 else log.info)(
-            "request",
-            method=scope["method"],
-            path=path,
-            status=status,
-            ms=round(seconds * 1000, 1),
-            client=client[0] if client else None,
-        )
+        fields = {
+            "method": scope["method"],
+            "path": path,
+            "status": status,
+            "ms": round(seconds * 1000, 1),
+            "client": client[0] if client else None,
+        }
+        if status in (401, 403) or (400 <= status < 500 and prefix in self._routine):
+            source = f"{fields['client']} {status} {prefix}"
+            self._refused.info("request refused", source, **fields)
+            return
+        (log.warning if status >= 500 else log.info)("request", **fields)

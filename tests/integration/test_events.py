@@ -276,6 +276,19 @@ def test_the_documented_trigger_route_needs_the_agents_own_credential(
     assert other.client.post("/api/v1/triggers", json=body).status_code == 403
     anonymous = orchestrator.client()
     assert anonymous.post("/api/v1/triggers", json=body).status_code == 401
+    # a revoked sensor's event: refused, stored nowhere, and recorded for the operator
+    gone = SimAgent(orchestrator, unique("sensor"), type="sensor")
+    assert orchestrator.api.post(f"/api/v1/agents/{gone.id}/revoke").status_code == 200
+    refused = gone.client.post("/api/v1/triggers", json=documented(gone, "cpu-trigger", "r"))
+    assert refused.status_code == 403 and "revoked" in refused.json()["error"]["message"]
+    denied = orchestrator.api.get(
+        "/api/v1/audit", params={"action": "auth.denied", "limit": 500}
+    ).json()["records"]
+    assert [r["details"]["reason"] for r in denied if r["subject_id"] == gone.id] == [
+        "this agent's credential is revoked"
+    ]
+    listed = orchestrator.api.get("/api/v1/events", params={"source": "agent"}).json()
+    assert not [e for e in listed["events"] if e["sent_by"] == f"agent:{gone.id}"]
     for bad in (
         {k: v for k, v in body.items() if k != "trigger_type"},
         {**body, "payload": "text"},
@@ -394,3 +407,5 @@ def test_a_manual_run_is_an_event_with_who_ran_it(orchestrator: Orchestrator) ->
     assert event["type"] == "manual" and event["workflow"] == name
     assert event["sent_by"] == run["trigger"]["actor"]
     assert run["trigger"]["event_id"] == event["id"]
+    # what templates read as trigger.*, the same names as any other event's
+    assert run["trigger"]["source"] == "manual" and run["trigger"]["payload"] == event["payload"]

@@ -166,6 +166,20 @@ def test_a_silent_agent_holding_nothing_goes_degraded_then_offline_and_back(
     assert actions(live, agent)[-2:] == ["agent.offline", "agent.online"]
 
 
+def test_any_request_from_an_agent_is_a_sign_of_life(live: Orchestrator) -> None:
+    """Fetching its plugins' keys (a route of the registry, not of the agent API) keeps
+    an agent that sends no heartbeat online."""
+    agent = Official(live, f"{uuid.uuid4().hex[:6]}-fetches")
+    assert agent.beat().status_code == 200
+    seen = set()
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert agent.client.get(f"/agents/v1/{agent.id}/plugins/keys").status_code == 200
+        seen.add(health(live, agent))
+        time.sleep(0.2)
+    assert seen == {"online"}, seen
+
+
 def test_a_revoked_agent_reporting_its_busy_work_changes_nothing(live: Orchestrator) -> None:
     tag = uuid.uuid4().hex[:6]
     revoked, heir = Official(live, f"{tag}-gone"), Official(live, f"{tag}-heir")

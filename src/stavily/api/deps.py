@@ -18,7 +18,7 @@ from stavily.api.schemas import errors
 from stavily.config import Settings
 from stavily.errors import StavilyError, Unauthorized
 from stavily.fleet import AgentIdentity, HeartbeatBuffer, authenticate_agent
-from stavily.fleet.agents import AgentLookups
+from stavily.fleet.agents import AgentLookups, AgentRefused
 from stavily.logging import Throttled
 from stavily.plugins.installs import Installs
 from stavily.plugins.registry import Registry
@@ -172,7 +172,7 @@ async def agent_for(
         )
     except StavilyError as exc:
         refusals.warning("agent credential refused", agent_id, reason=exc.message)
-        if credential and isinstance(exc, Unauthorized):
+        if credential and isinstance(exc, Unauthorized | AgentRefused):
             await state.denials.record(source, "agent_credential", exc, agent_id)
         raise
     if limited and not state.agent_limit.hit(agent.id):
@@ -191,13 +191,21 @@ async def reporting_agent(
 async def current_agent(
     request: Request, agent_id: str, credential: AgentCredential
 ) -> AgentIdentity:
-    return await agent_for(state_of(request), credential, agent_id, source=peer(request))
+    """The agent behind the credential; its request is a sign of life, whatever it asks
+    (its plugins' keys, manifests and artifacts too)."""
+    state = state_of(request)
+    agent = await agent_for(state, credential, agent_id, source=peer(request))
+    state.heartbeats.touch(agent.id)
+    return agent
 
 
 async def credential_agent(request: Request, credential: AgentCredential) -> AgentIdentity:
     """The agent behind the credential, for a route whose path names no agent (its body
-    does: the route checks it)."""
-    return await agent_for(state_of(request), credential, None, source=peer(request))
+    does: the route checks it); a sign of life too."""
+    state = state_of(request)
+    agent = await agent_for(state, credential, None, source=peer(request))
+    state.heartbeats.touch(agent.id)
+    return agent
 
 
 def peer(scope: Any) -> str:

@@ -332,10 +332,19 @@ async def authenticate_agent(
     if path_agent_id is not None and identity.id != path_agent_id:
         raise Forbidden("this credential does not belong to that agent")
     if identity.revoked:
-        raise Forbidden("this agent's credential is revoked")
+        raise AgentRefused("this agent's credential is revoked", identity)
     if identity.admin_state == "disabled":
-        raise Forbidden("this agent is disabled")
+        raise AgentRefused("this agent is disabled", identity)
     return identity
+
+
+class AgentRefused(Forbidden):
+    """A known agent refused (revoked, disabled): recorded as a denied attempt in its own
+    organization's audit log, the agent as its subject."""
+
+    def __init__(self, message: str, identity: AgentIdentity) -> None:
+        super().__init__(message)
+        self.organization_id, self.token_id = identity.organization_id, identity.id
 
 
 @lru_cache(maxsize=4096)

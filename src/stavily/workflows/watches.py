@@ -345,7 +345,15 @@ class Events:
         """A manual run (the CLI's, the API's), recorded as an event with who did it, in
         the run's transaction; the execution's id."""
         event_id = new_id("evt")
-        trigger = {"type": "manual", "actor": actor, "event_id": event_id}
+        payload = {"inputs": inputs}
+        trigger = {
+            "type": "manual",
+            "source": "manual",
+            "event_id": event_id,
+            "payload": payload,
+            "actor": actor,
+            "sent_by": actor,
+        }
         async with self.db.write() as conn:
             execution_id, done = await self.engine.start_in(
                 conn, organization_id, workflow, inputs, actor, trigger
@@ -356,7 +364,7 @@ class Events:
                     organization_id=organization_id,
                     source="manual",
                     type="manual",
-                    payload={"inputs": inputs},
+                    payload=payload,
                     sent_by=actor,
                     workflow_name=workflow,
                     outcome="started",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -297,3 +298,79 @@ def test_a_newer_version_is_installed_as_an_update_replacing_the_old(
     )
     assert git(plugins / plugin_id, "rev-parse", "HEAD") == git(repo, "rev-parse", "HEAD")
     assert stack.actions(agent_id).count("plugin.installed") == 2
+
+
+# Sleeps on its first run (the marker file not there yet), answers at once on the next.
+SLOW_ONCE_PLUGIN = """import argparse, json, os, sys, time
+parser = argparse.ArgumentParser()
+parser.add_argument("--input", required=True)
+with open(parser.parse_args().input) as handle:
+    marker = json.load(handle)["input_data"]["marker"]
+if not os.path.exists(marker):
+    open(marker, "w").close()
+    time.sleep(8)
+json.dump({"done": True}, sys.stdout)
+"""
+
+
+def test_an_official_agent_killed_mid_step_the_step_succeeds_on_another(
+    processes: Processes, database_url: str, tmp_path: Path
+) -> None:
+    """Killed (SIGKILL) while its plugin runs, an official agent just goes silent: with
+    default error handling the step runs again on the other official agent once the
+    step's timeout and the grace have passed, and succeeds there."""
+    stack = RegistryStack(processes, tmp_path, database_url, STAVILY_LEASE_GRACE="1")
+    try:
+        stack.start_server()
+        plugin_id = _name("slow-once")
+        stack.publish_git(plugin_id, SLOW_ONCE_PLUGIN, configuration={"marker": {"type": "string"}})
+        prefix = _name("official")
+        started = {
+            agent_id: agent
+            for agent_id, agent in (
+                stack.start_official_agent(f"{prefix}-{n}", tmp_path / f"plugins-{n}")
+                for n in (1, 2)
+            )
+        }
+        marker = tmp_path / "first-run-started"
+        name = _name("killed-wf")
+        stack.apply(
+            {
+                "name": name,
+                "agents": {"pools": [{"pool_name": "both", "agent_regex": f"{prefix}-.*"}]},
+                "actions": {
+                    "steps": [
+                        {
+                            "name": "slow",
+                            "plugin": plugin_id,
+                            "timeout": "3s",
+                            "config": {"marker": str(marker)},
+                        }
+                    ]
+                },
+            }
+        )
+        execution = stack.run(name)
+        wait_until(marker.exists, 15, "the plugin running on the first agent")
+        first = stack.step(execution["id"], "slow")
+        holder = first["agent_id"]
+        stack.processes.kill(started[holder])
+        killed = time.monotonic()
+
+        done = stack.wait_finished(execution["id"], timeout=15)
+
+        waited = time.monotonic() - killed
+        step = done["steps"][0]
+        assert (done["status"], step["status"]) == ("succeeded", "succeeded"), done
+        assert step["agent_id"] != holder and step["agent_id"] in started, step
+        assert step["attempts"] == 2 and step["result"] == {"done": True}, step
+        assert waited < 3 + 1 + 4, waited  # timeout, grace, then reaper, install and poll
+        [expired] = [
+            r for r in stack.audit(first["instruction_id"]) if r["action"] == "instruction.expired"
+        ]
+        assert expired["details"]["reason"] == (
+            "agent lost: it went silent while running the step (no result within its 3s "
+            "timeout and 1s of grace)"
+        ), expired
+    finally:
+        stack.close()

@@ -191,21 +191,13 @@ async def reporting_agent(
 async def current_agent(
     request: Request, agent_id: str, credential: AgentCredential
 ) -> AgentIdentity:
-    """The agent behind the credential; its request is a sign of life, whatever it asks
-    (its plugins' keys, manifests and artifacts too)."""
-    state = state_of(request)
-    agent = await agent_for(state, credential, agent_id, source=peer(request))
-    state.heartbeats.touch(agent.id)
-    return agent
+    return await agent_for(state_of(request), credential, agent_id, source=peer(request))
 
 
 async def credential_agent(request: Request, credential: AgentCredential) -> AgentIdentity:
     """The agent behind the credential, for a route whose path names no agent (its body
-    does: the route checks it); a sign of life too."""
-    state = state_of(request)
-    agent = await agent_for(state, credential, None, source=peer(request))
-    state.heartbeats.touch(agent.id)
-    return agent
+    does: the route checks it)."""
+    return await agent_for(state_of(request), credential, None, source=peer(request))
 
 
 def peer(scope: Any) -> str:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,6 +22,7 @@ from stavily.api.errors import error_response
 from stavily.api.json import JSONResponse
 from stavily.api.schemas import errors
 from stavily.errors import InvalidInput, PayloadTooLarge
+from stavily.fleet import AgentIdentity
 from stavily.plugins.manifest import PLUGIN_ID
 from stavily.plugins.registry import version_view
 from stavily.security import Principal
@@ -269,8 +270,17 @@ async def get_rollout(
 # -- what agents fetch ---------------------------------------------------------------------
 
 
+async def fetching_agent(request: Request, agent: CurrentAgent) -> AgentIdentity:
+    """The agent fetching (its request is a sign of life, as any an agent makes)."""
+    request.app.state.stavily.heartbeats.touch(agent.id)
+    return agent
+
+
+FetchingAgent = Annotated[AgentIdentity, Depends(fetching_agent)]
+
+
 @public.get("/keys", response_model=schemas.SigningKeyList, responses=errors(401, 403, 422, 429))
-async def agent_plugin_keys(agent: CurrentAgent, request: Request) -> JSONResponse:
+async def agent_plugin_keys(agent: FetchingAgent, request: Request) -> JSONResponse:
     state: State = request.app.state.stavily
     return JSONResponse({"keys": [k.view() for k in await state.plugins.public_keys()]})
 
@@ -291,7 +301,7 @@ async def _agent_version(request: Request, agent: Any, plugin_id: str, version: 
     responses=errors(401, 403, 404, 422, 429),
 )
 async def agent_manifest(
-    plugin_id: str, version: str, agent: CurrentAgent, request: Request
+    plugin_id: str, version: str, agent: FetchingAgent, request: Request
 ) -> JSONResponse:
     """The signed manifest: what the agent checks the artifact against, and how to run it."""
     row = await _agent_version(request, agent, plugin_id, version)
@@ -319,7 +329,7 @@ async def agent_manifest(
     },
 )
 async def agent_artifact(
-    plugin_id: str, version: str, agent: CurrentAgent, request: Request
+    plugin_id: str, version: str, agent: FetchingAgent, request: Request
 ) -> Response:
     """The artifact (tar.gz), streamed; `ETag` is its sha256 in quotes."""
     row = await _agent_version(request, agent, plugin_id, version)

@@ -342,6 +342,7 @@ async def sensor_trigger(
     `payload.id` (scoped to the agent); it starts each workflow whose trigger step runs
     the plugin `payload.source` names and selects the agent. `tenant_id` is not read:
     the credential decides the organization."""
+    state.heartbeats.touch(agent.id)  # a sign of life, as any request an agent makes
     if body.agent_id != agent.id:
         raise Forbidden("this credential does not belong to that agent")
     answer, new = await do_event(state, agent, body.trigger_type, body.payload)

@@ -18,6 +18,7 @@ from limits import parse as parse_limit
 
 from stavily import __version__
 from stavily.api import agents_v1, errors, fleet, identities, plugins, schemas, v1, webhooks
+from stavily.api import metrics as metrics_api
 from stavily.api import schedules as schedules_api
 from stavily.api import secrets as secrets_api
 from stavily.api.access import AccessLog
@@ -234,6 +235,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         plugins.public,
         webhooks.private,
         webhooks.public,
+        metrics_api.router,
     ):
         document_permissions(router)
         app.include_router(router)

@@ -288,6 +288,8 @@ def test_the_document_declares_auth_and_answers(fuzzed: Orchestrator) -> None:
                     "PUT /api/v1/me/password",
                 )
                 assert no_content and "content" not in responses["204"], where
+            elif where == "GET /metrics":  # the Prometheus text format, not JSON
+                assert ok == ["200"] and "text/plain" in responses["200"]["content"], where
             else:
                 assert len(ok) == 1 or (two and set(ok) in ({"200", "201"}, {"200", "202"})), where
                 schema = responses[ok[0]]["content"]["application/json"]["schema"]

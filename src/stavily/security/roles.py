@@ -26,6 +26,7 @@ PERMISSIONS: dict[str, str] = {
     "secrets:write": "store, replace and delete secrets and rotate their key",
     "secrets:use": "apply workflows that use secrets (their steps are handed the values)",
     "audit:read": "read the audit log",
+    "metrics:read": "read the organization's metrics (`GET /metrics`, for Prometheus)",
     "tokens:read": "see the organization's API tokens and sessions",
     "tokens:write": "create and revoke API tokens",
     "users:read": "see the organization's users",
@@ -42,6 +43,7 @@ _READ = frozenset(
         "workflows:read",
         "executions:read",
         "plugins:read",
+        "metrics:read",
         "roles:read",
         "organizations:read",
     }

@@ -311,6 +311,22 @@ actions:
     assert done["steps"][0]["attempts"] == 1  # not retried: no agent would come
 
 
+def test_an_action_step_that_selects_only_a_sensor_says_so(fleet: Orchestrator) -> None:
+    sensor_name = unique("sensor")
+    sensor = SimAgent(fleet, sensor_name, type="sensor")
+    assert beat(sensor).is_success
+    name = unique("on-sensor")
+    fleet.apply(
+        f"name: {name}\nagents: {{single_agent: {sensor_name}}}\n"
+        "actions: {steps: [{name: only, plugin: echo}]}\n"
+    )
+    done = fleet.wait_for(fleet.run(name)["id"], timeout=10)
+    assert done["steps"][0]["error"] == (
+        f"no eligible agent for 1s: the agents it selects ({sensor_name}) are not action "
+        "agents, and its stage's steps run on action agents only"
+    )
+
+
 def test_a_poll_held_across_a_drain_hands_out_nothing(fleet: Orchestrator) -> None:
     tag = uuid.uuid4().hex[:6]
     agent = SimAgent(fleet, f"{tag}-held")

@@ -547,7 +547,7 @@ class Installs:
                     f"agent ({errors})"
                 )
             else:
-                reason = no_agent
+                reason = no_agent + _other_type(w, fleet)
             reasons.setdefault(reason, []).append(w.id)
         return reasons
 
@@ -719,3 +719,22 @@ class Installs:
             "done": counts["pending"] == 0,
             "agents": listed,
         }
+
+
+def _other_type(waiting: Any, fleet: list[Any]) -> str:
+    """What a step whose selection picks only agents of the other type is told: an
+    action step pinned to a sensor agent waits for an action agent that is not there."""
+    names = [
+        a.name
+        for a in fleet
+        if a.organization_id == waiting.organization_id
+        and a.type != waiting.agent_type
+        and eligible(a, waiting.selector)
+    ]
+    if not names:
+        return ""
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (
+        f": the agents it selects ({shown}) are not {waiting.agent_type} agents, and its "
+        f"stage's steps run on {waiting.agent_type} agents only"
+    )

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from stavily.config import Settings
 from stavily.fleet.agents import AgentLookups, authenticate_agent, create_agent
@@ -134,10 +135,16 @@ def test_a_silent_official_agent_running_a_step_is_busy_never_degraded_or_offlin
     assert agent.beat().status_code == 200
     execution = live.run(one_step(live, tag))
     runner, idle, instruction = taken(agent, other)
-    runner.start(instruction)
-    time.sleep(0.2)  # known as holding work at the next flush (every 50 ms here)
-    # Silent for over two offline windows while its plugin runs.
-    assert seen_for(live, runner, 4) == {"busy"}
+    with structlog.testing.capture_logs() as logs:
+        runner.start(instruction)
+        time.sleep(0.2)  # known as holding work at the next flush (every 50 ms here)
+        # Silent for over two offline windows while its plugin runs.
+        assert seen_for(live, runner, 4) == {"busy"}
+    # said once, at info; never degraded or offline (its first "online" may fall in here)
+    said = [e for e in logs if runner.id in e.get("agents", []) and e["event"] != "agents online"]
+    assert [(e["log_level"], e["event"].split(":")[0]) for e in said] == [
+        ("info", "agents busy")
+    ], said
     summary = live.api.get("/api/v1/fleet").json()
     assert summary["by_state"]["busy"] >= 1
     assert idle.poll() is None  # nothing was taken from it
@@ -158,12 +165,19 @@ def test_a_silent_agent_holding_nothing_goes_degraded_then_offline_and_back(
     assert agent.beat().status_code == 200
     time.sleep(0.2)
     assert health(live, agent) == "online"
-    seen = seen_for(live, agent, 3)
-    assert {"degraded", "offline"} <= seen, seen
-    assert agent.beat().status_code == 200  # back
-    time.sleep(0.3)
-    assert health(live, agent) == "online"
+    with structlog.testing.capture_logs() as logs:
+        seen = seen_for(live, agent, 3)
+        assert {"degraded", "offline"} <= seen, seen
+        assert agent.beat().status_code == 200  # back
+        time.sleep(0.3)
+        assert health(live, agent) == "online"
     assert actions(live, agent)[-2:] == ["agent.offline", "agent.online"]
+    # the server says so, at the level each deserves, naming the agent
+    said = [(e["log_level"], e["event"]) for e in logs if agent.id in e.get("agents", [])]
+    assert said == [
+        ("warning", "agents offline: missed heartbeats"),
+        ("info", "agents online"),
+    ], said
 
 
 def test_any_request_from_an_agent_is_a_sign_of_life(live: Orchestrator) -> None:

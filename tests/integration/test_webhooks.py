@@ -113,6 +113,17 @@ def test_a_replayed_request_is_a_duplicate(orchestrator: Orchestrator) -> None:
     assert (first.status_code, second.status_code) == (202, 200), second.text
     assert second.json()["event_id"] == first.json()["event_id"]
     assert second.json()["status"] == "duplicate"
+    # the same signed request with a delivery id no signature covers, or its signature
+    # written otherwise, is the same request
+    digest = sign(hook["secret"], body, at).split("v1=")[1]
+    for headers in (
+        {"Idempotency-Key": "new-key"},
+        {"X-Stavily-Delivery": "new-delivery"},
+        {"X-Stavily-Signature": f"t={at},v1= {digest.upper()}"},
+    ):
+        again = post(hook, body, headers, at=at)
+        assert again.status_code == 200, (headers, again.text)
+        assert again.json()["event_id"] == first.json()["event_id"]
     assert len([e for e in hook_events(orchestrator, hook) if e["outcome"] != "refused"]) == 1
 
 
@@ -128,10 +139,12 @@ def test_github_signature_and_delivery_id(orchestrator: Orchestrator) -> None:
     # GitHub redelivers with the same delivery id: nothing new
     again = github(hook, body, delivery)
     assert again.status_code == 200 and again.json()["event_id"] == event["id"]
-    # with no delivery id the signature is the key: the same request again is a replay
+    # the same body and signature is a replay, with no delivery id or with another one
     first, again = (github(hook, b'{"n": 7}', None) for _ in range(2))
     assert (first.status_code, again.status_code) == (202, 200), again.text
     assert again.json()["event_id"] == first.json()["event_id"]
+    replayed = github(hook, body, str(uuid.uuid4()))
+    assert replayed.status_code == 200 and replayed.json()["event_id"] == event["id"]
     wrong = github(hook, body, str(uuid.uuid4()), secret="whsec_not-it")
     assert wrong.status_code == 401
     assert "does not match" in wrong.json()["error"]["message"]

@@ -5,9 +5,17 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from stavily.errors import InvalidInput
-from stavily.workflows.definition import parse_duration, parse_source, plan, validate
+from stavily.workflows.definition import (
+    WorkflowDefinition,
+    parse_duration,
+    parse_source,
+    plan,
+    stored,
+    validate,
+)
 
 STAVILY_FILE = """
 name: "High CPU Remediation"
@@ -367,3 +375,16 @@ def test_denied_environment_variables_are_refused_at_apply() -> None:
         "actions.steps[0].config.environment.LD_PRELOAD",
         "actions.steps[0].config.environment.PATH",
     ]
+
+
+def test_a_stored_version_is_not_judged_again_by_a_stricter_rule_check() -> None:
+    """A rule an earlier check let through (JSON's equality: `true` is not 1) keeps its
+    version readable: its organization's watches and events must not fail for it."""
+    source = {
+        "name": "old",
+        "on": [{"source": "api", "where": [{"field": "x", "eq": 1}, {"field": "x", "eq": True}]}],
+        "actions": {"steps": [{"name": "a", "plugin": "echo"}]},
+    }
+    with pytest.raises(ValidationError, match="can never match"):
+        WorkflowDefinition.model_validate(source)
+    assert stored(source).on_ is not None

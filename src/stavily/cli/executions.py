@@ -111,13 +111,13 @@ class Waits:
     def _plan(self, execution: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]] | None:
         key = (execution["workflow"], int(execution["workflow_version"]))
         if key not in self.plans:
-            from stavily.workflows.definition import WorkflowDefinition, plan
+            from stavily.workflows.definition import plan, stored
 
             try:
                 version = self.client.get(
                     f"/workflows/{segment(key[0])}/versions/{key[1]}",
                 )
-                steps = plan(WorkflowDefinition.model_validate(version["definition"]))
+                steps = plan(stored(version["definition"]))
                 self.plans[key] = {
                     s["name"]: (s["spec"]["agent_type"], s["spec"]["selector"]) for s in steps
                 }

@@ -473,6 +473,8 @@ events = sa.Table(
     sa.Column("payload", sa.JSON, nullable=False),
     # a repeated event (the same key from the same source) starts nothing new
     sa.Column("idempotency_key", sa.String(400)),
+    # a webhook's: the signature it came with (a replay with another delivery id is one)
+    sa.Column("signature", sa.String(120)),
     sa.Column("agent_id", sa.String(40)),
     sa.Column("sent_by", sa.String(100), nullable=False),
     # the watch (a workflow's trigger step) it came from
@@ -485,6 +487,15 @@ events = sa.Table(
     sa.Column("started", sa.JSON, nullable=False),  # execution ids
     _created(),
     sa.UniqueConstraint("organization_id", "source", "idempotency_key"),
+    sa.Index(
+        "ux_events_signature",
+        "organization_id",
+        "source",
+        "signature",
+        unique=True,
+        sqlite_where=sa.text("signature IS NOT NULL"),
+        postgresql_where=sa.text("signature IS NOT NULL"),
+    ),
     sa.Index("ix_events_org_created", "organization_id", "created_at"),
     sa.Index(
         "ix_events_accepted",

@@ -468,6 +468,17 @@ DEFAULT_MAX_STEPS = 2000
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+# The context a stored version is validated in (definition.stored): what was judged when it
+# was applied (whether its rules can match) is not judged again, so a check made stricter
+# later never makes a version already applied unreadable.
+STORED = {"stored": True}
+
+
+def stored(definition: dict[str, Any]) -> WorkflowDefinition:
+    """A stored version's definition, validated again as it was applied."""
+    return WorkflowDefinition.model_validate(definition, context=STORED)
+
+
 def parse_source(source: str | bytes, content_type: str | None = None) -> Any:
     """YAML or JSON text -> data. JSON is YAML, but JSON errors read better as JSON."""
     if isinstance(source, bytes):

@@ -49,7 +49,7 @@ from stavily.store.models import (
 from stavily.store.notify import WorkChannel
 from stavily.timeutil import isoformat, utcnow
 from stavily.workflows import queries, service, states
-from stavily.workflows.definition import WorkflowDefinition, parse_duration, plan
+from stavily.workflows.definition import WorkflowDefinition, parse_duration, plan, stored
 from stavily.workflows.handout import (
     COMPLETED,
     FAILED,
@@ -272,7 +272,7 @@ class Engine:
         if cached is None:
 
             def planned() -> tuple[WorkflowDefinition, list[dict[str, Any]]]:
-                definition = WorkflowDefinition.model_validate(workflow["definition"])
+                definition = stored(workflow["definition"])
                 return definition, plan(definition, workflow.get("plugins"))
 
             cached = await offload.run(planned)

@@ -13,6 +13,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -453,7 +454,9 @@ class Rule(_Strict):
     inputs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _can_match(self) -> Rule:
+    def _can_match(self, info: ValidationInfo) -> Rule:
+        if info.context and info.context.get("stored"):
+            return self  # judged when it was applied: a stricter check must not undo that
         if self.source == "manual":
             raise ValueError(
                 "a manual run starts its workflow itself: `source: manual` never matches"

@@ -57,6 +57,7 @@ class Watches:
         self.engine = engine  # its validated definitions, cached by version (Engine.definition)
         # organization -> (when read, its watches, its `on:` rules)
         self._cache: dict[str, tuple[float, list[dict[str, Any]], list[dict[str, Any]]]] = {}
+        self._unreadable: set[str] = set()  # versions that failed to validate, said once
 
     def forget(self, organization_id: str) -> None:
         """A workflow was applied: read the watches again."""
@@ -83,7 +84,13 @@ class Watches:
             stored = workflow["definition"]
             if not stored.get("triggers") and not (stored.get("on_") or stored.get("on")):
                 continue
-            definition = await self.engine.definition(workflow)
+            try:
+                definition = await self.engine.definition(workflow)
+            except Exception:  # one unreadable version must not stop the organization's
+                if workflow["version_id"] not in self._unreadable:
+                    self._unreadable.add(workflow["version_id"])
+                    log.exception("a workflow version cannot be read", workflow=workflow["name"])
+                continue
             for spec in watches(definition, workflow["plugins"]):
                 watch = await self._watch(workflow, definition, spec)
                 if watch is not None:
@@ -444,11 +451,16 @@ class Events:
             )
         return "no workflow's rule matched: recorded, it started nothing"
 
-    async def _existing(self, organization_id: str, source: str, key: str | None) -> dict[str, Any]:
+    async def _existing(
+        self, organization_id: str, source: str, key: str | None, signature: str | None = None
+    ) -> dict[str, Any]:
+        """The event a new one conflicted with: the same key, or (a webhook's) the same
+        signature."""
+        same = events.c.idempotency_key == key
+        if signature is not None:
+            same = sa.or_(same, events.c.signature == signature)
         query = sa.select(events).where(
-            events.c.organization_id == organization_id,
-            events.c.source == source,
-            events.c.idempotency_key == key,
+            events.c.organization_id == organization_id, events.c.source == source, same
         )
         async with self.db.read_latest() as conn:  # the first may not be committed yet
             row = (await conn.execute(query)).first()

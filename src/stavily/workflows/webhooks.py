@@ -79,12 +79,9 @@ class Hook:
 
 
 def _accepting(insert: Any) -> Any:
-    """An accepted event's INSERT, doing nothing for a key already taken (the row it
-    returns says which): one statement, built once, on the request path."""
-    keys = [events.c.organization_id, events.c.source, events.c.idempotency_key]
-    return prebuilt(
-        insert(events).on_conflict_do_nothing(index_elements=keys).returning(events.c.id)
-    )
+    """An accepted event's INSERT, doing nothing for a key or a signature already taken
+    (no row returned): one statement, built once, on the request path."""
+    return prebuilt(insert(events).on_conflict_do_nothing().returning(events.c.id))
 
 
 _ACCEPT = {"sqlite": _accepting(sqlite_insert), "postgresql": _accepting(postgresql_insert)}
@@ -104,14 +101,12 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
     return {name: value for name, value in scope["headers"]}
 
 
-def verify(hook: Hook, headers: dict[bytes, bytes], body: bytes, now: float) -> str | None:
-    """Check the request's signature; the idempotency key its headers give (GitHub's
-    delivery id, else ours, else Idempotency-Key), else the signature itself: the same
-    signed request again is a replay and starts nothing (ours carries its time, so only
-    within the tolerance window; GitHub's does not, so ever). Raises Unauthorized saying
-    what is wrong."""
+def verify(hook: Hook, headers: dict[bytes, bytes], body: bytes, now: float) -> str:
+    """Check the request's signature, and return it as a key: the same signed request
+    again is a replay and starts nothing, whatever delivery id it says (no signature
+    covers the headers). Ours carries its time, so it is refused anyway once outside the
+    tolerance window; GitHub's does not. Raises Unauthorized saying what is wrong."""
     ours = headers.get(b"x-stavily-signature")
-    given = headers.get(b"x-stavily-delivery") or headers.get(b"idempotency-key")
     if ours is not None:
         fields: dict[str, list[str]] = {}
         for part in ours.decode("latin-1").split(","):
@@ -130,21 +125,20 @@ def verify(hook: Hook, headers: dict[bytes, bytes], body: bytes, now: float) -> 
             )
         signed = b"%d." % stamp + body
         expected = [hmac.new(s, signed, hashlib.sha256).hexdigest() for s in hook.secrets]
-        match = next((v for v in signatures for e in expected if _same(v, e)), None)
+        match = next((e for v in signatures for e in expected if _same(v, e)), None)
         if match is None:
             raise Unauthorized("the signature does not match this webhook's secret")
-        return _key_header(given) or f"sig:{stamp}:{match.lower()[:32]}"
+        return f"sig:{stamp}:{match[:32]}"
     github = headers.get(b"x-hub-signature-256")
     if github is not None:
         scheme, _, value = github.decode("latin-1").partition("=")
         if scheme.strip() != "sha256" or not value:
             raise Unauthorized("X-Hub-Signature-256 must be sha256=<hex HMAC-SHA256 of the body>")
-        if not any(
-            _same(value, hmac.new(s, body, hashlib.sha256).hexdigest()) for s in hook.secrets
-        ):
+        expected = [hmac.new(s, body, hashlib.sha256).hexdigest() for s in hook.secrets]
+        match = next((e for e in expected if _same(value, e)), None)
+        if match is None:
             raise Unauthorized("the signature does not match this webhook's secret")
-        key = _key_header(headers.get(b"x-github-delivery") or given)
-        return key or f"sig:gh:{value.strip().lower()[:64]}"
+        return f"sig:gh:{match[:32]}"
     raise Unauthorized(
         "the request is not signed: send X-Stavily-Signature (t=<unix seconds>,v1=<hex>) "
         "or X-Hub-Signature-256 (sha256=<hex>)"
@@ -155,7 +149,9 @@ def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.strip().lower().encode(), expected.encode())
 
 
-def _key_header(value: bytes | None) -> str | None:
+def delivery_key(headers: dict[bytes, bytes]) -> str | None:
+    """The delivery id the headers give, in _DELIVERY_HEADERS' order, or None."""
+    value = next((headers[h] for h in _DELIVERY_HEADERS if headers.get(h)), None)
     if value is None:
         return None
     key = value.decode("latin-1").strip()
@@ -458,14 +454,14 @@ class Intake:
         try:
             body = await self._body(headers, receive)
             if len(body) > _ON_THREAD:
-                key, payload = await asyncio.to_thread(self._check, hook, headers, body)
+                key, signature, payload = await asyncio.to_thread(self._check, hook, headers, body)
             else:
-                key, payload = self._check(hook, headers, body)
+                key, signature, payload = self._check(hook, headers, body)
             kind = event_type(headers)
         except StavilyError as exc:
             await self._refused(hook, scope, exc)
             raise
-        scoped = f"{hook.id}:{key}" if key is not None else None
+        scoped, signed = f"{hook.id}:{key}", f"{hook.id}:{signature}"
         row = {
             "id": new_id("evt"),
             "organization_id": hook.organization_id,
@@ -473,6 +469,7 @@ class Intake:
             "type": kind,
             "payload": payload,
             "idempotency_key": scoped,
+            "signature": signed,
             "sent_by": f"webhook:{hook.id}",
             "workflow_name": hook.workflow,
             "outcome": "accepted",
@@ -481,8 +478,8 @@ class Intake:
         }
         async with self.db.write() as conn:
             stored = (await conn.execute(_ACCEPT[self.db.dialect], row)).first()
-        if stored is None:  # the same delivery again: the first one's
-            first = await self.events._existing(hook.organization_id, "webhook", scoped)
+        if stored is None:  # the same delivery, or the same signed request, again
+            first = await self.events._existing(hook.organization_id, "webhook", scoped, signed)
             return {
                 "event_id": first["id"],
                 "status": "duplicate",
@@ -492,14 +489,15 @@ class Intake:
         self._queued.add(row["id"])
         return {"event_id": row["id"], "status": "accepted"}, 202
 
-    def _check(
-        self, hook: Hook, headers: dict[bytes, bytes], body: bytes
-    ) -> tuple[str | None, dict]:
-        key = verify(hook, headers, body, time.time())
+    def _check(self, hook: Hook, headers: dict[bytes, bytes], body: bytes) -> tuple[str, str, dict]:
+        """The request's idempotency key (its delivery id, else the body field the hook
+        names, else its signature), its signature's key, and its payload."""
+        signature = verify(hook, headers, body, time.time())
         payload = parse_body(body, self.max_depth)
-        if hook.idempotency_field and not any(headers.get(h) for h in _DELIVERY_HEADERS):
+        key = delivery_key(headers)
+        if key is None and hook.idempotency_field:
             key = field_key(payload, hook.idempotency_field)
-        return key, payload
+        return key or signature, signature, payload
 
     async def _body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
         declared = headers.get(b"content-length")

@@ -266,6 +266,7 @@ def serve(database_url: str, data_dir: Path, **overrides: Any) -> Iterator[Orche
             "failed_credential_limit": "1000000/minute",
             "webhook_rate_limit": "1000000/second",
             "login_rate_limit": "1000000/minute",
+            "metrics_cache_seconds": 0,  # a scrape sees what the test just did
             # the engine's tests run plugins copied onto agents by hand; the registry's
             # tests (test_plugin_registry and others) set "refuse", the default
             "unregistered_plugins": "allow",

@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     login_rate_limit: str = Field(
         default="10/minute", description="Login attempts one source address may make."
     )
+    metrics_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long GET /metrics answers an organization's last scrape again "
+        "(scrapes of one organization meanwhile share one read of the database).",
+    )
     webhook_rate_limit: str = Field(
         default="100/second", description="Deliveries one webhook may take."
     )

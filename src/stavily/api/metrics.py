@@ -7,11 +7,13 @@ scrapes or organizations, and every replica answers the same. See docs/metrics.m
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
     CollectorRegistry,
@@ -176,6 +178,38 @@ async def read_figures(state: State, organization_id: str) -> list[Metric]:
     ]
 
 
+class Scrapes:
+    """Each organization's last answer, given again for `ttl` seconds, and one read at a
+    time per organization: however often (and however many tokens) scrape, the counts
+    (whole tables, the fleet in Python) are read at most once per `ttl`."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl, self.clock = ttl, clock
+        self._last: dict[str, tuple[float, bytes]] = {}
+        self._reading: dict[str, asyncio.Future[bytes]] = {}
+
+    async def text(self, organization_id: str, read: Callable[[], Awaitable[bytes]]) -> bytes:
+        last = self._last.get(organization_id)
+        if last is not None and self.clock() - last[0] < self.ttl:
+            return last[1]
+        reading = self._reading.get(organization_id)
+        if reading is None:
+            reading = self._reading[organization_id] = asyncio.ensure_future(read())
+            reading.add_done_callback(lambda _: self._reading.pop(organization_id, None))
+        text = await asyncio.shield(reading)  # a scrape given up does not stop the others'
+        if self.ttl:
+            self._last[organization_id] = (self.clock(), text)
+        return text
+
+
+def scrapes(request: Request, state: State) -> Scrapes:
+    """The app's Scrapes, made at its first scrape."""
+    made: Scrapes | None = getattr(request.app.state, "metrics_scrapes", None)
+    if made is None:
+        made = request.app.state.metrics_scrapes = Scrapes(state.settings.metrics_cache_seconds)
+    return made
+
+
 @router.get(
     "/metrics",
     response_class=Response,
@@ -188,17 +222,24 @@ async def read_figures(state: State, organization_id: str) -> list[Metric]:
     },
 )
 async def metrics(
-    principal: Annotated[Principal, permitted("metrics:read")], state: AppState
+    principal: Annotated[Principal, permitted("metrics:read")], state: AppState, request: Request
 ) -> Response:
     """The caller's organization in Prometheus' text format: agents by state and type,
     capacity, executions by status, open instructions, events by source and outcome.
 
     Read from the database at each scrape. The server process's own figures (`process_*`,
-    `python_*`) only for the organization that runs the server (the first one)."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(Figures(await read_figures(state, principal.organization_id)))
-    if principal.organization_id == state.organization_id:
-        # This process's figures tell of every organization's load: the operator's only.
-        for collector in (ProcessCollector, PlatformCollector, GCCollector):
-            collector(registry=registry)
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE)
+    `python_*`) only for the organization that runs the server (the first one). The same
+    answer for `STAVILY_METRICS_CACHE_SECONDS` (5 s)."""
+    organization_id = principal.organization_id
+
+    async def read() -> bytes:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(Figures(await read_figures(state, organization_id)))
+        if organization_id == state.organization_id:
+            # This process's figures tell of every organization's load: the operator's only.
+            for collector in (ProcessCollector, PlatformCollector, GCCollector):
+                collector(registry=registry)
+        return generate_latest(registry)
+
+    text = await scrapes(request, state).text(organization_id, read)
+    return Response(text, media_type=CONTENT_TYPE)

@@ -456,11 +456,11 @@ class Events:
     ) -> dict[str, Any]:
         """The event a new one conflicted with: the same key, or (a webhook's) the same
         signature."""
-        same = events.c.idempotency_key == key
+        same = [events.c.idempotency_key == key] if key is not None else []
         if signature is not None:
-            same = sa.or_(same, events.c.signature == signature)
+            same.append(events.c.signature == signature)
         query = sa.select(events).where(
-            events.c.organization_id == organization_id, events.c.source == source, same
+            events.c.organization_id == organization_id, events.c.source == source, sa.or_(*same)
         )
         async with self.db.read_latest() as conn:  # the first may not be committed yet
             row = (await conn.execute(query)).first()

@@ -461,7 +461,10 @@ class Intake:
         except StavilyError as exc:
             await self._refused(hook, scope, exc)
             raise
-        scoped, signed = f"{hook.id}:{key}", f"{hook.id}:{signature}"
+        # the signature is kept always; a key only when the request gave one (a request
+        # without is told from another by its signature alone: one index entry, not two)
+        scoped = f"{hook.id}:{key}" if key is not None else None
+        signed = f"{hook.id}:{signature}"
         row = {
             "id": new_id("evt"),
             "organization_id": hook.organization_id,
@@ -489,15 +492,17 @@ class Intake:
         self._queued.add(row["id"])
         return {"event_id": row["id"], "status": "accepted"}, 202
 
-    def _check(self, hook: Hook, headers: dict[bytes, bytes], body: bytes) -> tuple[str, str, dict]:
+    def _check(
+        self, hook: Hook, headers: dict[bytes, bytes], body: bytes
+    ) -> tuple[str | None, str, dict]:
         """The request's idempotency key (its delivery id, else the body field the hook
-        names, else its signature), its signature's key, and its payload."""
+        names, else None: its signature is its key), its signature's key, its payload."""
         signature = verify(hook, headers, body, time.time())
         payload = parse_body(body, self.max_depth)
         key = delivery_key(headers)
         if key is None and hook.idempotency_field:
             key = field_key(payload, hook.idempotency_field)
-        return key or signature, signature, payload
+        return key, signature, payload
 
     async def _body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
         declared = headers.get(b"content-length")

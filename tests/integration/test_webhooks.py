@@ -124,7 +124,8 @@ def test_a_replayed_request_is_a_duplicate(orchestrator: Orchestrator) -> None:
         again = post(hook, body, headers, at=at)
         assert again.status_code == 200, (headers, again.text)
         assert again.json()["event_id"] == first.json()["event_id"]
-    assert len([e for e in hook_events(orchestrator, hook) if e["outcome"] != "refused"]) == 1
+    [event] = [e for e in hook_events(orchestrator, hook) if e["outcome"] != "refused"]
+    assert event["idempotency_key"] == f"{hook['id']}:sig:{at}:{digest[:32]}"  # shown as its key
 
 
 def test_github_signature_and_delivery_id(orchestrator: Orchestrator) -> None:

@@ -163,7 +163,8 @@ def _event_view(row: Any) -> dict[str, Any]:
         "source": row["source"],
         "type": row["type"],
         "payload": row["payload"],
-        "idempotency_key": row["idempotency_key"],
+        # a webhook request with no delivery id is told apart by its signature
+        "idempotency_key": row["idempotency_key"] or row.get("signature"),
         "agent_id": row["agent_id"],
         "sent_by": row["sent_by"],
         "watch_id": row["watch_id"],

@@ -8,6 +8,7 @@ prints their output when the test failed.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -123,6 +124,19 @@ class Process:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
+
+    def logged(self, event: str | None = None) -> list[dict[str, Any]]:
+        """Its structured log lines (JSON objects on standard error), those of `event` if
+        given; lines that are not JSON objects are left out."""
+        found = []
+        for line in self.stderr().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and (event is None or entry.get("event") == event):
+                found.append(entry)
+        return found
 
     def wait(self, timeout: float) -> int:
         return self.popen.wait(timeout)

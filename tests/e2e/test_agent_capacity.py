@@ -81,19 +81,6 @@ def _agent(stack: Stack, plugins: Path, prefix: str, capacity: int) -> tuple[str
     return name, agent_id, process
 
 
-def _events(process: Process, event: str) -> list[dict[str, Any]]:
-    """The agent's JSON log lines for `event`."""
-    found = []
-    for line in process.stderr().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("event") == event:
-            found.append(entry)
-    return found
-
-
 def _at(timestamp: str) -> float:
     return datetime.fromisoformat(timestamp).timestamp()
 
@@ -171,9 +158,9 @@ def test_results_bring_the_next_step_of_a_chain(stack: Stack, tmp_path: Path) ->
     assert marker_lines(marker) == names
     instructions = {s["name"]: s["instruction_id"] for s in done["steps"]}
     # The first step came with a poll; each next one with the result of the one before.
-    piggybacked = [e["instruction_id"] for e in _events(agent, "piggybacked")]
+    piggybacked = [e["instruction_id"] for e in agent.logged("piggybacked")]
     assert piggybacked == [instructions[n] for n in names[1:]], (piggybacked, instructions)
-    assert len(_events(agent, "instruction finished")) == len(names)
+    assert len(agent.logged("instruction finished")) == len(names)
 
 
 def test_drain_finishes_the_running_step_takes_nothing_new_and_keeps_heartbeating(
@@ -206,9 +193,7 @@ def test_drain_finishes_the_running_step_takes_nothing_new_and_keeps_heartbeatin
     assert response.status_code == 200, response.text
     # The next heartbeat's answer tells the agent; it stops polling.
     wait_until(
-        lambda: _events(
-            agent, "draining: finishing the running instructions and taking no new work"
-        ),
+        lambda: agent.logged("draining: finishing the running instructions and taking no new work"),
         timeout=5,
         what="the agent to log the drain",
     )
@@ -240,7 +225,7 @@ def test_drain_finishes_the_running_step_takes_nothing_new_and_keeps_heartbeatin
     assert view["status"] == "draining", view
     assert (view["facts"] or {}).get("running") == [], view
     assert (
-        len(_events(agent, "draining: finishing the running instructions and taking no new work"))
+        len(agent.logged("draining: finishing the running instructions and taking no new work"))
         == 1
     )
 
@@ -250,7 +235,7 @@ def test_drain_finishes_the_running_step_takes_nothing_new_and_keeps_heartbeatin
     later = stack.wait_finished(second_id, timeout=10)
     assert later["status"] == "succeeded", later
     assert later["steps"][0]["agent_id"] == agent_id
-    assert len(_events(agent, "drain lifted: taking work again")) == 1
+    assert len(agent.logged("drain lifted: taking work again")) == 1
 
 
 def test_sigterm_finishes_every_running_step_then_goes_offline(
@@ -297,7 +282,7 @@ def test_sigterm_finishes_every_running_step_then_goes_offline(
     assert after["status"] == "queued", after
     assert after["agent_id"] is None, after
     assert sorted(marker_lines(marker)) == ["one", "two"]
-    assert _events(agent, "piggybacked") == []
+    assert agent.logged("piggybacked") == []
     wait_until(
         lambda: stack.agent(agent_id)["status"] == "offline", timeout=5, what="the agent offline"
     )

@@ -11,7 +11,6 @@ before, and within a tick or two after."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -60,32 +59,13 @@ def schedule_events(stack: Stack, workflow: str) -> dict[str, dict[str, Any]]:
     return {e["id"]: e for e in found.json()["events"] if e["workflow"] == workflow}
 
 
-def logged(server: Process) -> list[dict[str, Any]]:
-    """The server's structured log lines (JSON on standard error)."""
-    lines = []
-    for line in server.stderr().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict):
-            lines.append(entry)
-    return lines
-
-
 def leases_taken(server: Process) -> list[dict[str, Any]]:
-    return [
-        e for e in logged(server) if e.get("event") == "lease taken" and e["lease"] == "scheduler"
-    ]
+    return [e for e in server.logged("lease taken") if e["lease"] == "scheduler"]
 
 
 def events_stored(server: Process) -> set[str]:
     """The ids of the schedule events this process stored (it logs each new one)."""
-    return {
-        e["event_id"]
-        for e in logged(server)
-        if e.get("event") == "event" and e.get("source") == "schedule"
-    }
+    return {e["event_id"] for e in server.logged("event") if e.get("source") == "schedule"}
 
 
 def at(timestamp: str) -> float:
